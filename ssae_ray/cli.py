@@ -1,0 +1,119 @@
+"""`ssae-ray`: one sub-command per stage of the pipeline.
+
+    ssae-ray <stage> [--preset P] [--config FILE] [section.key=value ...]
+
+Every stage is cached by a content hash of its inputs under the preset's work dir, so running
+`physics` after `retrieve` reuses the retrieval. Errors a user can fix print one clear message and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+STAGES: dict[str, str] = {
+    "config": "print the resolved config (preset + file + overrides) as YAML",
+    "presets": "list the shipped presets",
+    "corpus": "build the corpus splits (retrieval corpus, seed, validation, test, OOD)",
+    "index": "embed the corpus with Ray Data and write the sharded FAISS index",
+    "retrieve": "select subdomain data from the seed set (dense, bm25, +tracin, random)",
+    "pretrain": "pretrain GSAEs from scratch (presets without published GSAEs)",
+    "cache": "cache the activations of the selections at every hook",
+    "finetune": "finetune the GSAEs into SSAEs on one selection with Ray Train",
+    "sweep": "Ray Tune sweep over lambda x tilt x seed x strategy, logged to MLflow",
+    "eval": "evaluate the GSAEs and the best SSAEs on the test sets; write the report",
+    "autointerp": "score SSAE features with Claude (or the offline backend)",
+    "shift": "SHIFT on Bias in Bios (or its offline analogue)",
+    "physics": "the whole pipeline: corpus -> index -> retrieve -> finetune sweep -> eval -> report",
+    "mlflow": "start a local MLflow tracking server (SQLite, 127.0.0.1) and print its URL",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ssae-ray",
+        description="Specialized Sparse Autoencoders on Ray. Stages:\n"
+        + "\n".join(f"  {k:<11} {v}" for k, v in STAGES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="stage", metavar="stage", required=True)
+    for name, help_ in STAGES.items():
+        s = sub.add_parser(name, help=help_, description=help_)
+        if name == "presets":
+            continue
+        s.add_argument("--preset", default="local", help="preset name (default: local)")
+        s.add_argument("--config", dest="config_file", help="a YAML file of overrides")
+        s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lam=2")
+        if name in ("retrieve", "finetune"):
+            s.add_argument("--strategy", help="selection strategy (default: retrieval.strategy)")
+        if name == "mlflow":
+            s.add_argument("--port", type=int, default=5000)
+        if name in ("physics", "sweep", "eval"):
+            s.add_argument("--force", action="store_true", help="rebuild every stage, ignoring caches")
+    return p
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors raised by this package's own checks (config, hooks, SAEs, stages, data, ...)."""
+    return type(e).__module__.startswith("ssae_ray") or isinstance(e, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ssae_ray.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("ssae-ray: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"ssae-ray {args.stage}: error: {e}", file=sys.stderr)
+        logging.getLogger("ssae_ray").debug("details", exc_info=True)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from ssae_ray.config import load_config, preset_names
+
+    if args.stage == "presets":
+        print("\n".join(preset_names()))
+        return 0
+    cfg = load_config(args.preset, args.config_file, args.overrides)
+    if args.stage == "config":
+        print(cfg.to_yaml())
+        return 0
+    if args.stage == "mlflow":
+        from ssae_ray.tracking import serve_forever
+
+        serve_forever(cfg, port=args.port)
+        return 0
+    from ssae_ray import pipeline
+
+    handlers: dict[str, Callable[..., object]] = {
+        "corpus": pipeline.stage_corpus,
+        "index": pipeline.stage_index,
+        "retrieve": lambda c: pipeline.stage_retrieve(c, args.strategy),
+        "pretrain": pipeline.stage_pretrain,
+        "cache": pipeline.stage_cache,
+        "finetune": lambda c: pipeline.stage_finetune(c, args.strategy),
+        "sweep": lambda c: pipeline.stage_sweep(c, force=args.force),
+        "eval": lambda c: pipeline.stage_eval(c, force=args.force),
+        "autointerp": pipeline.stage_autointerp,
+        "shift": pipeline.stage_shift,
+        "physics": lambda c: pipeline.run_physics(c, force=args.force),
+    }
+    out = handlers[args.stage](cfg)
+    if out is not None:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
