@@ -1,0 +1,30 @@
+"""SSAE training: losses (ERM, TERM, adaptive λ), the multi-SAE loop, the activation cache,
+Ray Train wiring and GSAE pretraining."""
+
+from ssae_ray.training.cache import cache_activations, iter_cache_batches, open_cache, shuffle_buffer
+from ssae_ray.training.loop import FinetuneResult, finetune
+from ssae_ray.training.losses import (
+    AdaptiveLambda,
+    LossScale,
+    TrainingError,
+    sae_forward,
+    sae_loss,
+    term_loss,
+    tilted_loss,
+)
+
+__all__ = [
+    "AdaptiveLambda",
+    "FinetuneResult",
+    "LossScale",
+    "TrainingError",
+    "cache_activations",
+    "finetune",
+    "iter_cache_batches",
+    "open_cache",
+    "sae_forward",
+    "sae_loss",
+    "shuffle_buffer",
+    "term_loss",
+    "tilted_loss",
+]

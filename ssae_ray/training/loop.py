@@ -1,0 +1,380 @@
+"""The multi-SAE training loop: one activation batch (all hooks from one LM forward) feeds every
+SAE; each SAE has its own Adam, λ controller and loss scale, so K SAEs trained together take
+exactly the steps of K single-hook runs.
+
+Written here rather than with sae-lens' `SAETrainer`, which has no TERM objective, clips the
+gradient norm, and uses a decoder-norm-weighted L1 instead of unit-norm decoder rows; the SAEs
+themselves are sae-lens `StandardSAE`s, saved in sae-lens format.
+
+Activation scale. With `TrainConfig.scale_activations` the loop trains on c·x with
+c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model (shared/CALIBRATION.md).
+The scale lives in the saved SAE: it is folded into its weights (b_enc / c, b_dec / c; W_enc,
+W_dec unchanged, so decoder rows stay unit norm and f_raw = f_scaled / c), the SAE reads raw
+activations, and `cfg.metadata.act_scale` records c, which later finetunes of it reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from torch import Tensor
+
+from ssae_ray.config import Config, TrainConfig
+from ssae_ray.training.losses import (
+    AdaptiveLambda,
+    LossScale,
+    TrainingError,
+    check_lam_tilt,
+    normalize_decoder,
+    project_decoder_grad,
+    sae_forward,
+    sae_loss,
+    term_weights,
+    tilted_loss,
+)
+
+log = logging.getLogger("ssae_ray")
+
+Batch = dict[str, Tensor]
+"""hook -> [n_tokens, d_in] activations (position 0 and padding already dropped)."""
+Callback = Callable[[int, dict[str, float]], Any]
+"""Called after every step with (step, metrics)."""
+Gather = Callable[[Tensor], tuple[Tensor, int]]
+"""Data-parallel: all-gather a [n] tensor of per-token losses into the global batch's; returns it
+and where this replica's tokens start in it."""
+
+
+class FinetuneResult(NamedTuple):
+    saes: dict[str, StandardSAE]
+    """The trained SAEs, reading raw activations (scale folded in), in sae-lens format."""
+    history: list[dict[str, float]]
+    """One dict of metrics per step (see `HookTrainer.step` for the keys)."""
+
+
+def check_train_config(tc: TrainConfig) -> None:
+    check_lam_tilt(tc.lam, tc.tilt)
+    if tc.tilt_mode not in ("raw", "scaled"):
+        raise TrainingError(f"train.tilt_mode must be 'raw' or 'scaled', got {tc.tilt_mode!r}")
+    for name in ("lr", "batch_tokens", "steps"):
+        if not getattr(tc, name) > 0:
+            raise TrainingError(f"train.{name} must be > 0, got {getattr(tc, name)}")
+    if tc.decay_steps < 0 or tc.lr_end < 0:
+        raise TrainingError("train.decay_steps and train.lr_end must be >= 0")
+
+
+def lr_at(tc: TrainConfig, step: int, steps: int | None = None) -> float:
+    """Constant lr, then linear decay to `lr_end` over the last `decay_steps` steps."""
+    steps = steps or tc.steps
+    left = steps - step
+    if tc.decay_steps <= 0 or left > tc.decay_steps:
+        return tc.lr
+    return tc.lr_end + (tc.lr - tc.lr_end) * max(left, 0) / tc.decay_steps
+
+
+def estimate_act_scale(x: Tensor) -> float:
+    """c with E||c·x||^2 = d_in."""
+    ms = float(x.double().pow(2).sum(-1).mean())
+    if not math.isfinite(ms) or ms <= 0:
+        raise TrainingError(f"cannot scale activations: mean squared norm is {ms}")
+    return math.sqrt(x.shape[-1] / ms)
+
+
+def export_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, hook: str, act_scale: float,
+               like: SAE | None = None) -> StandardSAE:  # fmt: skip
+    """A raw-activation StandardSAE from weights trained on c·x (see the module docstring)."""
+    cfg = StandardSAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], device=str(W_enc.device))
+    if like is not None:
+        cfg.metadata = type(like.cfg.metadata)(**like.cfg.metadata.to_dict())
+    cfg.metadata.hook_name = hook
+    cfg.metadata.act_scale = act_scale
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_enc.copy_(b_enc / act_scale)
+        sae.b_dec.copy_(b_dec / act_scale)
+    return sae
+
+
+class HookTrainer:
+    """One SAE under training: its weights (in the scaled space), Adam, λ controller, loss scale
+    and dead-latent counters."""
+
+    def __init__(self, tc: TrainConfig, sae: SAE, hook: str, act_scale: float, device: str = "cpu"):
+        check_train_config(tc)
+        if getattr(sae.cfg, "normalize_activations", "none") not in ("none", None):
+            raise TrainingError(
+                f"the SAE for {hook} normalises its input ({sae.cfg.normalize_activations}); fold the "
+                "normalisation into its weights first (sae-lens fold_activation_norm_scaling_factor)"
+            )
+        self.tc, self.hook, self.act_scale, self.like = tc, hook, act_scale, sae
+        c = act_scale
+        self.W_enc = sae.W_enc.detach().float().to(device).clone().requires_grad_()
+        self.b_enc = (sae.b_enc.detach().float().to(device) * c).requires_grad_()
+        self.W_dec = sae.W_dec.detach().float().to(device).clone().requires_grad_()
+        self.b_dec = (sae.b_dec.detach().float().to(device) * c).requires_grad_()
+        normalize_decoder(self.W_dec.data)
+        self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        self.opt = torch.optim.Adam(self.params, lr=tc.lr)
+        self.lam = AdaptiveLambda(tc.lam, tc.l0_band, tc.adapt_rate)
+        self.scale = LossScale(tc.loss_scale_decay)
+        self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=device)
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    def step(self, x: Tensor, lr: float, step: int, gather: Gather | None = None) -> dict[str, Any]:
+        """Forward and backward on [n, d_in] raw activations; `apply` then takes the step."""
+        tc, h = self.tc, self.hook
+        if x.ndim != 2 or x.shape[1] != self.W_enc.shape[0]:
+            raise TrainingError(
+                f"step {step}, hook {h}: expected activations [n_tokens, {self.W_enc.shape[0]}], "
+                f"got {tuple(x.shape)}"
+            )
+        x = x.to(self.W_enc.device, torch.float32, non_blocking=True)
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(-1).sum())
+            raise TrainingError(
+                f"step {step}, hook {h}: {bad} of {x.shape[0]} activation rows hold NaN or inf; the batch "
+                "was not trained on. Check the model's dtype (fp16 overflow) and the cached activations."
+            )
+        x = x * self.act_scale
+        out = sae_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        lam = self.lam.lam
+        tl = sae_loss(x, out, lam)
+        per_token = tl.loss
+        if gather is None:
+            scale = self.scale.value if self.scale.value is not None else float(per_token.detach().mean())
+            obj = tilted_loss(per_token, tc.tilt, tc.tilt_mode, scale)
+            weights = None
+        else:  # data parallel: weights from the global batch's losses, gradients summed by the caller
+            all_l, off = gather(per_token.detach())
+            scale = self.scale.value if self.scale.value is not None else float(all_l.mean())
+            t = tc.tilt / scale if tc.tilt_mode == "scaled" else tc.tilt
+            weights = term_weights(all_l, t)[off : off + per_token.shape[0]]
+            obj = (weights.detach() * per_token).sum()
+        if not bool(torch.isfinite(obj)):
+            raise TrainingError(
+                f"step {step}, hook {h}: the loss became {float(obj)} (lr {lr:g}, λ {lam:g}); lower train.lr"
+            )
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        obj.backward()
+        return {"obj": obj.detach(), "x": x, "out": out, "tl": tl, "scale": scale, "lam": lam, "w": weights}
+
+    def apply(self, pending: dict[str, Any]) -> dict[str, float]:
+        """Take the optimizer step (after any gradient all-reduce) and compute the step's metrics."""
+        project_decoder_grad(self.W_dec)
+        self.opt.step()
+        normalize_decoder(self.W_dec.data)
+        x, out, tl = pending["x"], pending["out"], pending["tl"]
+        with torch.no_grad():
+            active = out.f > 0
+            l0 = float(active.sum()) / x.shape[0]
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[active.any(0)] = 0
+            dead = int((self.tokens_since_fired >= self.tc.dead_window_tokens).sum())
+            sse = float(tl.sse.sum())
+            var = float((x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+            mean_loss = float(tl.loss.detach().mean())
+            w = pending["w"]
+            if w is None:
+                w = term_weights(tl.loss / pending["scale"], self.tc.tilt) if self.tc.tilt_mode == "scaled" \
+                    else term_weights(tl.loss, self.tc.tilt)  # fmt: skip
+            eff = float(1.0 / w.double().pow(2).sum()) / w.numel() if w.numel() else 0.0
+        self.scale.update(mean_loss)
+        self.lam.update(l0)
+        h = self.hook
+        return {
+            f"{h}/loss": mean_loss,
+            f"{h}/objective": float(pending["obj"]),
+            f"{h}/mse": sse / x.shape[0] / self.act_scale**2,
+            f"{h}/fvu": sse / var,
+            f"{h}/l1": float(tl.l1.detach().mean()),
+            f"{h}/l0": l0,
+            f"{h}/dead": float(dead),
+            f"{h}/lam": pending["lam"],
+            f"{h}/loss_scale": float(pending["scale"]),
+            f"{h}/term_eff_share": eff,
+        }
+
+    def export(self) -> StandardSAE:
+        return export_sae(self.W_enc.detach(), self.b_enc.detach(), self.W_dec.detach(), self.b_dec.detach(),
+                          self.hook, self.act_scale, self.like)  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights (those go in sae-lens format beside it)."""
+        return {
+            "opt": self.opt.state_dict(),
+            "lam": self.lam.state_dict(),
+            "scale": self.scale.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "act_scale": self.act_scale,
+            "d_in": self.W_enc.shape[0],
+            "d_sae": self.d_sae,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["d_in"], state["d_sae"]) != (self.W_enc.shape[0], self.d_sae):
+            raise TrainingError(
+                f"cannot resume {self.hook}: the checkpoint holds an SAE of width {state['d_sae']} "
+                f"(d_in {state['d_in']}) but this run trains width {self.d_sae} (d_in {self.W_enc.shape[0]}); "
+                "use a fresh output folder or the same sae.d_sae / sae.slice_to"
+            )
+        self.opt.load_state_dict(state["opt"])
+        self.lam.load_state_dict(state["lam"])
+        self.scale.load_state_dict(state["scale"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.W_enc.device)
+
+
+def act_scale_for(tc: TrainConfig, sae: SAE, first_batch: Tensor) -> float:
+    """The SAE's recorded scale (so λ means what it meant in pretraining), else one estimated
+    from the first batch; 1 when `scale_activations` is off."""
+    if not tc.scale_activations:
+        return 1.0
+    c = getattr(sae.cfg.metadata, "act_scale", None)
+    return float(c) if c else estimate_act_scale(first_batch)
+
+
+def make_trainers(
+    tc: TrainConfig, saes: dict[str, SAE], first: Batch, device: str = "cpu"
+) -> dict[str, HookTrainer]:
+    missing = [h for h in saes if h not in first]
+    if missing:
+        raise TrainingError(f"the activation batches have no hook {missing[0]!r}; they hold {sorted(first)}")
+    return {h: HookTrainer(tc, sae, h, act_scale_for(tc, sae, first[h]), device) for h, sae in saes.items()}
+
+
+def train_step(
+    trainers: dict[str, HookTrainer],
+    batch: Batch,
+    step: int,
+    steps: int,
+    gather: Gather | None = None,
+    allreduce: Callable[[list[Tensor]], None] | None = None,
+) -> dict[str, float]:
+    """One step of every SAE on one batch (each SAE's graph is freed before the next is built)."""
+    metrics: dict[str, float] = {}
+    for h, tr in trainers.items():
+        lr = lr_at(tr.tc, step, steps)
+        pending = tr.step(batch[h], lr, step, gather)
+        if allreduce is not None:
+            allreduce([p.grad for p in tr.params])
+        metrics.update(tr.apply(pending))
+        metrics["lr"] = lr
+    return metrics
+
+
+def summarize(metrics: dict[str, float], hooks: Iterable[str]) -> dict[str, float]:
+    hooks = list(hooks)
+    for k in ("loss", "l0", "fvu", "dead"):
+        metrics[k] = sum(metrics[f"{h}/{k}"] for h in hooks) / len(hooks)
+    return metrics
+
+
+def run_steps(
+    trainers: dict[str, HookTrainer],
+    batches: Iterator[Batch],
+    start: int,
+    steps: int,
+    callback: Callback | None = None,
+    progress: bool = True,
+    gather: Gather | None = None,
+    allreduce: Callable[[list[Tensor]], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    desc: str = "finetune",
+) -> list[dict[str, float]]:
+    """Steps `start .. steps-1`; metrics per step (tokens/s included) to `callback` and the history."""
+    from tqdm.auto import tqdm
+
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    tokens = 0
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                log.warning("%s: the activations ran out after %d of %d steps", desc, step, steps)
+                break
+            n = next(iter(batch.values())).shape[0]
+            m = summarize(train_step(trainers, batch, step, steps, gather, allreduce), trainers)
+            dt = time.perf_counter() - t0
+            tokens += n
+            m.update(step=float(step), tokens=float(tokens), tokens_per_s=n / max(dt, 1e-9))
+            history.append(m)
+            if callback is not None:
+                callback(step, m)
+            if on_step is not None:
+                on_step(step + 1)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{m['tokens_per_s']:.0f}", l0=f"{m['l0']:.1f}", loss=f"{m['loss']:.4g}")
+    finally:
+        bar.close()
+    return history
+
+
+def finetune(
+    cfg: Config | TrainConfig,
+    saes: dict[str, SAE],
+    batches: Iterable[Batch] | str | Path,
+    callback: Callback | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> FinetuneResult:
+    """Finetune every SAE on its hook's activations, in one process (no Ray).
+
+    `batches` is an activation-cache folder (`cache_activations`; read in a seeded order) or an
+    iterable of {hook: [n, d_in]} dicts (re-cut into `batch_tokens` batches through a shuffle
+    buffer of `shuffle_buffer_batches` batches).
+    """
+    from ssae_ray.training.cache import iter_cache_batches, shuffle_buffer
+
+    tc = cfg.train if isinstance(cfg, Config) else cfg
+    check_train_config(tc)
+    if not saes:
+        raise TrainingError("no SAEs to train")
+    hooks = list(saes)
+    if isinstance(batches, str | Path):
+        it = iter_cache_batches(batches, hooks, tc.batch_tokens, seed=tc.seed)
+    else:
+        it = shuffle_buffer(iter(batches), tc.batch_tokens, tc.shuffle_buffer_batches, seed=tc.seed)
+    it = _peekable(it)
+    dev = device or str(next(iter(saes.values())).W_dec.device)
+    trainers = make_trainers(tc, saes, it.peek(), dev)
+    history = run_steps(trainers, it, 0, tc.steps, callback, progress)
+    return FinetuneResult({h: tr.export() for h, tr in trainers.items()}, history)
+
+
+class _peekable(Iterator[Batch]):
+    def __init__(self, it: Iterator[Batch]):
+        self.it, self.head = it, None
+
+    def peek(self) -> Batch:
+        if self.head is None:
+            try:
+                self.head = next(self.it)
+            except StopIteration:
+                raise TrainingError("no activations to train on (empty selection or cache)") from None
+        return self.head
+
+    def __next__(self) -> Batch:
+        if self.head is not None:
+            head, self.head = self.head, None
+            return head
+        return next(self.it)
+
+
+def with_train(tc: TrainConfig, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(tc, **changes)

@@ -1,0 +1,165 @@
+"""The SSAE objectives as pure functions: Eq. 1 per token, TERM (tilted ERM), the loss scale of
+the `scaled` tilt mode, and the adaptive-λ controller of appendix E.
+
+Unit-norm decoder rows are kept by projection (see `project_decoder_grad`, `normalize_decoder`),
+so the L1 term is the plain ||f||_1 of Eq. 1, not a decoder-norm-weighted one.
+No Ray and no SAE classes here: everything takes and returns tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TrainingError(ValueError):
+    """Bad training input or settings: a negative λ or tilt, NaN/inf activations, a width mismatch."""
+
+
+class SAEOut(NamedTuple):
+    f: Tensor
+    """[N, d_sae] feature activations f(x) = ReLU((x - b_dec) W_enc + b_enc)."""
+    x_hat: Tensor
+    """[N, d_in] reconstruction f W_dec + b_dec."""
+
+
+class TokenLosses(NamedTuple):
+    loss: Tensor
+    """[N] per-token loss L_i = ||x_i - x_hat_i||^2 + lam ||f_i||_1 (Eq. 1)."""
+    sse: Tensor
+    """[N] ||x_i - x_hat_i||^2."""
+    l1: Tensor
+    """[N] ||f_i||_1."""
+
+
+def check_lam_tilt(lam: float, tilt: float) -> None:
+    if not math.isfinite(lam) or lam < 0:
+        raise TrainingError(f"lam (the sparsity coefficient λ) must be a finite number >= 0, got {lam}")
+    if not (math.isfinite(tilt) and tilt >= 0):
+        raise TrainingError(
+            f"tilt must be >= 0 (0 is ERM, large values approach the max-loss objective), got {tilt}; "
+            "negative tilts (min-loss) are not supported; for the max-loss limit use a large finite tilt (1e9)"
+        )
+
+
+def sae_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor) -> SAEOut:
+    """The sae-lens StandardSAE forward (`apply_b_dec_to_input=True`) on raw weights."""
+    f = torch.relu(torch.addmm(b_enc, x - b_dec, W_enc))
+    return SAEOut(f, torch.addmm(b_dec, f, W_dec))
+
+
+def sae_loss(x: Tensor, out: SAEOut, lam: float) -> TokenLosses:
+    """Eq. 1 per token: ||x - x_hat||^2 + lam ||f(x)||_1 (f >= 0 after ReLU, so ||f||_1 = sum f)."""
+    sse = (x - out.x_hat).pow(2).sum(-1)
+    l1 = out.f.sum(-1)
+    return TokenLosses(sse + lam * l1, sse, l1)
+
+
+def term_loss(losses: Tensor, tilt: float) -> Tensor:
+    """TERM: (1/t) log(mean_i exp(t L_i)); exactly the mean (ERM) at t = 0.
+
+    Written as mean(L) + (1/t) log mean exp(t (L - mean L)) and reduced in float64, so the value
+    keeps its precision at small t (no cancellation of log N against t·mean L) and stays finite
+    at t = 1e9 with losses in the thousands (logsumexp subtracts the max). The gradient with
+    respect to L_i is softmax(t L)_i: at large t all of it goes to the worst tokens.
+    """
+    check_lam_tilt(0.0, tilt)
+    if tilt == 0:
+        return losses.mean()
+    ld = losses.double()
+    mean = ld.mean().detach()
+    lse = torch.logsumexp(tilt * (ld - mean), dim=0) - math.log(ld.numel())
+    return (mean + lse / tilt).to(losses.dtype)
+
+
+def tilted_loss(losses: Tensor, tilt: float, mode: str, scale: float | None) -> Tensor:
+    """TERM in the two tilt modes. `raw`: t on the losses as they are (the paper). `scaled`: t on
+    L_i / s with s a running mean loss (detached), returned times s so t = 0 is still mean(L):
+    s · (1/t) log mean exp(t L_i / s). One scaled tilt means the same at every hook, λ and model."""
+    if mode == "raw" or tilt == 0:
+        return term_loss(losses, tilt)
+    if mode != "scaled":
+        raise TrainingError(f"tilt_mode must be 'raw' or 'scaled', got {mode!r}")
+    if scale is None or not scale > 0:
+        raise TrainingError(f"the scaled tilt mode needs a positive loss scale, got {scale}")
+    return term_loss(losses / scale, tilt) * scale
+
+
+def term_weights(losses: Tensor, tilt: float) -> Tensor:
+    """[N] the share of the gradient each token carries under TERM (softmax(t L); uniform at t = 0)."""
+    if tilt == 0:
+        return torch.full_like(losses, 1.0 / losses.numel())
+    return torch.softmax(tilt * losses.double(), dim=0).to(losses.dtype)
+
+
+@dataclass
+class LossScale:
+    """Running (EMA) mean loss s for the `scaled` tilt mode; initialised to the first batch's mean."""
+
+    decay: float = 0.99
+    value: float | None = None
+
+    def update(self, mean_loss: float) -> float:
+        if not math.isfinite(mean_loss):
+            return self.value if self.value is not None else 1.0
+        m = max(mean_loss, 1e-12)
+        self.value = m if self.value is None else self.decay * self.value + (1 - self.decay) * m
+        return self.value
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"decay": self.decay, "value": self.value}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.decay = float(state["decay"])  # type: ignore[arg-type]
+        self.value = state["value"]
+
+
+@dataclass
+class AdaptiveLambda:
+    """Appendix E: raise λ (× (1 + rate)) while L0 is above `band`, lower it (÷ (1 + rate)) below;
+    hold it inside. Without a band λ stays fixed."""
+
+    lam: float
+    band: tuple[float, float] | None = None
+    rate: float = 0.02
+
+    def __post_init__(self) -> None:
+        check_lam_tilt(self.lam, 0.0)
+        if self.band is not None and not 0 <= self.band[0] <= self.band[1]:
+            raise TrainingError(f"l0_band must be (low, high) with 0 <= low <= high, got {self.band}")
+        if self.rate < 0:
+            raise TrainingError(f"adapt_rate must be >= 0, got {self.rate}")
+
+    def update(self, l0: float) -> float:
+        if self.band is not None and math.isfinite(l0):
+            lo, hi = self.band
+            if l0 > hi:
+                self.lam *= 1 + self.rate
+            elif l0 < lo:
+                self.lam /= 1 + self.rate
+        return self.lam
+
+    def state_dict(self) -> dict[str, object]:
+        return {"lam": self.lam, "band": self.band, "rate": self.rate}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.lam = float(state["lam"])  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def project_decoder_grad(W_dec: Tensor) -> None:
+    """Remove from W_dec.grad the component parallel to each (unit-norm) decoder row, so the step
+    moves rows along the sphere; `normalize_decoder` after the step removes the rest."""
+    if W_dec.grad is None:
+        return
+    rows = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    W_dec.grad -= (W_dec.grad * rows).sum(1, keepdim=True) * rows
+
+
+@torch.no_grad()
+def normalize_decoder(W_dec: Tensor) -> None:
+    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
