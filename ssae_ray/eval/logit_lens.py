@@ -1,0 +1,99 @@
+"""Logit-lens tail coverage (section 3.1.2, Figures 2, 6, 11, 14).
+
+Each latent's decoder direction is read through the unembedding: its top-k tokens are the k largest
+entries of `W_U · norm(d)`. The final norm is folded in as TransformerLens' `fold_ln` does (the
+convention the public SAE releases are read with): its elementwise scale multiplies the direction,
+a LayerNorm also centres it, and its bias is dropped (the bias adds the same logit vector to every
+latent, so it would only put the same tokens in every top-k). The norm's division by the RMS is a
+positive scale and leaves the ranking unchanged.
+
+Coverage: the test set's token types are ranked by count and cut into `n_buckets` buckets of equal
+numbers of types (bucket 0 the most frequent); a bucket's coverage is the share of its types that
+are among the top-k tokens of at least one latent. Figure 6's curve orders tokens from the rarest
+type to the most frequent: x is the cumulative share of token occurrences, y the cumulative share
+of the occurrences of covered types, normalised to end at 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def final_norm_scale(norm: nn.Module | None) -> tuple[Tensor | None, bool]:
+    """(elementwise scale, centre?) of a final LayerNorm / RMSNorm, None for no norm."""
+    if norm is None:
+        return None, False
+    w = getattr(norm, "weight", None)
+    if w is not None and type(norm).__name__.startswith("Gemma"):
+        w = 1 + w  # Gemma's RMSNorm scales by (1 + weight)
+    return (None if w is None else w.detach().float()), isinstance(norm, nn.LayerNorm)
+
+
+def lm_unembed(lm: Any) -> tuple[Tensor, nn.Module | None]:
+    """(W_U [vocab, d], final norm module) of a loaded `models.LM`."""
+    w_u = lm.model.get_output_embeddings().weight.detach().float()
+    inner = lm.model.gpt_neox if lm.arch == "gpt_neox" else lm.model.model
+    norm = getattr(inner, "final_layer_norm", None) or getattr(inner, "norm", None)
+    return w_u, norm
+
+
+@torch.no_grad()
+def feature_top_tokens(
+    w_dec: Tensor, w_u: Tensor, norm: nn.Module | None = None, k: int = 10, chunk: int = 1024
+) -> Tensor:
+    """[d_sae, k] token ids with the largest logit-lens logits of each decoder row."""
+    scale, centre = final_norm_scale(norm)
+    w_u = w_u.float()
+    out = []
+    for s in range(0, w_dec.shape[0], chunk):
+        d = w_dec[s : s + chunk].detach().float().to(w_u.device)
+        if centre:
+            d = d - d.mean(-1, keepdim=True)
+        if scale is not None:
+            d = d * scale.to(d.device)
+        out.append((d @ w_u.T).topk(k, dim=-1).indices.cpu())
+    return torch.cat(out)
+
+
+class Coverage(NamedTuple):
+    bucket_coverage: np.ndarray
+    """[n_buckets] share of each bucket's token types covered (bucket 0: most frequent)."""
+    bucket_types: np.ndarray
+    """[n_buckets] token types per bucket."""
+    bucket_max_count: np.ndarray
+    """[n_buckets] the largest count of a type in each bucket."""
+    cum_tokens: np.ndarray
+    """Figure 6 x: cumulative share of token occurrences, rarest type first."""
+    cum_covered: np.ndarray
+    """Figure 6 y: cumulative share of covered occurrences (ends at 1; 0s if nothing is covered)."""
+    covered_share: float
+    """Share of the test set's token types covered by at least one latent."""
+
+
+def token_counts(token_ids: Tensor, vocab: int) -> np.ndarray:
+    return torch.bincount(token_ids.reshape(-1).long(), minlength=vocab).numpy()
+
+
+def tail_coverage(top_tokens: Tensor, counts: np.ndarray, n_buckets: int = 10) -> Coverage:
+    """Coverage of the token types with counts > 0 in `counts` [vocab] by `top_tokens` [d_sae, k]."""
+    types = np.flatnonzero(counts > 0)
+    if len(types) == 0:
+        raise ValueError("the test set has no tokens to measure coverage on")
+    covered_vocab = np.zeros(len(counts), dtype=bool)
+    covered_vocab[top_tokens.reshape(-1).numpy()] = True
+    order = types[np.argsort(-counts[types], kind="stable")]  # most frequent first
+    cov = covered_vocab[order]
+    buckets = np.array_split(np.arange(len(order)), min(n_buckets, len(order)))
+    bucket_cov = np.array([cov[b].mean() for b in buckets])
+    bucket_n = np.array([len(b) for b in buckets])
+    bucket_max = np.array([counts[order[b[0]]] for b in buckets])
+    rare = order[::-1]
+    c = counts[rare].astype(np.float64)
+    cum_tokens = np.cumsum(c) / c.sum()
+    cc = np.cumsum(c * covered_vocab[rare])
+    cum_covered = cc / cc[-1] if cc[-1] > 0 else cc
+    return Coverage(bucket_cov, bucket_n, bucket_max, cum_tokens, cum_covered, float(cov.mean()))

@@ -1,0 +1,316 @@
+"""Ray Tune sweep over λ × tilt × seed × selection strategy, each trial an MLflow child run.
+
+Each trial finetunes every GSAE of the preset on its strategy's cached activations; every
+`train.checkpoint_every` steps (and at the end) it scores the SAEs on the validation set (L0, FVU,
+spliced CE) and reports to Tune and MLflow. Only the trial's best checkpoint on validation is kept
+on disk (`<out>/trials/<trial>/best/<hook>/`, sae-lens format) and logged as an artifact; the test
+sets are never touched here. A trial that finished (its `done.json` exists) is not rerun when the
+sweep is resumed.
+
+Trials call the training loop in-process (one CPU or GPU slot per trial from `sweep.cpus_per_trial`
+/ `sweep.gpus_per_trial`). For a multi-worker finetune inside a trial, run Ray Train's
+`TorchTrainer` from the trial function (Ray Train V2 supports that nesting).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ssae_ray import tracking
+from ssae_ray.config import Config, from_dict
+from ssae_ray.stages import write_json_atomic
+
+log = logging.getLogger("ssae_ray")
+
+SELECT_METRICS = ("val_ce", "val_fvu")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (missing input) or whose trials failed."""
+
+
+class Trial(NamedTuple):
+    strategy: str
+    lam: float
+    tilt: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-lam{self.lam:g}-tilt{self.tilt:g}-seed{self.seed}"
+
+
+class CheckpointRecord(NamedTuple):
+    trial: Trial
+    step: int
+    """Training steps done when the SAEs were scored."""
+    val: dict[str, float]
+    """Validation metrics: `val_ce`, `val_l0`, `val_fvu` (means over hooks) and per hook."""
+    path: str | None
+    """The saved SAEs (one sae-lens folder per hook) when this is the trial's best, else None."""
+
+
+class SweepResult(NamedTuple):
+    folder: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials: dict[Trial, list[CheckpointRecord]]
+    """Every trial's scored checkpoints, in step order."""
+    best: dict[Trial, CheckpointRecord]
+    """Each trial's best checkpoint on validation (`sweep.select_metric`); its `path` holds the SAEs."""
+    run_ids: dict[Trial, str]
+
+
+def grid(cfg: Config) -> list[Trial]:
+    s = cfg.sweep
+    return [Trial(st, float(lam), float(t), int(seed))
+            for st, lam, t, seed in itertools.product(s.strategies, s.lams, s.tilts, s.seeds)]  # fmt: skip
+
+
+def select_best(records: list[CheckpointRecord], metric: str = "val_ce") -> dict[Trial, CheckpointRecord]:
+    """Per trial (one λ, tilt, seed and strategy), the checkpoint with the lowest validation
+    `metric`. Only validation metrics are looked at: test numbers are never part of a record."""
+    if metric not in SELECT_METRICS:
+        raise SweepError(f"sweep.select_metric must be one of {SELECT_METRICS}, got {metric!r}")
+    best: dict[Trial, CheckpointRecord] = {}
+    for r in records:
+        if r.trial not in best or r.val[metric] < best[r.trial].val[metric]:
+            best[r.trial] = r
+    return best
+
+
+def _check_inputs(cfg: Config, gsae_dir: Path, caches: dict[str, Any], val_set: Any) -> None:
+    missing = [s for s in cfg.sweep.strategies if s not in caches]
+    if missing:
+        raise SweepError(
+            f"no activation cache for strategy {missing[0]!r} (have: {sorted(caches)}); run the retrieve "
+            "and cache stages for every strategy in sweep.strategies"
+        )
+    for s in cfg.sweep.strategies:
+        c = caches[s]
+        if isinstance(c, str | Path) and not (Path(c) / "manifest.json").is_file():
+            raise SweepError(f"the activation cache of strategy {s!r} at {c} is missing or unfinished")
+    for h in cfg.sae.hooks:
+        if not (Path(gsae_dir) / h / "cfg.json").is_file():
+            raise SweepError(f"no GSAE for hook {h} under {gsae_dir} (expected {gsae_dir}/{h}/cfg.json)")
+    if val_set is None or getattr(val_set, "tokens", None) is None or val_set.tokens.input_ids.shape[0] == 0:
+        raise SweepError(
+            "the validation set is missing or empty; best-per-λ selection needs one (corpus.val_path)"
+        )
+    if cfg.sweep.select_metric not in SELECT_METRICS:
+        raise SweepError(
+            f"sweep.select_metric must be one of {SELECT_METRICS}, got {cfg.sweep.select_metric!r}"
+        )
+    if not cfg.sweep.lams or not cfg.sweep.tilts or not cfg.sweep.seeds or not cfg.sweep.strategies:
+        raise SweepError("sweep.lams, sweep.tilts, sweep.seeds and sweep.strategies must each be non-empty")
+    lo, hi = cfg.sweep.l0_range
+    if not hi > lo:
+        raise SweepError(f"sweep.l0_range must be (lo, hi) with hi > lo, got {cfg.sweep.l0_range}")
+
+
+def run_sweep(
+    cfg: Config,
+    gsae_dir: str | Path,
+    caches: dict[str, Any],
+    val_set: Any,
+    out_dir: str | Path | None = None,
+    lm_cache_dir: str | Path | None = None,
+) -> SweepResult:
+    """Run the λ × tilt × seed × strategy grid on Ray Tune (joining the running Ray or starting
+    one from `cfg.ray`). `caches` maps each strategy to its activation cache folder
+    (`training.cache_activations`); `val_set` is `eval.evaluate.prepare_test_set(...)` of the
+    validation documents. Checks the tracking URI and every input before any trial starts."""
+    from ray import tune
+
+    from ssae_ray.runtime import init_ray
+
+    uri = tracking.check_tracking(tracking.tracking_uri(cfg))
+    gsae_dir = Path(gsae_dir)
+    _check_inputs(cfg, gsae_dir, caches, val_set)
+    out = Path(out_dir) if out_dir else cfg.root / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    client, exp_id = tracking.open_experiment(
+        uri, cfg.tracking.experiment, cfg.root / "mlflow" / "mlartifacts"
+    )
+    parent = _parent_run(client, exp_id, cfg, out)
+    init_ray(cfg.ray)
+    ctx = {
+        "cfg": cfg.to_dict(), "gsae_dir": str(gsae_dir), "caches": {k: str(v) for k, v in caches.items()},
+        "out": str(out), "uri": uri, "exp_id": exp_id, "parent": parent,
+        "lm_cache": str(lm_cache_dir) if lm_cache_dir else None,
+    }  # fmt: skip
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_fn, ctx=ctx, val_set=val_set),
+        {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial},
+    )
+    space = {
+        "strategy": tune.grid_search(list(cfg.sweep.strategies)),
+        "lam": tune.grid_search([float(x) for x in cfg.sweep.lams]),
+        "tilt": tune.grid_search([float(x) for x in cfg.sweep.tilts]),
+        "seed": tune.grid_search([int(x) for x in cfg.sweep.seeds]),
+    }
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=cfg.sweep.max_concurrent_trials, reuse_actors=False
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str((out / "ray").resolve()),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+        ),  # fmt: skip
+    )
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    errors = [r for r in results if r.error is not None]
+    if errors:
+        tracking.end_run(client, parent, "FAILED")
+        raise SweepError(f"{len(errors)} of {len(results)} trials failed; first: {errors[0].error}")
+    records: dict[Trial, list[CheckpointRecord]] = {}
+    run_ids: dict[Trial, str] = {}
+    for t in grid(cfg):
+        done = json.loads((out / "trials" / t.name / "done.json").read_text())
+        records[t] = [CheckpointRecord(t, c["step"], c["val"], c["path"]) for c in done["checkpoints"]]
+        run_ids[t] = done["run_id"]
+    best = select_best([r for rs in records.values() for r in rs], cfg.sweep.select_metric)
+    table = _write_table(out / "sweep_trials.csv", records, best)
+    client.log_artifact(parent, str(table))
+    tracking.log_metrics(client, parent, {"sweep_seconds": time.perf_counter() - t0, "trials": len(records)})
+    tracking.end_run(client, parent)
+    return SweepResult(out, uri, exp_id, parent, records, best, run_ids)
+
+
+def _parent_run(client: Any, exp_id: str, cfg: Config, out: Path) -> str:
+    params = {k: v for k, v in tracking.flat_config(cfg).items() if k.split(".")[0] in
+              ("name", "model", "sae", "train", "sweep", "retrieval", "eval")}  # fmt: skip
+    rid = tracking.start_run(client, exp_id, f"sweep-{cfg.name}", params, tags={"ssae.kind": "sweep",
+                             "ssae.folder": str(out)})  # fmt: skip
+    return rid
+
+
+def _write_table(
+    path: Path, records: dict[Trial, list[CheckpointRecord]], best: dict[Trial, CheckpointRecord]
+) -> Path:
+    keys = sorted({k for rs in records.values() for r in rs for k in r.val})
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["strategy", "lam", "tilt", "seed", "step", "best", *keys])
+        for t, rs in records.items():
+            for r in rs:
+                w.writerow([*t, r.step, int(best[t].step == r.step), *(r.val.get(k, "") for k in keys)])
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial (runs in a Ray worker)
+
+
+def _trial_fn(space: dict[str, Any], ctx: dict[str, Any], val_set: Any) -> None:
+    from ray import tune
+
+    trial = Trial(space["strategy"], float(space["lam"]), float(space["tilt"]), int(space["seed"]))
+    tdir = Path(ctx["out"]) / "trials" / trial.name
+    done_file = tdir / "done.json"
+    if done_file.is_file():  # resumed sweep: this trial finished before
+        for c in json.loads(done_file.read_text())["checkpoints"]:
+            tune.report({**c["val"], "step": c["step"], "cached": 1})
+        return
+    shutil.rmtree(tdir, ignore_errors=True)
+    tdir.mkdir(parents=True)
+    cfg = from_dict(ctx["cfg"])
+    run_trial(cfg, trial, ctx, val_set, tdir, report=lambda m: tune.report(m))
+
+
+def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir: Path, report: Any) -> None:
+    """Finetune the GSAEs for one grid point, scoring on validation every `checkpoint_every` steps;
+    keeps the best checkpoint on disk and writes `done.json` last. Logs a child MLflow run."""
+    import dataclasses
+
+    import torch
+
+    from ssae_ray.eval.evaluate import evaluate_sae
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import load_sae, save_sae
+    from ssae_ray.training.cache import iter_cache_batches
+    from ssae_ray.training.loop import make_trainers, run_steps
+
+    torch.manual_seed(trial.seed)
+    tc = dataclasses.replace(cfg.train, lam=trial.lam, tilt=trial.tilt, seed=trial.seed)
+    hooks = list(cfg.sae.hooks)
+    client, _ = tracking.open_experiment(ctx["uri"], cfg.tracking.experiment)
+    params = {**trial._asdict(), "trial": trial.name, **{f"train.{k}": v for k, v in
+              dataclasses.asdict(tc).items()}}  # fmt: skip
+    rid = tracking.start_run(client, ctx["exp_id"], trial.name, params, parent_run_id=ctx["parent"],
+                             tags={"ssae.kind": "trial", "ssae.strategy": trial.strategy})  # fmt: skip
+    try:
+        lm = load_lm(cfg.model, ctx["lm_cache"])
+        gsaes = {h: load_sae(Path(ctx["gsae_dir"]) / h, str(lm.device)) for h in hooks}
+        batches = iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed)
+        first = next(batches)
+        trainers = make_trainers(tc, gsaes, first, str(lm.device))
+        it = itertools.chain([first], batches)
+        checkpoints: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        pending: list[tuple[int, dict[str, float]]] = []
+        every = max(1, min(cfg.train.checkpoint_every, tc.steps))
+
+        def score(step: int) -> None:
+            nonlocal best
+            saes = {h: tr.export() for h, tr in trainers.items()}
+            val: dict[str, float] = {}
+            for h, sae in saes.items():
+                ev = evaluate_sae(lm, sae, h, val_set, cfg.eval.batch_size)
+                val.update({f"val_ce/{h}": ev.ce_spliced, f"val_l0/{h}": ev.l0, f"val_fvu/{h}": ev.fvu})
+            for k in ("ce", "l0", "fvu"):
+                val[f"val_{k}"] = sum(val[f"val_{k}/{h}"] for h in hooks) / len(hooks)
+            rec = {"step": step, "val": val, "path": None}
+            metric = cfg.sweep.select_metric
+            if best is None or val[metric] < best["val"][metric]:
+                path = tdir / "best"
+                for h, sae in saes.items():
+                    save_sae(sae, path / h)
+                if best is not None:
+                    best["path"] = None
+                rec["path"] = str(path)
+                best = rec
+            checkpoints.append(rec)
+            tracking.log_metrics(client, rid, val, step)
+            report({**val, "step": step})
+
+        def on_step(step: int, m: dict[str, float]) -> None:
+            pending.append((step, m))
+            if len(pending) >= 20 or step + 1 == tc.steps:
+                for s, mm in pending:
+                    tracking.log_metrics(client, rid, {f"train/{k}": v for k, v in mm.items()}, s)
+                pending.clear()
+            if (step + 1) % every == 0 or step + 1 == tc.steps:
+                score(step + 1)
+
+        history = run_steps(trainers, it, 0, tc.steps, callback=on_step, progress=False, desc=trial.name)
+        if not checkpoints or checkpoints[-1]["step"] != len(history):
+            score(len(history))
+        assert best is not None
+        client.log_artifacts(rid, best["path"], "ssae")
+        write_json_atomic(
+            tdir / "done.json", {"trial": trial._asdict(), "run_id": rid, "checkpoints": checkpoints}
+        )
+        client.log_artifact(rid, str(tdir / "done.json"))
+        tracking.log_metrics(
+            client, rid, {f"best_{k}": v for k, v in best["val"].items()} | {"best_step": best["step"]}
+        )
+        tracking.end_run(client, rid)
+    except BaseException:
+        tracking.end_run(client, rid, "FAILED")
+        raise

@@ -1,0 +1,225 @@
+"""MLflow: a local tracking server, a reachability check made before any work, and run logging.
+
+`start_mlflow_server(root)` runs `mlflow server` bound to 127.0.0.1 with a SQLite backend
+(`<root>/mlflow.db`) and artifacts served from `<root>/mlartifacts`, and waits until `/health`
+answers. Jobs log to `MLFLOW_TRACKING_URI`, else `tracking.uri`, else a SQLite store under the
+work dir (no server needed). Sweeps log one parent run and one child run per trial (tag
+`mlflow.parentRunId`); all logging goes through `MlflowClient` with explicit run ids, so trials
+in other Ray processes log to the same runs. Parameters are filtered: no API key is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ssae_ray.config import Config
+
+log = logging.getLogger("ssae_ray")
+
+_SECRET_KEY = re.compile(r"(api_?key|secret|password|auth|credential)", re.I)
+_SECRET_VALUE = re.compile(r"^(sk-|sk_|ghp_|xox)")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be started or reached."""
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(
+    root: str | Path, port: int = 5000, host: str = "127.0.0.1", timeout: float = 90.0
+) -> tuple[str, subprocess.Popen]:
+    """Start `mlflow server` (SQLite backend, artifacts under `root`, one worker) and return its URL
+    and process once `/health` answers. The caller owns the process (terminate it when done)."""
+    root = Path(root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not _port_free(host, port):
+        raise TrackingError(
+            f"port {port} on {host} is already in use (another MLflow server?): pass another port "
+            f"(ssae-ray mlflow --port N) or use the running server via MLFLOW_TRACKING_URI=http://{host}:{port}"
+        )
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "mlartifacts"),
+        "--serve-artifacts", "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    logf = open(root / "mlflow-server.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{host}:{port}"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            tail = (root / "mlflow-server.log").read_text(errors="replace")[-2000:]
+            raise TrackingError(f"mlflow server exited with code {proc.returncode}:\n{tail}")
+        if _healthy(url, 1.0):
+            log.info("MLflow server at %s (store %s)", url, root)
+            return url, proc
+        time.sleep(0.3)
+    stop_server(proc)
+    raise TrackingError(
+        f"mlflow server did not answer at {url} within {timeout:.0f} s; see {root}/mlflow-server.log"
+    )
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate the server's process group (gunicorn/uvicorn workers included)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, 9)
+
+
+def serve_forever(cfg: Config, port: int = 5000) -> None:
+    """`ssae-ray mlflow`: start a server under `<workdir>/mlflow`, print its URL, wait for Ctrl-C."""
+    url, proc = start_mlflow_server(cfg.root / "mlflow", port)
+    print(
+        f"MLflow tracking server: {url}\n  export MLFLOW_TRACKING_URI={url}\n  (Ctrl-C stops it)", flush=True
+    )
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(proc)
+
+
+def _healthy(url: str, timeout: float) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def tracking_uri(cfg: Config) -> str:
+    """`MLFLOW_TRACKING_URI`, else `tracking.uri`, else a SQLite store under the work dir."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri:
+        return uri
+    return f"sqlite:///{(cfg.root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> str:
+    """Fail fast (before hours of work) when the tracking URI cannot be used; returns the URI."""
+    if uri.startswith(("http://", "https://")):
+        if not _healthy(uri, timeout):
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {uri}: start one with `ssae-ray mlflow` "
+                "(and export MLFLOW_TRACKING_URI=<its URL>), or unset MLFLOW_TRACKING_URI / tracking.uri "
+                "to log to a SQLite file under the work dir"
+            )
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"cannot create the MLflow SQLite store folder {folder}: {e}") from e
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"the MLflow SQLite store folder {folder} is not writable")
+    elif "://" in uri and not uri.startswith("file://"):
+        raise TrackingError(f"unsupported tracking URI {uri!r}: use http(s)://host:port or sqlite:///path")
+    return uri
+
+
+def open_experiment(uri: str, name: str, artifact_root: Path | None = None) -> tuple[Any, str]:
+    """(MlflowClient, experiment id), creating the experiment if needed (its artifacts under
+    `artifact_root` for file stores; a server decides for itself)."""
+    from mlflow.tracking import MlflowClient
+
+    check_tracking(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return client, exp.experiment_id
+    loc = None
+    if artifact_root is not None and not uri.startswith(("http://", "https://")):
+        loc = Path(artifact_root).resolve().as_uri()
+    return client, client.create_experiment(name, artifact_location=loc)
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Stringified params with secrets dropped (keys like *api_key*, values like `sk-...`)."""
+    out = {}
+    for k, v in params.items():
+        s = str(v)
+        if _SECRET_KEY.search(k) or _SECRET_VALUE.match(s):
+            continue
+        out[k] = s[:6000]
+    return out
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """`section.key -> value` for every config field."""
+    out: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def start_run(
+    client: Any, experiment_id: str, name: str, params: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+) -> str:  # fmt: skip
+    """Create a run (a child of `parent_run_id` when given) and log its params; returns its id."""
+    from mlflow.entities import Param
+
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=name)
+    rid = run.info.run_id
+    items = [Param(k, v) for k, v in safe_params(params or {}).items()]
+    for s in range(0, len(items), 100):
+        client.log_batch(rid, params=items[s : s + 100])
+    return rid
+
+
+def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics (names sanitised for MLflow) at `step`."""
+    import math
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [
+        Metric(_metric_name(k), float(v), ts, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    for s in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[s : s + 500])
+
+
+def _metric_name(k: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", k)
+
+
+def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status=status)
