@@ -399,9 +399,9 @@ _OOD_TEMPLATES = (
 
 
 def _sentence(rng: random.Random, words: list[str]) -> str:
-    w = rng.sample(words, 3)
+    w = rng.sample(words, 4)
     c = rng.sample(_COMMON, 2)
-    s = f"{c[0]} {rng.choice(_ADJS)} {w[0]} {rng.choice(_VERBS)} {c[1]} {w[1]} with the {w[2]}"
+    s = f"{c[0]} {rng.choice(_ADJS)} {w[0]} {rng.choice(_VERBS)} {c[1]} {w[1]} and {w[2]} with {w[3]}"
     return s[0].upper() + s[1:] + "."
 
 
@@ -615,9 +615,11 @@ def _rows_table(rows: list[dict[str, Any]], text_field: str) -> pa.Table:
 
 
 def read_docs(path: str | Path, text_field: str = "text", max_docs: int | None = None) -> pa.Table:
-    """A small Parquet / JSONL file, folder or glob (or `hf:<dataset>[:split]`) as a normalised table."""
+    """A small Parquet / JSONL file, folder or glob as a normalised table; `hf:<dataset>[:split]` or
+    `hf://<dataset>[:split]` (a hub name or a local dataset folder) reads a Hugging Face dataset."""
     if str(path).startswith("hf:"):
-        name, _, split = str(path)[3:].lstrip("/").partition(":")
+        rest = str(path)[3:]
+        name, _, split = (rest[2:] if rest.startswith("//") else rest).partition(":")
         batches = _iter_hf(name, split or "train", text_field)
     else:
         batches = iter_docs(path, text_field)
@@ -676,7 +678,7 @@ def read_dataset(c: CorpusConfig, corpus_dir: str | Path | None = None) -> ray.d
         raise DataError(f"corpus.path is required for corpus.kind={c.kind!r}")
     fn_kwargs = {"text_field": c.text_field, "source": Path(str(c.path)).stem}
     if c.kind == "hf":
-        ds = ray.data.from_huggingface(_load_hf(c.path, c.hf_split))
+        ds = _hf_to_ray(_load_hf(c.path, c.hf_split), local=Path(c.path).expanduser().exists())
         fn_kwargs["source"] = c.path
     else:
         files = [str(f) for f in resolve_files(c.path)]
@@ -689,6 +691,23 @@ def read_dataset(c: CorpusConfig, corpus_dir: str | Path | None = None) -> ray.d
             raise DataError(f"corpus.kind {c.kind!r} cannot be streamed; use parquet, jsonl or hf")
     ds = ds.map_batches(_normalise_batch, batch_format="pyarrow", fn_kwargs=fn_kwargs)
     return ds.limit(c.max_docs) if c.max_docs else ds
+
+
+def _hf_to_ray(hf_ds: Any, local: bool) -> ray.data.Dataset:
+    """A streamed `datasets.IterableDataset` as a Ray Dataset. `from_huggingface` first asks the hub
+    for the dataset's Parquet files (a parallel read); a local dataset folder has none and that
+    request fails offline, so local folders go straight to the same streaming datasource."""
+    import ray.data
+    import requests
+
+    if local:
+        from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
+
+        return ray.data.read_datasource(HuggingFaceDatasource(dataset=hf_ds))
+    try:
+        return ray.data.from_huggingface(hf_ds)
+    except requests.RequestException as e:
+        raise DataError(f"cannot reach the Hugging Face hub for {hf_ds.info.dataset_name!r}: {e}") from e
 
 
 def _normalise_batch(batch: pa.Table, text_field: str, source: str) -> pa.Table:
