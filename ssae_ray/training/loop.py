@@ -293,15 +293,17 @@ def run_steps(
     allreduce: Callable[[list[Tensor]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     desc: str = "finetune",
+    stop: int | None = None,
 ) -> list[dict[str, float]]:
-    """Steps `start .. steps-1`; metrics per step (tokens/s included) to `callback` and the history."""
+    """Steps `start .. stop-1` of a `steps`-step run (lr schedule over `steps`); metrics per step
+    (tokens/s included) go to `callback` and the returned history."""
     from tqdm.auto import tqdm
 
     history: list[dict[str, float]] = []
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     tokens = 0
     try:
-        for step in range(start, steps):
+        for step in range(start, steps if stop is None else min(stop, steps)):
             t0 = time.perf_counter()
             try:
                 batch = next(batches)
