@@ -1,0 +1,156 @@
+"""Cluster configs: the launcher YAML through Ray's own validation, the KubeRay manifests by structure."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER = sorted(CLUSTER.glob("*.yaml"))
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+RAY_MINOR = ".".join(ray.__version__.split(".")[:2])
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def prepared(path: Path) -> dict:
+    """The config as `ray up` sees it: merged with the provider defaults, then validated."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(copy.deepcopy(load(path)))
+    validate_config(config)
+    return config
+
+
+def test_launcher_configs_exist():
+    assert [p.name for p in LAUNCHER] == ["aws-gpu.yaml"]
+    assert {p.name for p in KUBERAY} == {"raycluster.yaml", "rayjob.yaml"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_config_passes_ray_validation(path):
+    config = prepared(path)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0  # a CPU head, no tasks
+    assert workers and all(w["resources"]["GPU"] >= 1 and w["max_workers"] >= 1 for w in workers)
+    assert re.match(r"g[4-6]", workers[0]["node_config"]["InstanceType"])
+
+
+def test_launcher_validation_is_real():
+    """The validator rejects what `ray up` would reject, so a pass above means something."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    bad = load(CLUSTER / "aws-gpu.yaml") | {"dashboard_port": 8265}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
+    bad = load(CLUSTER / "aws-gpu.yaml") | {"head_node_type": "ray.head.missing"}
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(bad))
+
+
+def test_launcher_security():
+    config = prepared(CLUSTER / "aws-gpu.yaml")
+    head_start = " ".join(config["head_start_ray_commands"])
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head_start
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "RAY_AUTH_MODE=token ray start --address" in worker_start
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token, never in the file
+    assert "RAY_AUTH_TOKEN=" not in (CLUSTER / "aws-gpu.yaml").read_text()
+    # No extra inbound rules: the launcher opens only SSH and intra-cluster traffic.
+    assert "IpPermissions" not in config["provider"]["security_group"]
+    assert ".venv" in config["rsync_exclude"]
+
+
+def test_launcher_installs_the_project():
+    config = prepared(CLUSTER / "aws-gpu.yaml")
+    assert config["file_mounts"]["~/ssae-ray"] == "."
+    assert any("ssae-ray[gpu]" in c and "torch==" in c for c in config["worker_setup_commands"])
+    assert any("ssae-ray" in c for c in config["head_setup_commands"])
+    images = [config["docker"]["head_image"], config["docker"]["worker_image"]]
+    assert all(i.startswith(f"rayproject/ray:{RAY_MINOR}.") for i in images)
+    assert config["docker"]["worker_image"].endswith("-gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay
+
+
+def cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = cluster_spec(doc)
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    out = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    if doc["kind"] == "RayJob":
+        out += doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    return out
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_structure(path):
+    doc = load(path)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob"}[path.name]
+    spec = cluster_spec(doc)
+    assert spec["rayVersion"].startswith(f"{RAY_MINOR}.")
+    head = spec["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["name"] == "ray-head"
+    gpu_groups = spec["workerGroupSpecs"]
+    assert gpu_groups
+    for g in gpu_groups:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        assert int(res["limits"]["nvidia.com/gpu"]) >= 1
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+    head_res = head["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head_res["limits"]
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_auth_and_exposure(path):
+    doc = load(path)
+    text = path.read_text()
+    assert "LoadBalancer" not in text and "NodePort" not in text
+    assert cluster_spec(doc)["headGroupSpec"]["serviceType"] == "ClusterIP"
+    for c in containers(doc):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "ssae-ray-auth", "key": "auth_token"} and "value" not in env["RAY_AUTH_TOKEN"]
+        for key in ("HF_TOKEN", "ANTHROPIC_API_KEY"):  # secrets come from Secrets, never literals
+            assert key not in env or "value" not in env[key]
+
+
+def test_rayjob_entrypoint_runs_the_physics_job():
+    from ssae_ray.cli import build_parser
+    from ssae_ray.config import load_config
+
+    entry = load(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]["entrypoint"].split()
+    assert entry[:2] == ["python", "/home/ray/ssae-ray/jobs/physics.py"]
+    assert (ROOT / "jobs" / "physics.py").is_file()
+    args = build_parser().parse_args(["physics", *entry[2:]])
+    assert args.preset == "paper-physics"
+    assert load_config(args.preset).sweep.gpus_per_trial >= 1
+
+
+def test_dockerfile_matches_ray_and_installs_gpu_extra():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY_MINOR)}\.\d+-py311-gpu$", text, re.M)
+    assert 'pip install --no-cache-dir -e ".[gpu]"' in text
+    images = {c["image"] for p in KUBERAY for c in containers(load(p))}
+    assert len(images) == 1  # one image for head, workers and submitter
