@@ -682,7 +682,7 @@ def read_dataset(c: CorpusConfig, corpus_dir: str | Path | None = None) -> ray.d
         fn_kwargs["source"] = c.path
     else:
         files = [str(f) for f in resolve_files(c.path)]
-        next(iter_docs(files[0], c.text_field, batch_size=16))  # fail early on a bad first file
+        next(iter_docs(files[0], c.text_field, batch_size=16), None)  # fail early on a bad first file
         if c.kind == "parquet":
             ds = ray.data.read_parquet(files)
         elif c.kind == "jsonl":
