@@ -1,0 +1,226 @@
+"""Ray wiring: async scoring actors, one shared rate limiter, one shared cache.
+
+`score_on_ray` starts `num_actors` async actors (each `max_concurrency` features in flight), a
+`RateLimiter` actor (requests / tokens per minute and the spend cap, cluster-wide) and a
+`ResponseCache` actor pinned to the driver's node (one SQLite file, reachable from every node).
+When an actor dies its features are resubmitted to a fresh one; calls that had finished are
+answered from the cache, so they are never paid twice. `score_local` does the same in-process
+(asyncio) for runs without a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ssae_ray.autointerp.cache import ResponseCache
+from ssae_ray.autointerp.client import ClaudeClient, Secret
+from ssae_ray.autointerp.offline import OfflineScorer
+from ssae_ray.autointerp.ratelimit import RateLimiter
+from ssae_ray.autointerp.score import ClaudeScorer, Job, base_row, score_feature
+from ssae_ray.config import AutoInterpConfig
+
+log = logging.getLogger("ssae_ray")
+
+
+def make_limiter(ai: AutoInterpConfig) -> RateLimiter:
+    return RateLimiter(
+        ai.requests_per_minute,
+        ai.tokens_per_minute,
+        ai.spend_cap_tokens,
+        ai.spend_cap_usd,
+        ai.usd_per_mtok_in,
+        ai.usd_per_mtok_out,
+    )
+
+
+def make_scorer(ai: AutoInterpConfig, api_key: Secret | None, limiter: Any, cache: Any) -> Any:
+    if ai.backend == "offline":
+        return OfflineScorer()
+    assert api_key is not None
+    client = ClaudeClient(
+        ai.model,
+        api_key,
+        limiter,
+        cache,
+        base_url=ai.base_url,
+        max_retries=ai.max_retries,
+        retry_base_s=ai.retry_base_s,
+        max_retry_wait_s=ai.max_retry_wait_s,
+        timeout_s=ai.timeout_s,
+    )
+    return ClaudeScorer(client, ai.domain, ai.max_tokens, ai.parse_retries)
+
+
+class InterpActor:
+    """Scores features concurrently (an async Ray actor). `crash_after` / `crash_marker` inject one
+    crash (os._exit) after that many features, once per marker file: for fault-tolerance tests."""
+
+    def __init__(
+        self,
+        ai: AutoInterpConfig,
+        api_key: Secret | None,
+        limiter: Any,
+        cache: Any,
+        crash_after: int | None = None,
+        crash_marker: str | None = None,
+    ):
+        self.ai = ai
+        self.scorer = make_scorer(ai, api_key, limiter, cache)
+        self.done = 0
+        self.crash_after, self.crash_marker = crash_after, crash_marker
+
+    async def score(self, job: Job) -> dict[str, Any]:
+        if self.crash_after is not None and self.done >= self.crash_after and self.crash_marker:
+            marker = Path(self.crash_marker)
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+        row = await score_feature(job, self.scorer, self.ai.diversity)
+        self.done += 1
+        return row
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _progress(n: int, desc: str) -> Any:
+    return tqdm(total=n, desc=desc, disable=n == 0)
+
+
+def _not_run(job: Job, ai: AutoInterpConfig, reason: str) -> dict[str, Any]:
+    model = "offline-keywords" if ai.backend == "offline" else ai.model
+    row = base_row(job, ai.backend, model)
+    if row["status"] == "ok":
+        row.update(status="spend_cap", error=f"not run: {reason}")
+    return row
+
+
+def score_on_ray(
+    jobs: list[Job],
+    ai: AutoInterpConfig,
+    api_key: Secret | None,
+    cache_path: Path,
+    crash_after: int | None = None,
+    crash_marker: str | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score `jobs` on async Ray actors; returns (rows in job order, limiter stats)."""
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    limiter = ray.remote(RateLimiter).options(num_cpus=0).remote(
+        ai.requests_per_minute, ai.tokens_per_minute, ai.spend_cap_tokens, ai.spend_cap_usd,
+        ai.usd_per_mtok_in, ai.usd_per_mtok_out,
+    )  # fmt: skip
+    cache = ray.remote(ResponseCache).options(num_cpus=0, scheduling_strategy=here).remote(str(cache_path))
+    actor_cls = ray.remote(InterpActor).options(num_cpus=0, max_concurrency=ai.max_concurrency)
+
+    def new_actor(crash: bool) -> Any:
+        args = (crash_after, crash_marker) if crash else (None, None)
+        return actor_cls.remote(ai, api_key, limiter, cache, *args)
+
+    actors = [new_actor(True) for _ in range(ai.num_actors)]
+    load = [0] * len(actors)
+    pending = collections.deque(range(len(jobs)))
+    inflight: dict[Any, tuple[int, Any, int]] = {}
+    rows: dict[int, dict[str, Any]] = {}
+    stop: str | None = None
+    restarts = 0
+    bar = _progress(len(jobs), f"autointerp ({ai.backend})")
+    try:
+        while pending or inflight:
+            while pending and stop is None:
+                a = min(range(len(actors)), key=load.__getitem__)
+                if load[a] >= ai.max_concurrency:
+                    break
+                j = pending.popleft()
+                inflight[actors[a].score.remote(jobs[j])] = (a, actors[a], j)
+                load[a] += 1
+            if not inflight:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                a, handle, j = inflight.pop(ref)
+                load[a] -= 1
+                try:
+                    row = ray.get(ref)
+                except RayActorError:
+                    if actors[a] is handle:
+                        restarts += 1
+                        if restarts > 3 * ai.num_actors:
+                            raise RuntimeError(
+                                f"autointerp actors died {restarts} times; giving up"
+                            ) from None
+                        log.warning(
+                            "autointerp actor %d died; a fresh one redoes its features (cached calls are free)",
+                            a,
+                        )
+                        actors[a], load[a] = new_actor(False), 0
+                    pending.appendleft(j)
+                    continue
+                rows[j] = row
+                bar.update(1)
+                if row["status"] == "spend_cap" and stop is None:
+                    stop = row["error"]
+                    log.warning("autointerp stopping: %s; finishing calls in flight", stop)
+        stats = ray.get(limiter.stats.remote())
+    finally:
+        bar.close()
+        for h in actors:
+            ray.kill(h)
+        ray.kill(limiter)
+        ray.kill(cache)
+    for j in pending:
+        rows[j] = _not_run(jobs[j], ai, stop or "stopped")
+    return [rows[j] for j in range(len(jobs))], stats
+
+
+def score_local(
+    jobs: list[Job], ai: AutoInterpConfig, api_key: Secret | None, cache_path: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The same scoring in this process: asyncio with num_actors * max_concurrency in flight."""
+    limiter = make_limiter(ai)
+    cache = ResponseCache(cache_path)
+    scorer = make_scorer(ai, api_key, limiter, cache)
+    rows: dict[int, dict[str, Any]] = {}
+    bar = _progress(len(jobs), f"autointerp ({ai.backend})")
+
+    async def main() -> str | None:
+        sem = asyncio.Semaphore(max(1, ai.num_actors * ai.max_concurrency))
+        stop: list[str] = []
+
+        async def one(j: int) -> None:
+            async with sem:
+                if stop:
+                    rows[j] = _not_run(jobs[j], ai, stop[0])
+                    return
+                rows[j] = row = await score_feature(jobs[j], scorer, ai.diversity)
+                bar.update(1)
+                if row["status"] == "spend_cap" and not stop:
+                    stop.append(row["error"])
+                    log.warning("autointerp stopping: %s; finishing calls in flight", row["error"])
+
+        try:
+            await asyncio.gather(*(one(j) for j in range(len(jobs))))
+        finally:
+            await scorer.close()
+        return stop[0] if stop else None
+
+    try:
+        asyncio.run(main())
+    finally:
+        bar.close()
+        cache.close()
+    return [rows[j] for j in range(len(jobs))], limiter.stats()
+
+
+Runner = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]

@@ -1,0 +1,303 @@
+"""Examples for the Interpreter and the Predictor, from one streaming pass over a test set.
+
+`scan` runs the LM and the SAE over the test contexts once and keeps, per feature, only what the
+examples need (never a dense tokens x features matrix): the top-K contexts by max activation
+(a running `torch.topk` merge), a uniform sample of activating contexts (a bottom-k merge of
+random keys: priority sampling without replacement), counts, and the sparse set of (context,
+feature) pairs that activate, to draw non-activating contexts. `feature_examples` then
+recomputes token activations for the few contexts it shows and marks activating tokens
+`<<like this>>`. Position 0 of every context is excluded (its norm is an outlier).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ssae_ray.models import LM, TokenBatch, capture, iter_batches
+
+log = logging.getLogger("ssae_ray")
+
+
+class ActivationIndex(NamedTuple):
+    contexts: TokenBatch
+    """The scanned test contexts."""
+    top_acts: Tensor
+    """[F, K] max activation of each feature's top contexts, descending (-inf where fewer)."""
+    top_ctx: Tensor
+    """[F, K] context index of each top context (-1 where fewer)."""
+    sample_ctx: Tensor
+    """[F, S] a uniform random sample of the contexts where the feature activates (-1 where fewer)."""
+    n_active_ctx: Tensor
+    """[F] contexts in which the feature activates on some token (position 0 excluded)."""
+    n_active_tok: Tensor
+    """[F] tokens on which it activates."""
+    pairs: Tensor
+    """Sorted codes `context * F + feature` of every activating (context, feature) pair."""
+    n_tokens: int
+    """Tokens scanned (positions 1.. of real tokens)."""
+
+
+class FeatureExamples(NamedTuple):
+    feature: int
+    status: str
+    """`ok`, `dead` (never activates on the test set) or `too_few` (one activating context)."""
+    n_active_ctx: int
+    max_act: float
+    top_texts: list[str]
+    """Top activating windows, activating tokens marked `<<...>>`, for the Interpreter."""
+    top_acts: list[float]
+    predict_texts: list[str]
+    """Held-out activating and non-activating windows, unmarked, shuffled."""
+    predict_labels: list[int]
+    """1 where the window activates the feature."""
+    active_tokens: list[str]
+    """Activating tokens of the top windows, most frequent first (for the offline backend)."""
+
+
+def _codes_isin(codes: Tensor, pairs: Tensor) -> Tensor:
+    if pairs.numel() == 0:
+        return torch.zeros_like(codes, dtype=torch.bool)
+    idx = torch.searchsorted(pairs, codes).clamp(max=pairs.numel() - 1)
+    return pairs[idx] == codes
+
+
+def feature_acts(lm: LM, sae: Any, hook: str, batch: TokenBatch) -> Tensor:
+    """[B, T, F] SAE feature activations, zero at position 0 and on padding."""
+    x = capture(lm, batch.input_ids, batch.attention_mask, [hook])[hook]
+    p = next(sae.parameters())
+    with torch.no_grad():
+        f = sae.encode(x.to(device=p.device, dtype=p.dtype)).float()
+    valid = batch.attention_mask.to(f.device).bool().clone()
+    valid[:, 0] = False
+    return (f * valid.unsqueeze(-1)).cpu()
+
+
+def scan(
+    lm: LM,
+    sae: Any,
+    hook: str,
+    contexts: TokenBatch,
+    k_top: int,
+    k_sample: int,
+    batch_size: int = 16,
+    threshold: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> ActivationIndex:
+    """One pass over `contexts`: per-feature top-k, random sample, counts and activating pairs."""
+    d_sae = int(sae.W_dec.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    top_acts = torch.full((d_sae, k_top), -torch.inf)
+    top_ctx = torch.full((d_sae, k_top), -1, dtype=torch.long)
+    keys = torch.full((d_sae, k_sample), torch.inf)
+    sample_ctx = torch.full((d_sae, k_sample), -1, dtype=torch.long)
+    n_ctx = torch.zeros(d_sae, dtype=torch.long)
+    n_tok = torch.zeros(d_sae, dtype=torch.long)
+    pairs: list[Tensor] = []
+    n_tokens, start = 0, 0
+    n_batches = -(-contexts.input_ids.shape[0] // batch_size)
+    for batch in tqdm(
+        iter_batches(contexts, batch_size), total=n_batches, desc=f"examples {hook}", disable=not progress
+    ):
+        b = batch.input_ids.shape[0]
+        f = feature_acts(lm, sae, hook, batch)
+        n_tokens += int(batch.attention_mask[:, 1:].sum())
+        active = f > threshold
+        n_tok += active.sum((0, 1))
+        ctx_max = f.amax(1)  # [B, F]
+        ctx_active = active.any(1)
+        n_ctx += ctx_active.sum(0)
+        ids = torch.arange(start, start + b).unsqueeze(0).expand(d_sae, b)
+        vals = torch.where(ctx_active, ctx_max, -torch.inf).T
+        top_acts, pick = torch.cat([top_acts, vals], 1).topk(k_top, dim=1)
+        top_ctx = torch.cat([top_ctx, ids], 1).gather(1, pick)
+        r = torch.where(ctx_active, torch.rand(b, d_sae, generator=gen), torch.inf).T
+        keys, pick = torch.cat([keys, r], 1).topk(k_sample, dim=1, largest=False)
+        sample_ctx = torch.cat([sample_ctx, ids], 1).gather(1, pick)
+        c, feat = ctx_active.nonzero(as_tuple=True)
+        pairs.append((c + start) * d_sae + feat)
+        start += b
+    top_ctx[top_acts == -torch.inf] = -1
+    sample_ctx[keys == torch.inf] = -1
+    all_pairs = torch.cat(pairs).sort().values if pairs else torch.zeros(0, dtype=torch.long)
+    return ActivationIndex(contexts, top_acts, top_ctx, sample_ctx, n_ctx, n_tok, all_pairs, n_tokens)
+
+
+def mark(pieces: Sequence[str], active: Sequence[bool]) -> str:
+    """Join text pieces, wrapping each run of consecutive active pieces in `<<` `>>` (whitespace at
+    a run's edges stays outside the delimiters)."""
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        if not active[i]:
+            out.append(pieces[i])
+            i += 1
+            continue
+        j = i
+        while j < len(pieces) and active[j]:
+            j += 1
+        run = "".join(pieces[i:j])
+        core = run.strip()
+        if core:
+            lead = run[: len(run) - len(run.lstrip())]
+            trail = run[len(run.rstrip()) :]
+            out.append(f"{lead}<<{core}>>{trail}")
+        else:
+            out.append(run)
+        i = j
+    return "".join(out)
+
+
+def render(tokenizer: Any, ids: Sequence[int], active: Sequence[bool]) -> str:
+    """Decode `ids` run by run (so multi-byte characters inside a run survive) and mark active runs."""
+    pieces, flags = [], []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and active[j] == active[i]:
+            j += 1
+        pieces.append(tokenizer.decode(list(ids[i:j])))
+        flags.append(bool(active[i]))
+        i = j
+    return mark(pieces, flags)
+
+
+def _window(length: int, center: int, width: int) -> tuple[int, int]:
+    start = max(0, center - (width - width // 4))
+    end = min(length, start + width)
+    return max(0, end - width), end
+
+
+def feature_examples(
+    lm: LM,
+    sae: Any,
+    hook: str,
+    index: ActivationIndex,
+    features: Sequence[int],
+    n_top: int = 10,
+    n_predict: int = 5,
+    window: int = 32,
+    threshold: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[FeatureExamples]:
+    """Marked top examples and a shuffled, labelled Predictor set for each feature (seeded)."""
+    d_sae = index.n_active_ctx.numel()
+    n_contexts = index.contexts.input_ids.shape[0]
+    plans: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    out: dict[int, FeatureExamples] = {}
+    for f in features:
+        count = int(index.n_active_ctx[f])
+        if count < 2:
+            status = "dead" if count == 0 else "too_few"
+            out[f] = FeatureExamples(
+                f, status, count, float(index.top_acts[f, 0].clamp(min=0)), [], [], [], [], []
+            )
+            continue
+        rng = np.random.default_rng([seed, f])
+        n_pos = min(n_predict, count - 1)
+        n_int = min(n_top, count - n_pos)
+        top = [int(c) for c in index.top_ctx[f, :n_int]]
+        pos = [int(c) for c in index.sample_ctx[f] if c >= 0 and int(c) not in top][:n_pos]
+        neg: list[int] = []
+        if n_contexts - count > 0:
+            cand = rng.permutation(n_contexts)[: max(20 * n_predict, 200)]
+            hit = _codes_isin(torch.as_tensor(cand, dtype=torch.long) * d_sae + f, index.pairs)
+            neg = [int(c) for c, h in zip(cand, hit.tolist()) if not h][:n_predict]
+        plans[f] = (top, pos, neg)
+    needed = sorted({c for plan in plans.values() for part in plan for c in part})
+    acts = _recompute(lm, sae, hook, index.contexts, needed, sorted(plans), batch_size)
+    col = {f: j for j, f in enumerate(sorted(plans))}
+    tok = lm.tokenizer
+    for f, (top, pos, neg) in plans.items():
+        rng = np.random.default_rng([seed, f, 1])
+
+        a_f = {c: acts[c][:, col[f]] for c in (*top, *pos, *neg)}
+
+        def window_of(
+            c: int, marked: bool, center: int | None = None, a_f: dict[int, Tensor] = a_f
+        ) -> tuple[str, list[str]]:
+            return _window_text(tok, index.contexts, c, a_f[c], marked, window, threshold, center)
+
+        top_texts, counter = [], Counter()
+        for c in top:
+            text, words = window_of(c, True)
+            top_texts.append(text)
+            counter.update(w for w in words if w)
+        items = [(window_of(c, False)[0], 1) for c in pos]
+        for c in neg:
+            length = int(index.contexts.attention_mask[c].sum())
+            items.append((window_of(c, False, int(rng.integers(0, max(1, length))))[0], 0))
+        order = rng.permutation(len(items))
+        out[f] = FeatureExamples(
+            feature=f,
+            status="ok",
+            n_active_ctx=int(index.n_active_ctx[f]),
+            max_act=float(index.top_acts[f, 0]),
+            top_texts=top_texts,
+            top_acts=[float(index.top_acts[f, i]) for i in range(len(top))],
+            predict_texts=[items[i][0] for i in order],
+            predict_labels=[items[i][1] for i in order],
+            active_tokens=[w for w, _ in counter.most_common()],
+        )
+    return [out[f] for f in features]
+
+
+def _window_text(
+    tok: Any,
+    contexts: TokenBatch,
+    c: int,
+    acts: Tensor,
+    marked: bool,
+    window: int,
+    threshold: float,
+    center: int | None = None,
+) -> tuple[str, list[str]]:
+    """A window of context `c` around `center` (default: its most activating token), marked or
+    not, and the activating tokens in it."""
+    length = int(contexts.attention_mask[c].sum())
+    a = acts[:length]
+    if center is None:
+        center = int(a.argmax())
+    s, e = _window(length, center, window)
+    on = (a[s:e] > threshold).tolist()
+    ids = contexts.input_ids[c, s:e].tolist()
+    if not marked:
+        return tok.decode(ids), []
+    return render(tok, ids, on), [tok.decode([t]).strip() for t, o in zip(ids, on) if o]
+
+
+def _recompute(
+    lm: LM, sae: Any, hook: str, contexts: TokenBatch, ctx: list[int], features: list[int], batch_size: int
+) -> dict[int, Tensor]:
+    """Token activations [T, len(features)] of the given contexts."""
+    res: dict[int, Tensor] = {}
+    if not ctx or not features:
+        return res
+    sel = torch.as_tensor(ctx)
+    sub = TokenBatch(contexts.input_ids[sel], contexts.attention_mask[sel], contexts.doc_index[sel])
+    fi = torch.as_tensor(features)
+    i = 0
+    for batch in iter_batches(sub, batch_size):
+        f = feature_acts(lm, sae, hook, batch)[:, :, fi]
+        for row in f:
+            res[ctx[i]] = row
+            i += 1
+    return res
+
+
+def select_features(index: ActivationIndex, max_features: int, seed: int = 0) -> list[int]:
+    """A seeded random sample of the features that activate in at least two contexts, sorted."""
+    alive = (index.n_active_ctx >= 2).nonzero().flatten().numpy()
+    if len(alive) <= max_features:
+        return [int(f) for f in alive]
+    rng = np.random.default_rng(seed)
+    return sorted(int(f) for f in rng.choice(alive, size=max_features, replace=False))

@@ -1,0 +1,341 @@
+"""Auto-interp: marking, F1, strict parsing, the rate limiter, streaming examples, and the real
+`anthropic` SDK end to end against a local Messages API server (retries, cache, malformed
+answers, spend cap, no key in logs / MLflow / artifacts), without Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+
+import pandas as pd
+import pytest
+import torch
+from autointerp_fixtures import HOOK, KEY, ai_config, make_texts, sparse_sae, tiny_lm
+from fake_anthropic_server import FakeAnthropic
+
+from ssae_ray.autointerp import AutoInterpError, f1_score, mark, render, run_autointerp
+from ssae_ray.autointerp.examples import feature_acts, feature_examples, scan
+from ssae_ray.autointerp.prompts import (
+    ParseError,
+    diversity_prompt,
+    interpreter_prompt,
+    parse_diversity,
+    parse_explanation,
+    parse_predictions,
+    predictor_prompt,
+)
+from ssae_ray.autointerp.ratelimit import RateLimiter
+from ssae_ray.models import tokenize_docs
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return tiny_lm(tmp_path_factory.mktemp("ai_lm"))
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return make_texts(40)
+
+
+@pytest.fixture(scope="module")
+def saes(lm, texts):
+    return {"gsae": sparse_sae(lm, texts, seed=0), "ssae": sparse_sae(lm, texts, seed=1)}
+
+
+@pytest.fixture
+def server():
+    with FakeAnthropic() as s:
+        yield s
+
+
+@pytest.fixture
+def claude_env(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_mark_hand_made_pattern():
+    pieces = ["The", " quick", " brown", " fox", " jumps", " over", " it"]
+    active = [False, True, True, False, True, False, True]
+    assert mark(pieces, active) == "The <<quick brown>> fox <<jumps>> over <<it>>"
+    assert mark(pieces, [True] * 7) == "<<The quick brown fox jumps over it>>"
+    assert mark(pieces, [False] * 7) == "The quick brown fox jumps over it"
+    assert mark(["a", " ", "b"], [False, True, False]) == "a b"  # a whitespace-only run is not marked
+
+
+def test_render_decodes_runs(lm):
+    ids = lm.tokenizer("the quantum field of the electron", add_special_tokens=False)["input_ids"]
+    on = [False] * len(ids)
+    on[1] = True
+    text = render(lm.tokenizer, ids, on)
+    assert text.replace("<<", "").replace(">>", "") == lm.tokenizer.decode(ids)
+    assert text.count("<<") == 1 and "<<" + lm.tokenizer.decode([ids[1]]).strip() + ">>" in text
+
+
+def test_f1_hand_made():
+    s = f1_score([1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0])  # tp 2, fp 1, fn 1, tn 2
+    assert s.precision == pytest.approx(2 / 3) and s.recall == pytest.approx(2 / 3)
+    assert s.f1 == pytest.approx(2 / 3) and s.accuracy == pytest.approx(4 / 6)
+    assert f1_score([1, 1, 1, 1], [1, 1, 0, 0]).f1 == pytest.approx(2 / 3)
+    assert f1_score([0, 0, 0], [1, 0, 1]) == (0.0, 0.0, 0.0, pytest.approx(1 / 3))
+    assert f1_score([1, 0], [1, 0]).f1 == 1.0
+    with pytest.raises(ValueError, match="2 predictions for 3 labels"):
+        f1_score([1, 0], [1, 0, 1])
+
+
+def test_parsers_are_strict():
+    assert parse_predictions("[1,0,1]", 3) == [1, 0, 1]
+    assert parse_predictions(" [1, 0]\n", 2) == [1, 0]
+    assert parse_predictions("```python\n[0, 1]\n```", 2) == [0, 1]
+    for bad in (
+        "[1,0]",
+        "[1, 2, 0]",
+        "Answer: [1,0,1]",
+        "1,0,1",
+        "[True, False, 1]",
+        "[1, 0, 1",
+        "",
+        "(1,0,1)",
+    ):
+        with pytest.raises(ParseError):
+            parse_predictions(bad, 3)
+    assert parse_explanation("Reasoning...\n\n[EXPLANATION]: Idioms.\n") == "Idioms."
+    for bad in ("[EXPLANATION]: Idioms.\nMore text", "no marker", "[EXPLANATION]:   ", ""):
+        with pytest.raises(ParseError):
+            parse_explanation(bad)
+    assert parse_diversity("Unified explanation:\nx\n\nDiversity Score: 42\n\nJustification: y") == 42
+    assert parse_diversity("Diversity Score: [7]") == 7
+    for bad in (
+        "Diversity Score: 0",
+        "Diversity Score: 101",
+        "no score",
+        "Diversity Score: 5\nDiversity Score: 6",
+    ):
+        with pytest.raises(ParseError):
+            parse_diversity(bad)
+
+
+def test_prompts_follow_the_paper():
+    p = interpreter_prompt(["a <<b>> c"], "physics text")
+    assert "<<just like this>>" in p.system and "physics text" in p.system
+    assert p.messages[0][1].startswith("Example 1: and he was <<over the moon>>")  # Box 5 few-shot
+    assert p.messages[-1] == ("user", "Example 1: a <<b>> c")
+    q = predictor_prompt("the token b", ["x  y\nz", "w"])
+    assert "valid Python list" in q.system and q.messages[1] == ("assistant", "[1,1,1,1,1]")  # Box 7
+    assert (
+        q.messages[-1][1]
+        == "Feature explanation: the token b\nText examples:\nExample 0: x y z\nExample 1: w"
+    )
+    d = diversity_prompt(["one", "two"], "physics text")
+    assert "1. one\n2. two" in d.messages[0][1] and "1-20: Very low diversity" in d.messages[0][1]
+
+
+def test_rate_limiter_buckets_and_cap():
+    now = [0.0]
+    lim = RateLimiter(60, 1000, spend_cap_tokens=2500, clock=lambda: now[0])
+    for _ in range(5):
+        assert lim.acquire(100, 100) == (0.0, None)  # 5 requests, 1000 tokens: the token bucket is empty
+    g = lim.acquire(100, 100)
+    assert g.stop is None and g.wait_s == pytest.approx(200 * 60 / 1000)
+    for _ in range(5):
+        lim.settle(100, 100, 50, 10)  # real usage below the estimate refunds the token bucket
+    now[0] += 1.0
+    assert lim.acquire(100, 100).wait_s == 0.0
+    lim.settle(100, 100, 2000, 100)  # 2400 spent: the next call could pass the 2500-token cap
+    g = lim.acquire(100, 100)
+    assert g.stop and "spend cap of 2,500 tokens" in g.stop
+    assert lim.acquire(1, 1).stop == g.stop  # the stop is sticky
+    assert lim.stats()["input_tokens"] == 2250
+    rpm = RateLimiter(2, 10**6, clock=lambda: now[0])
+    assert rpm.acquire(1, 1).wait_s == 0 and rpm.acquire(1, 1).wait_s == 0
+    assert rpm.acquire(1, 1).wait_s == pytest.approx(30.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples
+
+
+def test_streaming_scan_matches_dense(lm, saes, texts):
+    sae = saes["gsae"]
+    ctx = tokenize_docs(lm.tokenizer, texts, 32)
+    idx = scan(lm, sae, HOOK, ctx, k_top=4, k_sample=6, batch_size=7, progress=False)
+    dense = feature_acts(lm, sae, HOOK, ctx)  # [N, T, F], position 0 and padding zeroed
+    assert dense[:, 0].abs().sum() == 0
+    ctx_max = dense.amax(1)  # [N, F]
+    active = ctx_max > 0
+    assert torch.equal(idx.n_active_ctx, active.sum(0))
+    assert torch.equal(idx.n_active_tok, (dense > 0).sum((0, 1)))
+    assert idx.n_tokens == int(ctx.attention_mask[:, 1:].sum())
+    c, f = active.nonzero(as_tuple=True)
+    assert torch.equal(idx.pairs, (c * sae.W_dec.shape[0] + f).sort().values)
+    for feat in range(sae.W_dec.shape[0]):
+        k = min(4, int(active[:, feat].sum()))
+        ref = ctx_max[:, feat].topk(k).values
+        assert torch.allclose(idx.top_acts[feat, :k], ref, atol=1e-6)
+        assert torch.allclose(ctx_max[idx.top_ctx[feat, :k], feat], ref, atol=1e-6)
+        sample = idx.sample_ctx[feat][idx.sample_ctx[feat] >= 0]
+        assert len(sample) == min(6, int(active[:, feat].sum())) and bool(active[sample, feat].all())
+    assert 0 < int((idx.n_active_ctx > 0).sum())
+
+
+def test_feature_examples_labels_and_seed(lm, saes, texts):
+    sae = saes["gsae"]
+    ctx = tokenize_docs(lm.tokenizer, texts, 32)
+    idx = scan(lm, sae, HOOK, ctx, k_top=5, k_sample=8, progress=False)
+    counts = idx.n_active_ctx
+    dead = int((counts == 0).nonzero()[0]) if (counts == 0).any() else None
+    alive = [int(f) for f in (counts >= 10).nonzero().flatten()[:4]]
+    feats = alive + ([dead] if dead is not None else [])
+    exs = feature_examples(lm, sae, HOOK, idx, feats, n_top=5, n_predict=3, window=12, seed=3)
+    again = feature_examples(lm, sae, HOOK, idx, feats, n_top=5, n_predict=3, window=12, seed=3)
+    assert exs == again  # seeded
+    for ex in exs[: len(alive)]:
+        assert ex.status == "ok" and len(ex.top_texts) == 5
+        assert all("<<" in t and ">>" in t for t in ex.top_texts)
+        assert ex.top_acts == sorted(ex.top_acts, reverse=True)
+        assert sorted(ex.predict_labels) == [0, 0, 0, 1, 1, 1]
+        assert all("<<" not in t for t in ex.predict_texts)
+        assert ex.active_tokens
+    if dead is not None:
+        assert exs[-1].status == "dead" and exs[-1].top_texts == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Claude backend end to end (the real SDK against a local server), in-process
+
+
+def test_claude_end_to_end_retries_then_cache(lm, saes, texts, server, claude_env, tmp_path):
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url)
+    server.faults.extend([429, 529, 503])
+    out = run_autointerp(cfg, lm, saes, HOOK, texts, tmp_path / "out", use_ray=False)
+    df = pd.read_parquet(out / "results.parquet")
+    assert set(df.sae) == {"gsae", "ssae"} and len(df) == 16
+    assert (df.status == "ok").all(), df[["status", "error"]]
+    assert (df.backend == "claude").all() and (df.model == cfg.autointerp.model).all()
+    for r in df.itertuples():
+        assert r.f1 == pytest.approx(f1_score(list(r.predictions), list(r.labels)).f1)
+        assert r.explanation.startswith("The tokens") and 1 <= r.diversity <= 100
+    calls = 3 * 16
+    assert server.requests == calls + 3 and int(df.requests.sum()) == calls + 3  # 3 retried faults
+    assert server.kinds == {"interpreter": 16, "predictor": 16, "diversity": 16}
+    assert server.api_keys == {KEY}
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] and man["usage"]["calls"] == calls + 3
+    for name in ("f1_gsae.png", "f1_ssae.png", "f1_comparison.png", "report.md", "features_gsae.parquet"):
+        assert (out / name).stat().st_size > 0
+    assert len(pd.read_parquet(out / "features_gsae.parquet")) == 128
+
+    before = server.requests
+    out2 = run_autointerp(cfg, lm, saes, HOOK, texts, tmp_path / "out2", use_ray=False)
+    assert server.requests == before  # all cached: zero requests
+    df2 = pd.read_parquet(out2 / "results.parquet")
+    assert (df2.cached_calls == 3).all() and df2.requests.sum() == 0
+    assert df2.f1.tolist() == df.f1.tolist()
+
+
+def test_malformed_predictor_is_retried_then_failed(lm, saes, texts, server, claude_env, tmp_path):
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url, max_features=2, parse_retries=2)
+    server.malformed_predictor = True
+    out = run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "failed").all()
+    assert df.f1.isna().all() and df.predictions.isna().all()  # never guessed
+    assert df.error.str.contains("predictor: the Predictor answer is not a Python list").all()
+    assert df.raw_answer.str.startswith("I believe").all()
+    assert server.kinds == {"interpreter": 2, "predictor": 6}  # 1 ask + 2 re-asks per feature
+    assert "failed" in (out / "report.md").read_text().lower()
+
+
+def test_spend_cap_stops_cleanly_and_keeps_work(lm, saes, texts, server, claude_env, tmp_path, caplog):
+    # About 3 features' worth of tokens (a feature is 3 calls of ~300-700 reserved tokens).
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url, spend_cap_tokens=5000, max_concurrency=1,
+                    num_actors=1)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="ssae_ray"):
+        out = run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] is False and "spend cap of 5,000 tokens" in man["stopped"]
+    assert man["usage"]["input_tokens"] + man["usage"]["output_tokens"] <= 5000
+    assert "stopped early" in caplog.text and "spend cap" in caplog.text
+    assert "Stopped early: spend cap" in (out / "report.md").read_text()
+    df = pd.read_parquet(out / "results.parquet")
+    done = df[df.status == "ok"]
+    assert 0 < len(done) < 8 and set(df.status) == {"ok", "spend_cap"}
+    # Nothing lost: a rerun without a cap replays finished calls from the cache and pays only the rest.
+    paid = server.requests
+    cfg2 = ai_config(tmp_path, backend="claude", base_url=server.url)
+    out2 = run_autointerp(cfg2, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out2", use_ray=False)
+    df2 = pd.read_parquet(out2 / "results.parquet")
+    assert (df2.status == "ok").all()
+    assert server.requests - paid == 3 * 8 - int(df2.cached_calls.sum())
+    assert int(df2.cached_calls.sum()) >= 3 * len(done)
+    assert df2.set_index("feature").loc[done.feature, "f1"].tolist() == done.f1.tolist()
+
+
+def test_api_key_never_in_logs_mlflow_or_artifacts(
+    lm, saes, texts, server, claude_env, tmp_path, caplog, monkeypatch
+):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    mlflow.set_experiment("ai-test")
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url, max_features=3)
+    server.faults.extend([429, 500])
+    try:
+        with (
+            caplog.at_level(logging.DEBUG),
+            caplog.at_level(logging.DEBUG, logger="anthropic"),  # the SDK's request logging too
+            caplog.at_level(logging.DEBUG, logger="httpx2"),
+            mlflow.start_run() as run,
+        ):
+            out = run_autointerp(
+                cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False
+            )
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert server.api_keys == {KEY}  # the key was sent...
+    assert "retry" in caplog.text and len(caplog.records) > 5
+    assert "SECRET123" not in caplog.text  # ...but never logged
+    client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").as_uri())
+    data = client.get_run(run.info.run_id).data
+    assert data.params["autointerp.backend"] == "claude" and "autointerp/gsae/f1_mean" in data.metrics
+    assert "SECRET123" not in json.dumps(data.params) + json.dumps(data.tags)
+    files = [p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()] + [
+        p for p in out.rglob("*") if p.is_file()
+    ]
+    assert any(p.name == "results.parquet" for p in (tmp_path / "mlruns").rglob("*"))
+    for p in files + [tmp_path / "cache.sqlite"]:
+        assert b"SECRET123" not in p.read_bytes(), p
+    with sqlite3.connect(tmp_path / "cache.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 9
+
+
+def test_offline_backend_is_labelled(lm, saes, texts, tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    cfg = ai_config(tmp_path, backend="offline")
+    out = run_autointerp(cfg, lm, saes, HOOK, texts, tmp_path / "out", use_ray=False)
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.backend == "offline").all() and (df.status == "ok").all()
+    assert df.explanation.str.startswith("[offline keyword baseline]").all()
+    assert df.f1.between(0, 1).all() and df.f1.mean() > 0.3
+    text = (out / "report.md").read_text()
+    assert "offline keyword baseline (not Claude)" in text and "not the paper's scores" in text
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["backend_label"] == "offline keyword baseline (not Claude)" and man["complete"]
+
+
+def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(AutoInterpError, match="ANTHROPIC_API_KEY"):
+        run_autointerp(ai_config(tmp_path, backend="claude"), lm, saes, HOOK, texts, tmp_path / "o")
+    with pytest.raises(AutoInterpError, match="backend must be 'claude' or 'offline'"):
+        run_autointerp(ai_config(tmp_path, backend="gpt"), lm, saes, HOOK, texts, tmp_path / "o")
+    with pytest.raises(AutoInterpError, match=r"\[999\] are outside SAE 'gsae' \(width 128\)"):
+        run_autointerp(ai_config(tmp_path, features=[1, 999]), lm, saes, HOOK, texts, tmp_path / "o")
+    with pytest.raises(AutoInterpError, match="no test text"):
+        run_autointerp(ai_config(tmp_path), lm, saes, HOOK, ["", " "], tmp_path / "o")
