@@ -103,8 +103,20 @@ def load_encoder(model: EmbedModel, max_tokens: int, device: str = "cpu") -> Any
     return st
 
 
-def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
-    """A random-init 2-layer BERT (d=64) with a WordPiece vocabulary, mean pooling and
+def _tiny_text() -> str:
+    """Training text of the tiny WordPiece vocabulary: our words plus those of the generated
+    `tiny` corpus, so its topic words are whole tokens."""
+    try:
+        from ssae_ray import data
+
+        extra = " ".join([*data.TOPIC_WORDS.values(), " ".join(getattr(data, "_COMMON", []))])
+    except (ImportError, AttributeError):
+        extra = ""
+    return f"{_TINY_TEXT} {extra}"
+
+
+def make_tiny_encoder(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+    """A random-init 2-layer BERT (d=`hidden`) with a WordPiece vocabulary, mean pooling and
     normalisation, zero position embeddings (so similar words give similar vectors), saved in sentence-transformers format (the real loading path, no network)."""
     import torch
     from sentence_transformers import SentenceTransformer, models
@@ -123,10 +135,10 @@ def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
     trainer = trainers.WordPieceTrainer(
         vocab_size=1000, special_tokens=special, initial_alphabet=alphabet, show_progress=False
     )
-    tok.train_from_iterator([_TINY_TEXT] * 4, trainer)
+    tok.train_from_iterator([_tiny_text()] * 4, trainer)
     hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
-    config = BertConfig(vocab_size=len(hf_tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = BertConfig(vocab_size=len(hf_tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=514)  # fmt: skip
     bert = BertModel(config)
     with torch.no_grad():  # no shared position signal: embeddings then behave like a random bag of words
@@ -138,7 +150,7 @@ def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
     bert.save_pretrained(hf_dir)
     hf_tok.save_pretrained(hf_dir)
     tr = models.Transformer(str(hf_dir), max_seq_length=512)
-    st = SentenceTransformer(modules=[tr, models.Pooling(64, pooling_mode="mean"), models.Normalize()])
+    st = SentenceTransformer(modules=[tr, models.Pooling(hidden, pooling_mode="mean"), models.Normalize()])
     out = tmp / "st"
     st.save(str(out))
     try:
@@ -198,7 +210,8 @@ def chunk_batch(batch: dict[str, np.ndarray], model_path: str, passage_tokens: i
             cols["text"].append(text)
             cols["n_tokens"].append(n)
             if extra:
-                cols["is_domain"].append(bool(batch["is_domain"][row]))
+                label = batch["is_domain"][row]
+                cols["is_domain"].append(-1 if label is None else int(bool(label)))
     return {
         k: np.asarray(v, dtype=object if k in ("pid", "doc_id", "text") else None) for k, v in cols.items()
     }

@@ -371,7 +371,8 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
     if ranking.first_scores is not None:
         cols["first_stage_score"] = pa.array(ranking.first_scores[fill.picks], pa.float32())
     if passages.is_domain is not None:
-        cols["is_domain"] = meta["is_domain"]
+        label = meta["is_domain"]
+        cols["is_domain"] = pc.if_else(pc.less(label, 0), pa.scalar(None, pa.bool_()), pc.equal(label, 1))
     pq.write_table(pa.table(cols), out / "selection.parquet")
     result: dict[str, Any] = {
         "strategy": strategy, "index_key": manifest["key"], "model_id": manifest["model_id"],
@@ -383,11 +384,12 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
         "threshold": r.threshold, "tracin_fraction": r.tracin_fraction if rerank else None,
         "tracin_hook": cfg.sae.hooks[0] if rerank else None, "tracin_lam": cfg.train.lam if rerank else None,
     }  # fmt: skip
-    if passages.is_domain is not None:
-        dom = passages.is_domain[rows].astype(bool)
+    if passages.is_domain is not None and (passages.is_domain >= 0).any():
+        dom = passages.is_domain[rows]
+        dom = dom[dom >= 0].astype(bool)  # labelled passages only
         result.update(precision=float(dom.mean()) if len(dom) else 0.0,
                       precision_at_100=float(dom[:100].mean()) if len(dom) else 0.0,
-                      base_rate=float(passages.is_domain.astype(bool).mean()))  # fmt: skip
+                      base_rate=float((passages.is_domain[passages.is_domain >= 0] == 1).mean()))  # fmt: skip
     if lm is not None:
         result["lm_tokens"] = int(
             sum(len(ids) for ids in lm.tokenizer(fill.texts, add_special_tokens=False)["input_ids"])
