@@ -160,9 +160,7 @@ def run_sweep(
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=cfg.sweep.max_concurrent_trials, reuse_actors=False
-        ),
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent_trials, reuse_actors=True),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str((out / "ray").resolve()),

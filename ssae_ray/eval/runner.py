@@ -1,0 +1,310 @@
+"""Evaluate a sweep on the test sets: every trial's best-on-validation SSAEs and the GSAEs, on the
+in-domain, OOD and general test sets; then curves, AUCs, matched-L0 tables with CIs, logit-lens
+coverage, feature statistics and TERM diagnostics, written as CSVs and PNGs with a report.
+
+`evaluate_sweep(cfg, lm, sweep, gsaes, test_sets, out)` is what the pipeline calls.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ssae_ray.config import Config
+from ssae_ray.eval import curves as C
+from ssae_ray.eval import features as F
+from ssae_ray.eval import plots
+from ssae_ray.eval.evaluate import SAEEval, TestSet, evaluate_sae
+from ssae_ray.eval.logit_lens import feature_top_tokens, lm_unembed, tail_coverage, token_counts
+from ssae_ray.eval.metrics import EvalError, pareto_auc, perplexity
+from ssae_ray.stages import atomic_dir
+
+log = logging.getLogger("ssae_ray")
+
+GSAE = "gsae"
+
+
+class EvalOutputs(NamedTuple):
+    folder: Path
+    """CSVs, PNGs and report.md."""
+    headline: list[dict[str, Any]]
+    auc: list[dict[str, Any]]
+    term_vs_erm: list[dict[str, Any]]
+
+
+def check_eval_inputs(cfg: Config, sweep: Any, test_sets: dict[str, TestSet | None]) -> None:
+    """Clear errors before any LM work: a missing test set, or an L0 range no curve reaches (on
+    validation L0s of the selected checkpoints)."""
+    if "test" not in test_sets:
+        raise EvalError(
+            f"no in-domain test set (`test`) given; have {sorted(test_sets)}. Build it with the corpus stage"
+        )
+    for name, ts in test_sets.items():
+        if ts is None or ts.tokens.input_ids.shape[0] == 0:
+            raise EvalError(
+                f"test set {name!r} is missing or empty; check corpus.{name}_path / the corpus stage"
+            )
+    lo, hi = cfg.sweep.l0_range
+    spans = defaultdict(list)
+    for t, rec in sweep.best.items():
+        for h in cfg.sae.hooks:
+            spans[(t.strategy, t.tilt, h)].append(rec.val.get(f"val_l0/{h}", rec.val["val_l0"]))
+    reach = [k for k, v in spans.items() if min(v) <= lo and max(v) >= hi]
+    if not reach:
+        desc = ", ".join(
+            f"{s} tilt {t:g} {h}: [{min(v):.1f}, {max(v):.1f}]" for (s, t, h), v in spans.items()
+        )
+        raise EvalError(
+            f"no curve's validation L0 covers sweep.l0_range [{lo:g}, {hi:g}] (spans: {desc}). Widen "
+            "sweep.lams (smaller lambda -> higher L0) or set sweep.l0_range inside the spans."
+        )
+
+
+def evaluate_sweep(
+    cfg: Config, lm: Any, sweep: Any, gsaes: dict[str, Any], test_sets: dict[str, TestSet], out: str | Path
+) -> EvalOutputs:
+    """Score every selected checkpoint and GSAE on every test set and write the tables, figures and
+    report into `out` (atomically)."""
+    from ssae_ray.saes import load_sae
+
+    check_eval_inputs(cfg, sweep, test_sets)
+    hooks = list(cfg.sae.hooks)
+    bs = cfg.eval.batch_size
+    evals: dict[tuple, SAEEval] = {}  # (strategy, tilt, lam, seed, hook, test) -> SAEEval
+    for name, ts in test_sets.items():
+        for h in hooks:
+            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs)
+    for t, rec in sweep.best.items():
+        for h in hooks:
+            sae = load_sae(Path(rec.path) / h, str(lm.device))
+            for name, ts in test_sets.items():
+                evals[(t.strategy, t.tilt, t.lam, t.seed, h, name)] = evaluate_sae(lm, sae, h, ts, bs)
+    with atomic_dir(Path(out)) as tmp:
+        res = write_tables(cfg, lm, evals, test_sets, gsaes, sweep, tmp)
+        from ssae_ray.eval.report import write_report
+
+        write_report(cfg, res, tmp / "report.md", sweep)
+    final = Path(out)
+    return EvalOutputs(final, res["headline"], res["auc"], res["term_vs_erm"])
+
+
+def log_to_mlflow(sweep: Any, outputs: EvalOutputs, extra: dict[str, str | Path] | None = None) -> None:
+    """Log the eval folder (report.md, CSVs, PNGs) and `extra` files (e.g. the retrieval manifest,
+    as {artifact sub-folder: path}) to the sweep's parent run, with the headline numbers as metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from ssae_ray import tracking
+
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    client.log_artifacts(sweep.parent_run_id, str(outputs.folder), "eval")
+    for sub, p in (extra or {}).items():
+        if Path(p).is_file():
+            client.log_artifact(sweep.parent_run_id, str(p), sub)
+    m = {}
+    for r in outputs.headline:
+        if "ce" in r:
+            m[f"test_ce/{r['test']}/{r['hook']}/{_label(r['strategy'], r['tilt'])}"] = r["ce"]
+    for r in outputs.auc:
+        m[f"auc_ppl/{r['test']}/{r['hook']}/{_label(r['strategy'], r['tilt'])}"] = r.get(
+            "auc_ppl", float("nan")
+        )
+    tracking.log_metrics(client, sweep.parent_run_id, m)
+
+
+def _csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def _label(strategy: str, tilt: float) -> str:
+    return strategy if tilt == 0 else f"{strategy}+TERM(t={tilt:g})"
+
+
+def write_tables(
+    cfg: Config, lm: Any, evals: dict[tuple, SAEEval], test_sets: dict[str, TestSet], gsaes: dict[str, Any],
+    sweep: Any, out: Path,
+) -> dict[str, Any]:  # fmt: skip
+    ec, lo_hi = cfg.eval, cfg.sweep.l0_range
+    match = cfg.sweep.match_l0 if cfg.sweep.match_l0 is not None else (lo_hi[0] + lo_hi[1]) / 2
+    rows = [{"strategy": k[0], "tilt": k[1], "lam": k[2], "seed": k[3], **e.row()} for k, e in evals.items()]
+    _csv(out / "metrics.csv", rows)
+    # Seed-averaged curves per (strategy, tilt, hook, test).
+    groups: dict[tuple, list] = defaultdict(list)
+    for (s, t, lam, seed, h, name), e in evals.items():
+        if s != GSAE:
+            groups[(s, t, h, name)].append((lam, seed, e.l0, e.ce_spliced, e.loss))
+    curves = {k: C.build_curve(v) for k, v in groups.items()}
+    auc_rows, headline, term_rows = [], [], []
+    ref = ec.reference if any(k[0] == ec.reference for k in curves) else GSAE
+    for name, ts in test_sets.items():
+        for h in cfg.sae.hooks:
+            g = evals[(GSAE, 0.0, 0.0, 0, h, name)]
+            mine = {k: c for k, c in curves.items() if k[2] == h and k[3] == name}
+            _pareto_plot(mine, g, lo_hi, out / f"pareto_{name}_{_safe(h)}.png", f"{name} · {h}", cfg)
+            for (s, t, _, _), c in mine.items():
+                ppl = [perplexity(p.ce) for p in c.points]
+                row = {
+                    "test": name,
+                    "hook": h,
+                    "strategy": s,
+                    "tilt": t,
+                    "l0_min": c.span()[0],
+                    "l0_max": c.span()[1],
+                }
+                try:
+                    row["auc_ppl"] = pareto_auc(c.l0, ppl, lo_hi)
+                    row["auc_ppl_rel_gsae"] = pareto_auc(c.l0, [p / g.ppl for p in ppl], lo_hi)
+                except EvalError as e:
+                    row["auc_ppl"] = row["auc_ppl_rel_gsae"] = float("nan")
+                    row["note"] = str(e).split(":")[0]
+                auc_rows.append(row)
+                headline.append(_headline_row(name, h, s, t, c, match, ts, curves, ref, g, ec))
+                if t > 0:
+                    term_rows += _term_rows(name, h, s, t, c, curves.get((s, 0.0, h, name)), ts, ec)
+            headline.append({"test": name, "hook": h, "strategy": GSAE, "tilt": 0.0, "l0": g.l0,
+                             "ce": g.ce_spliced, "ppl": g.ppl, "ce_clean": g.ce_clean, "ce_zero": g.ce_zero,
+                             "note": "GSAE at its own L0"})  # fmt: skip
+    _csv(out / "auc.csv", auc_rows)
+    _csv(out / "headline.csv", headline)
+    _csv(out / "term_vs_erm.csv", term_rows)
+    feats = _feature_figures(cfg, lm, evals, gsaes, sweep, test_sets["test"], match, out)
+    return {"headline": headline, "auc": auc_rows, "term_vs_erm": term_rows, "match_l0": match,
+            "reference": ref, "features": feats, "files": sorted(p.name for p in out.iterdir())}  # fmt: skip
+
+
+def _safe(h: str) -> str:
+    return h.replace(".", "_")
+
+
+def _headline_row(name, h, s, t, c, match, ts, curves, ref, g, ec) -> dict[str, Any]:
+    row: dict[str, Any] = {"test": name, "hook": h, "strategy": s, "tilt": t, "l0": match}
+    try:
+        a = C.at_l0(c, match)
+    except EvalError:
+        lo, hi = c.span()
+        return {**row, "note": f"L0 {match:g} outside span [{lo:.1f}, {hi:.1f}]"}
+    row.update(ce=a.ce, ce_seed_std=a.ce_std, ppl=perplexity(a.ce), ce_clean=g.ce_clean, ce_zero=g.ce_zero,
+               n_seeds=c.points[0].n_seeds)  # fmt: skip
+    try:
+        if ref == GSAE:
+            d = C.diff_vs_loss(c, match, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+        else:
+            d = C.diff_at_l0(c, curves[(ref, 0.0, h, name)], match, ts.mask, ts.tokens.doc_index, ec.bootstrap,
+                             ec.ci_level)  # fmt: skip
+        row.update({f"d_ce_vs_{ref}": d.value, "ci_lo": d.lo, "ci_hi": d.hi})
+    except (EvalError, KeyError) as e:
+        row["note"] = f"no difference vs {ref}: {str(e).split(';')[0]}"
+    return row
+
+
+def _term_rows(name, h, s, t, c, erm, ts, ec) -> list[dict[str, Any]]:
+    """Every TERM point beside the ERM curve of the same strategy at the same L0."""
+    out = []
+    for p in c.points:
+        row = {"test": name, "hook": h, "strategy": s, "tilt": t, "lam": p.lam, "l0": p.l0, "ce_term": p.ce}
+        if erm is None:
+            row["note"] = "no ERM (tilt 0) curve for this strategy: add 0 to sweep.tilts"
+        else:
+            try:
+                e = C.at_l0(erm, p.l0)
+                d = C.ce_diff_ci(p.loss, e.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+                row.update(ce_erm_matched=e.ce, d_ce=d.value, ci_lo=d.lo, ci_hi=d.hi)
+            except EvalError as err:
+                row["note"] = str(err).split(";")[0]
+        out.append(row)
+    return out
+
+
+def _pareto_plot(mine, g, lo_hi, path, title, cfg) -> None:
+    series = {}
+    for (s, t, _, _), c in mine.items():
+        ppl = np.array([perplexity(p.ce) for p in c.points])
+        err = np.array([perplexity(p.ce) * p.ce_std for p in c.points])  # d ppl = ppl * d ce
+        series[_label(s, t)] = (c.l0, ppl, err)
+    refs = {"GSAE": (g.l0, g.ppl)}
+    plots.pareto(series, path, title, l0_range=lo_hi, refs=refs)
+
+
+def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out) -> list[dict[str, Any]]:
+    """Logit-lens coverage, activation counts, log2 ratios and TERM diagnostics on the in-domain test
+    set, for each strategy / tilt at the λ whose test L0 is nearest `match` (first seed) and the GSAE."""
+    from ssae_ray.saes import load_sae
+
+    w_u, norm = lm_unembed(lm)
+    counts = token_counts(ts.tokens.input_ids[ts.tokens.attention_mask.bool()], w_u.shape[0])
+    rows = []
+    for h in cfg.sae.hooks:
+        chosen: dict[str, tuple[Any, SAEEval]] = {"GSAE": (gsaes[h], evals[(GSAE, 0.0, 0.0, 0, h, "test")])}
+        by: dict[tuple, list] = defaultdict(list)
+        for t, rec in sweep.best.items():
+            by[(t.strategy, t.tilt)].append((t, rec))
+        for (s, tilt), items in by.items():
+
+            def gap(item: tuple, s: str = s, tilt: float = tilt, h: str = h) -> tuple[float, int]:
+                t = item[0]
+                return abs(evals[(s, tilt, t.lam, t.seed, h, "test")].l0 - match), t.seed
+
+            t, rec = min(items, key=gap)
+            chosen[_label(s, tilt)] = (
+                load_sae(Path(rec.path) / h),
+                evals[(s, tilt, t.lam, t.seed, h, "test")],
+            )
+        cov, cum, rank, ratio, cos, errf, ent, mx, pca = {}, {}, {}, {}, {}, {}, {}, {}, {}
+        g_counts = chosen["GSAE"][1].feature_counts
+        for label, (sae, e) in chosen.items():
+            top = feature_top_tokens(sae.W_dec, w_u, norm, cfg.eval.logit_lens_topk)
+            c = tail_coverage(top, counts, cfg.eval.freq_buckets)
+            cov[f"{label} (L0 {e.l0:.0f})"] = c.bucket_coverage
+            cum[label] = (c.cum_tokens, c.cum_covered)
+            rank[label] = (
+                np.arange(1, e.feature_counts.numel() + 1),
+                F.activation_rank_curve(e.feature_counts) + 1,
+            )
+            if label != "GSAE" and e.feature_counts.shape == g_counts.shape:
+                ratio[label] = F.log2_count_ratio(e.feature_counts, g_counts)
+            cos[label] = F.decoder_cosines(sae.W_dec)
+            eb = F.error_by_frequency(e.token_ids, e.sse, cfg.eval.freq_buckets)
+            errf[label] = (np.arange(len(eb.bucket_mean)), eb.bucket_mean)
+            ent[label], mx[label] = e.entropy.numpy(), e.max_act.numpy()
+            n90, cumvar = F.pca_components(sae.W_dec)
+            pca[label] = (np.arange(1, len(cumvar) + 1), cumvar)
+            d = F.diagnostics(sae.W_dec, e.feature_counts, e.sse, e.entropy, e.max_act)
+            rows.append({"hook": h, "sae": label, "l0": e.l0, "ce": e.ce_spliced, "coverage": c.covered_share,
+                         **{f"coverage_b{i}": v for i, v in enumerate(c.bucket_coverage)}, **d._asdict()})  # fmt: skip
+        tag = _safe(h)
+        plots.coverage_buckets(
+            cov, out / f"coverage_{tag}.png", f"logit-lens coverage per frequency bucket · {h}"
+        )
+        plots.lines(cum, out / f"coverage_cumulative_{tag}.png", f"cumulative covered tokens (Fig. 6) · {h}",
+                    "cumulative share of tokens (rarest first)", "cumulative share of covered tokens",
+                    diagonal=True)  # fmt: skip
+        plots.lines(rank, out / f"activation_rank_{tag}.png", f"activation count vs rank (Fig. 7) · {h}",
+                    "feature rank", "activation count + 1", logx=True, logy=True)  # fmt: skip
+        if ratio:
+            plots.histograms(ratio, out / f"log2_ratio_{tag}.png", f"log2((M+1)/(B+1)) vs GSAE (Fig. 17) · {h}",
+                             "log2 activation-count ratio")  # fmt: skip
+        plots.density_lines(cos, out / f"decoder_cosine_{tag}.png", f"decoder cosine similarity (Fig. 20) · {h}",
+                            "cosine similarity")  # fmt: skip
+        plots.lines(pca, out / f"pca_{tag}.png", f"decoder PCA cumulative variance (Fig. 21) · {h}",
+                    "components", "explained variance")  # fmt: skip
+        plots.lines(errf, out / f"error_vs_freq_{tag}.png", f"reconstruction error vs frequency · {h}",
+                    "frequency bucket (0 = most frequent)", "mean squared error")  # fmt: skip
+        plots.histograms(
+            ent, out / f"entropy_{tag}.png", f"token activation entropy (Fig. 5) · {h}", "entropy (nats)"
+        )
+        plots.histograms(mx, out / f"max_act_{tag}.png", f"max latent activation per token (Fig. 5) · {h}",
+                         "max activation", logy=True)  # fmt: skip
+    _csv(out / "features.csv", rows)
+    return rows
