@@ -123,7 +123,10 @@ def _corpus_inputs(c: CorpusConfig) -> dict[str, Any]:
     # Local files are fingerprinted by size and modification time (hashing a large corpus is slow).
     for k in ("path", "seed_path", "val_path", "test_path", "ood_path", "general_test_path"):
         p = getattr(c, k)
-        if p and not (k == "path" and c.kind == "hf") and not str(p).startswith("hf:"):
+        hub = str(p).startswith("hf:") or (
+            k == "path" and c.kind == "hf" and not Path(str(p)).expanduser().exists()
+        )
+        if p and not hub:
             inputs[f"{k}_files"] = [
                 [str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in resolve_files(p)
             ]
@@ -170,6 +173,7 @@ def add_token_counts(folder: str | Path, tokenizer: Any, batch: int = 512) -> di
                 n += sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         counts[split] = n
     tokens[name] = counts
+    manifest["tokens_note"] = "exact token counts per split (no special tokens), by tokenizer"
     write_json_atomic(folder / "manifest.json", manifest)
     return counts
 
@@ -689,7 +693,8 @@ def read_dataset(c: CorpusConfig, corpus_dir: str | Path | None = None) -> ray.d
             ds = ray.data.read_json(files, lines=True)
         else:
             raise DataError(f"corpus.kind {c.kind!r} cannot be streamed; use parquet, jsonl or hf")
-    ds = ds.map_batches(_normalise_batch, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+    # Batches of 4096 docs: bounded memory, and Ray Data's per-batch overhead stays small.
+    ds = ds.map_batches(_normalise_batch, batch_format="pyarrow", batch_size=4096, fn_kwargs=fn_kwargs)
     return ds.limit(c.max_docs) if c.max_docs else ds
 
 
