@@ -153,9 +153,13 @@ def _split_info(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def add_token_counts(folder: str | Path, tokenizer: Any, batch: int = 512) -> dict[str, int]:
+def add_token_counts(
+    folder: str | Path, tokenizer: Any, batch: int = 512, max_docs: int = 500_000
+) -> dict[str, int | None]:
     """Count tokens (no special tokens) of every split with `tokenizer` and record them in the
-    manifest under the tokenizer's name. Counts already recorded are reused."""
+    manifest under the tokenizer's name; counts already recorded are reused. A split of more than
+    `max_docs` documents (a web-scale corpus) is not counted: its count is None, and the manifest
+    says so (the index stage counts the tokens of the passages it embeds)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -164,16 +168,23 @@ def add_token_counts(folder: str | Path, tokenizer: Any, batch: int = 512) -> di
     tokens = manifest.setdefault("tokens", {})
     if name in tokens:
         return tokens[name]
-    counts = {}
+    counts: dict[str, int | None] = {}
     for split in SPLITS:
+        pf = pq.ParquetFile(split_file(folder, split))
+        if pf.metadata.num_rows > max_docs:
+            counts[split] = None
+            continue
         n = 0
-        for rb in pq.ParquetFile(split_file(folder, split)).iter_batches(batch_size=batch, columns=["text"]):
+        for rb in pf.iter_batches(batch_size=batch, columns=["text"]):
             texts = rb.column(0).to_pylist()
             if texts:
                 n += sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         counts[split] = n
     tokens[name] = counts
-    manifest["tokens_note"] = "exact token counts per split (no special tokens), by tokenizer"
+    skipped = [k for k, v in counts.items() if v is None]
+    manifest["tokens_note"] = "exact token counts per split (no special tokens), by tokenizer" + (
+        f"; not counted (more than {max_docs} docs): {', '.join(skipped)}" if skipped else ""
+    )
     write_json_atomic(folder / "manifest.json", manifest)
     return counts
 

@@ -149,6 +149,15 @@ def test_local_corpus_token_counts_added_to_cache(fake_wheel, tmp_path):
     assert (folder / "corpus.parquet").stat().st_mtime_ns == mtime  # not rebuilt
 
 
+def test_token_counts_skip_web_scale_splits(tiny_cfg):
+    folder = build_corpus(tiny_cfg)
+    counts = data.add_token_counts(folder, WordTokenizer(), max_docs=100)
+    assert counts["corpus"] is None and counts["seed"] > 0  # 300 corpus docs > 100: not counted
+    assert "not counted" in json.loads((folder / "manifest.json").read_text())["tokens_note"]
+    with pytest.raises(DataError, match="not a finished corpus"):
+        data.add_token_counts(folder.parent / "missing", WordTokenizer())
+
+
 def test_local_corpus_max_docs(fake_wheel, tmp_path):
     folder = build_corpus(local_cfg(tmp_path / "w", max_docs=20))
     assert load_split(folder, "corpus").num_rows == 20
