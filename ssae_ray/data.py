@@ -488,7 +488,8 @@ _OPTIONAL = ("title", "topic", "source", "is_domain")
 
 
 def resolve_files(path: str | Path) -> list[Path]:
-    """A file, a folder (its *.parquet / *.jsonl / *.json files) or a glob, as sorted files."""
+    """A file, a folder (its *.parquet files, or else its *.jsonl / *.json files, recursively) or a
+    glob, as sorted files."""
     p = Path(str(path)).expanduser()
     if any(ch in str(path) for ch in "*?["):
         files = sorted(Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file())
@@ -496,7 +497,8 @@ def resolve_files(path: str | Path) -> list[Path]:
             raise DataError(f"the glob {str(path)!r} matches no files")
         return files
     if p.is_dir():
-        files = sorted(f for ext in ("*.parquet", "*.jsonl", "*.json") for f in p.rglob(ext) if f.is_file())
+        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
+        files = files or sorted(f for ext in ("*.jsonl", "*.json") for f in p.rglob(ext) if f.is_file())
         if not files:
             raise DataError(f"the folder {p} holds no .parquet, .jsonl or .json files")
         return files

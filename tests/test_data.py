@@ -250,6 +250,7 @@ def test_read_docs_parquet_file_folder_glob(tmp_path):
     assert one.column("id").to_pylist() == [data.content_id("alpha beta"), data.content_id("gamma")]
     assert one.column("source").to_pylist() == ["a", "a"]
     assert one.column("is_domain").null_count == 2
+    (d / "dataset_info.json").write_text("{}")  # metadata beside Parquet files is not a corpus file
     assert read_docs(d).num_rows == 3  # blank and null texts dropped
     assert read_docs(str(d / "*.parquet")).num_rows == 3
     assert read_docs(d, max_docs=2).num_rows == 2
