@@ -101,6 +101,12 @@ def test_split_passages_respects_length_and_keeps_text(tmp_path):
     assert all(p in text for p, _ in parts[0])
 
 
+def test_tiny_encoder_is_deterministic(tmp_path):
+    a, b = make_tiny_encoder(tmp_path / "a"), make_tiny_encoder(tmp_path / "b")
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
 class _FakePassages:
     def __init__(self, texts, n_tokens):
         self._t, self.n_tokens = texts, np.array(n_tokens)
@@ -170,7 +176,7 @@ def built(ray_local, tmp_path_factory):
 def test_index_manifest_counts_and_exact_sharded_search(built):
     cfg, corpus_dir, index_dir = built
     m = json.loads((index_dir / "manifest.json").read_text())
-    assert m["dim"] == 64 and m["model_id"] == "tiny-encoder-v1" and m["normalize"] is True
+    assert m["dim"] == 64 and m["model_id"] == "tiny-encoder-v2" and m["normalize"] is True
     assert len(m["shards"]) > 3 and all(s["count"] <= cfg.retrieval.shard_size for s in m["shards"])
     assert m["n_vectors"] == m["n_passages"] == sum(s["count"] for s in m["shards"])
     pids, embs = zip(*(read_emb(index_dir / s["embeddings"]) for s in m["shards"]), strict=True)

@@ -46,7 +46,7 @@ def resolve_model(cfg: RetrievalConfig, cache_dir: Path) -> EmbedModel:
         folder = Path(cache_dir).expanduser() / "tiny-encoder"
         if not (folder / "modules.json").is_file():
             make_tiny_encoder(folder)
-        return EmbedModel(str(folder), "tiny-encoder-v1", pooling)
+        return EmbedModel(str(folder), "tiny-encoder-v2", pooling)
     if src.startswith("wheel:"):
         pkg = src.split(":", 1)[1]
         try:
@@ -120,22 +120,21 @@ def make_tiny_encoder(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
     normalisation, zero position embeddings (so similar words give similar vectors), saved in sentence-transformers format (the real loading path, no network)."""
     import torch
     from sentence_transformers import SentenceTransformer, models
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordPiece
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    # A fixed vocabulary (trainers are not deterministic across processes): specials, characters
+    # and their continuations, then every word of the tiny texts, sorted.
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?()-'\"")
+    words = sorted(set(_tiny_text().lower().split()) - set(alphabet))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *alphabet, *(f"##{c}" for c in alphabet), *words]
+    tok = Tokenizer(WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?()-'\"")
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=1000, special_tokens=special, initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator([_tiny_text()] * 4, trainer)
     hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
     config = BertConfig(vocab_size=len(hf_tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,

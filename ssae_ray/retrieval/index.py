@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssae_ray.config import Config, RetrievalConfig
@@ -161,7 +162,7 @@ def _write_passages(cfg: Config, corpus: Path, work: Path, model_path: str) -> l
             if meta.num_rows == 0:
                 f.unlink()
                 continue
-            n_tokens += int(pa.compute.sum(pq.read_table(f, columns=["n_tokens"])["n_tokens"]).as_py())
+            n_tokens += int(pc.sum(pq.read_table(f, columns=["n_tokens"])["n_tokens"]).as_py())
             files.append({"file": f"passages/{f.name}", "rows": meta.num_rows})
         if not files:
             raise RetrievalError(f"the corpus {corpus} has no text to index")

@@ -45,6 +45,8 @@ class Ranking(NamedTuple):
     """The strategy's score of each row (TracIn score for +tracin strategies)."""
     first_scores: np.ndarray | None
     """The first-stage (dense / bm25) score, for +tracin strategies."""
+    act_scale: float | None = None
+    """TracIn: the activation scale c the scores were computed at."""
 
 
 class Passages:
@@ -160,7 +162,7 @@ def tracin_rerank(cfg: Config, first: Ranking, passages: Passages, seed_texts: l
     from tqdm.auto import tqdm
 
     from ssae_ray.models import capture, tokenize_docs
-    from ssae_ray.retrieval.tracin import seed_gradient, tracin_token_terms, valid_tokens
+    from ssae_ray.retrieval.tracin import seed_gradient, tracin_token_terms, training_view, valid_tokens
 
     hook, lam = cfg.sae.hooks[0], cfg.train.lam
     T, B = cfg.model.context_len, cfg.model.batch_size
@@ -179,14 +181,26 @@ def tracin_rerank(cfg: Config, first: Ranking, passages: Passages, seed_texts: l
     for x, m, _ in batches(seed_texts):
         acts.append(x)
         masks.append(m.to(x.device))
-    seed = seed_gradient(sae, acts, masks, lam)
+    # Score in the space the finetune trains in: c·x with c from the GSAE (or, as training does
+    # without one, from the activations: E||c·x||^2 = d_in), biases times c.
+    c = getattr(sae.cfg.metadata, "act_scale", None)
+    if not c:
+        x = torch.cat([a[m] for a, m in zip(acts, masks, strict=True)])
+        c = (
+            math.sqrt(x.shape[-1] / float(x.double().pow(2).sum(-1).mean()))
+            if cfg.train.scale_activations
+            else 1.0
+        )
+    c = float(c)
+    view = training_view(sae, c)
+    seed = seed_gradient(view, [a * c for a in acts], masks, lam)
     del acts, masks
     texts = passages.texts(first.rows)
     total = torch.zeros(len(texts), dtype=torch.float64)
     count = torch.zeros(len(texts), dtype=torch.float64)
     bar = tqdm(total=len(texts), unit="passage", desc="tracin")
     for x, m, doc in batches(texts):
-        terms = tracin_token_terms(sae, x, seed, lam).cpu().double() * m
+        terms = tracin_token_terms(view, x * c, seed, lam).cpu().double() * m
         total.index_add_(0, doc, terms.sum(1))
         count.index_add_(0, doc, m.sum(1).double())
         bar.n = int(doc.max()) + 1
@@ -195,7 +209,7 @@ def tracin_rerank(cfg: Config, first: Ranking, passages: Passages, seed_texts: l
     score = (total / count.clamp_min(1)).numpy()
     score[count.numpy() == 0] = -np.inf  # a passage of one LM token has no valid position
     order = np.lexsort((np.arange(len(score)), -score))
-    return Ranking(first.rows[order], score[order].astype(np.float32), first.scores[order])
+    return Ranking(first.rows[order], score[order].astype(np.float32), first.scores[order], c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +366,7 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
                 )
             ranking = tracin_rerank(cfg, ranking, passages, seed_texts, lm, sae)
         fill = fill_budget(ranking, passages, r.token_budget)
-        grown = first == "dense" and not rerank and fill.exhausted and k < n
+        grown = first != "random" and not rerank and fill.exhausted and k < n
         if grown and (r.threshold is None or len(ranking.rows) == k):
             k = min(n, 4 * k)
             continue
@@ -383,6 +397,7 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
         "near_duplicates_dropped": fill.near_dups, "dense_score": r.dense_score if first == "dense" else None,
         "threshold": r.threshold, "tracin_fraction": r.tracin_fraction if rerank else None,
         "tracin_hook": cfg.sae.hooks[0] if rerank else None, "tracin_lam": cfg.train.lam if rerank else None,
+        "tracin_act_scale": ranking.act_scale,
     }  # fmt: skip
     if passages.is_domain is not None and (passages.is_domain >= 0).any():
         dom = passages.is_domain[rows]

@@ -41,6 +41,25 @@ class TokenFactors(NamedTuple):
     """[..., d_sae] dL/dpre."""
 
 
+class SAEView(NamedTuple):
+    """An SAE's weights as the finetune sees them: inputs c·x, biases times c (see training/loop.py)."""
+
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    cfg: Any
+
+
+def training_view(sae: Any, c: float) -> SAEView:
+    """Leaf copies of the weights in the space the finetune trains in (activation scale `c`)."""
+
+    def leaf(t: Tensor) -> Tensor:
+        return t.detach().clone().requires_grad_(True)
+
+    return SAEView(leaf(sae.W_enc), leaf(sae.b_enc * c), leaf(sae.W_dec), leaf(sae.b_dec * c), sae.cfg)
+
+
 def _params(sae: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if getattr(sae.cfg, "normalize_activations", "none") not in ("none", None):
         raise ValueError(
