@@ -1,0 +1,87 @@
+"""MLflow tracking: a real local server (SQLite, 127.0.0.1, free port), parent/child runs with
+params (never an API key), per-step metrics and artifacts; unreachable URIs fail fast."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ssae_ray import tracking
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory):
+    url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
+    yield url
+    tracking.stop_server(proc)
+
+
+def test_server_parent_and_child_runs_with_artifacts(mlflow_url, tmp_path):
+    assert mlflow_url.startswith("http://127.0.0.1:")
+    client, exp = tracking.open_experiment(mlflow_url, "test-tracking")
+    parent = tracking.start_run(client, exp, "sweep", {"sweep.lams": (1.0, 2.0)})
+    child = tracking.start_run(
+        client,
+        exp,
+        "trial-0",
+        {"lam": 1.0, "autointerp.api_key": "sk-ant-secret", "token": "sk-ant-x"},
+        parent,
+    )
+    for step in range(3):
+        tracking.log_metrics(client, child, {"train/loss": 1.0 / (step + 1), "nan": float("nan")}, step)
+    f = tmp_path / "table.csv"
+    f.write_text("a,b\n1,2\n")
+    client.log_artifact(child, str(f), "tables")
+    tracking.end_run(client, child)
+    run = client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params == {"lam": "1.0"}  # the key and the key-like value were dropped
+    assert [m.value for m in client.get_metric_history(child, "train/loss")] == pytest.approx([1, 0.5, 1 / 3])
+    assert "nan" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(child, "tables")] == ["tables/table.csv"]
+    assert run.info.status == "FINISHED"
+
+
+def test_unreachable_uri_is_a_clear_error_fast():
+    port = tracking.free_port()
+    with pytest.raises(tracking.TrackingError, match=rf"cannot reach .*127.0.0.1:{port}.*ssae-ray mlflow"):
+        tracking.check_tracking(f"http://127.0.0.1:{port}", timeout=2)
+    with pytest.raises(tracking.TrackingError, match="unsupported tracking URI"):
+        tracking.check_tracking("ftp://example/x")
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(tracking.TrackingError, match="already in use"):
+            tracking.start_mlflow_server(tmp_path, port=port)
+
+
+def test_tracking_uri_precedence_and_local_default(tiny_cfg, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri(tiny_cfg)
+    assert uri.startswith("sqlite:///") and uri.endswith("mlflow/mlflow.db")
+    assert tracking.check_tracking(uri) == uri
+    cfg = tiny_cfg.replace(tracking={"uri": "http://127.0.0.1:1"})
+    assert tracking.tracking_uri(cfg) == "http://127.0.0.1:1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:2")
+    assert tracking.tracking_uri(cfg) == "http://127.0.0.1:2"
+
+
+@pytest.mark.slow  # a fresh SQLite store runs every MLflow migration (~10 s)
+def test_sqlite_store_logs_without_a_server(tiny_cfg, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    client, exp = tracking.open_experiment(uri, "local", tmp_path / "art")
+    rid = tracking.start_run(client, exp, "r", {"a": 1})
+    tracking.log_metrics(client, rid, {"x": 2.0}, 0)
+    assert client.get_run(rid).data.metrics == {"x": 2.0}
+
+
+def test_safe_params_and_flat_config(tiny_cfg):
+    flat = tracking.flat_config(tiny_cfg)
+    assert flat["train.lam"] == tiny_cfg.train.lam and "sweep.lams" in flat
+    p = tracking.safe_params({"train.batch_tokens": 256, "my_api_key": "x", "password": "y", "v": "sk-ant-1"})
+    assert p == {"train.batch_tokens": "256"}
