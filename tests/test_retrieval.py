@@ -130,6 +130,42 @@ def test_fill_budget_dedups_and_stops_at_budget():
 # A built tiny index (real local Ray, real FAISS), shared by the tests below
 
 
+@pytest.mark.ray
+def test_ivf_shards_share_one_trained_quantizer_and_probe_exactly(ray_local, tmp_path):
+    from ssae_ray.retrieval.index import _emb_name, _index_shards, _train, _write_emb_shard
+    from ssae_ray.stages import write_json_atomic
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    (tmp_path / "emb").mkdir()
+    passages = []
+    for i, (a, b) in enumerate([(0, 1000), (1000, 2200), (2200, 3000)]):
+        _write_emb_shard(
+            tmp_path / "emb" / _emb_name(i), [(np.array([f"p{j}" for j in range(a, b)]), x[a:b])]
+        )
+        passages.append({"file": f"passages/{i}.parquet", "rows": b - a})
+    cfg = load_config(
+        "tiny", overrides=["retrieval.index_type=ivf", "retrieval.nlist=16", "retrieval.train_sample=2000"]
+    )
+    trained = _train(cfg.retrieval, tmp_path, passages, 32)
+    shards = _index_shards(cfg.retrieval, tmp_path, passages, 32, trained)
+    assert [s["count"] for s in shards] == [1000, 1200, 800]
+    write_json_atomic(
+        tmp_path / "manifest.json", {"dim": 32, "shards": shards, "nprobe": 16, "model_id": "synthetic"}
+    )
+    index = ShardedIndex(tmp_path)  # nprobe = nlist: IVF-Flat visits every list, so it is exact
+    flat = faiss.IndexFlatIP(32)
+    flat.add(x)
+    want_d, want_i = flat.search(x[:5], 20)
+    got = index.search(x[:5], 20)
+    np.testing.assert_array_equal(got.ids, want_i)
+    np.testing.assert_allclose(got.scores, want_d, rtol=1e-5)
+    index.set_nprobe(1)
+    assert (index.search(x[:5], 20).ids != want_i).any()  # one list: approximate
+    assert index.pids()[1500] == "p1500"
+
+
 _PHYSICS = "energy momentum charge mass force field quantum particle electron photon proton neutron atom nucleus".split()
 _OTHER = [
     "river city market bread fish fruit village garden farm wine cheese mountain island ocean".split(),

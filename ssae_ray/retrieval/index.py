@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,9 @@ import pyarrow.parquet as pq
 from ssae_ray.config import Config, RetrievalConfig
 from ssae_ray.retrieval.embed import Embedder, RetrievalError, chunk_batch, resolve_model
 from ssae_ray.stages import MANIFEST, atomic_dir, file_sha256, read_manifest, stage_key, write_json_atomic
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger("ssae_ray")
 
@@ -64,7 +67,7 @@ def index_key(cfg: Config, corpus_path: Path) -> str:
     parts = {k: getattr(r, k) for k in ("passage_tokens", "normalize", "index_type", "nlist", "pq_m",
                                         "shard_size", "train_sample", "build_bm25")}  # fmt: skip
     return stage_key("index-v1", model.model_id, model.pooling, parts, cfg.corpus.text_field,
-                     file_sha256(corpus_path))  # fmt: skip
+                     cfg.corpus.max_docs, file_sha256(corpus_path))  # fmt: skip
 
 
 def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], None] | None = None) -> Path:
@@ -134,9 +137,20 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def _corpus_stream(cfg: Config, corpus: Path) -> ray.data.Dataset:
+    """The corpus as a streaming Ray Dataset (the data part's reader when present)."""
+    try:
+        from ssae_ray.data import read_dataset
+    except ImportError:
+        import ray.data
+
+        ds = ray.data.read_parquet(str(corpus))
+        return ds.limit(cfg.corpus.max_docs) if cfg.corpus.max_docs else ds
+    return read_dataset(cfg.corpus, corpus.parent)
+
+
 def _write_passages(cfg: Config, corpus: Path, work: Path, model_path: str) -> list[dict[str, Any]]:
     """Documents -> passages with Ray Data, one Parquet file of <= shard_size rows per shard."""
-    import ray.data
 
     r = cfg.retrieval
     out = work / "passages"
@@ -144,13 +158,14 @@ def _write_passages(cfg: Config, corpus: Path, work: Path, model_path: str) -> l
     if done.is_file():
         return json.loads(done.read_text())["files"]
     schema = pq.read_schema(corpus)
-    text_field = cfg.corpus.text_field
+    # The corpus stage normalises every source to `text`; a hand-made corpus.parquet may use text_field.
+    text_field = "text" if "text" in schema.names else cfg.corpus.text_field
     missing = [c for c in ("id", text_field) if c not in schema.names]
     if missing:
         raise RetrievalError(f"{corpus} lacks column(s) {missing}; the corpus needs `id` and `{text_field}`")
     cols = ["id", text_field] + (["is_domain"] if "is_domain" in schema.names else [])
     with atomic_dir(out) as tmp:
-        ds = ray.data.read_parquet(str(corpus), columns=cols)
+        ds = _corpus_stream(cfg, corpus).select_columns(cols)
         ds = ds.map_batches(chunk_batch, batch_size=512, batch_format="numpy",
                             fn_kwargs=dict(model_path=model_path, passage_tokens=r.passage_tokens,
                                            text_field=text_field))  # fmt: skip
@@ -167,6 +182,7 @@ def _write_passages(cfg: Config, corpus: Path, work: Path, model_path: str) -> l
         if not files:
             raise RetrievalError(f"the corpus {corpus} has no text to index")
         n_docs = pq.read_metadata(corpus).num_rows
+        n_docs = min(n_docs, cfg.corpus.max_docs) if cfg.corpus.max_docs else n_docs
         write_json_atomic(tmp / done.name, {"files": files, "n_docs": n_docs, "n_tokens": n_tokens})
     return files
 
