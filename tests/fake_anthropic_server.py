@@ -6,8 +6,8 @@ benchmark. It answers like a diligent Interpreter / Predictor would, so F1s mean
   of the explanation, else 0.
 - Diversity (user text asks for "Diversity Score"): a score from the number of keywords.
 
-`faults` is a queue of scripted failures consumed by the next requests: an int status (429, 529,
-500...) answered with an error body and `retry-after: 0`; `malformed_predictor=True` makes every
+`faults` is a queue of scripted failures consumed by the next requests: a status (429, 529, 500...)
+answered with an error body and `retry-after: 0`, or (status, retry-after); `malformed_predictor=True` makes every
 Predictor answer prose. `requests` counts POSTs; `api_keys` records the keys seen (x-api-key or bearer).
 """
 
@@ -25,13 +25,14 @@ from typing import Any
 class FakeAnthropic:
     def __init__(self, latency_s: float = 0.0):
         self.latency_s = latency_s
-        self.faults: collections.deque[int] = collections.deque()
+        self.faults: collections.deque[int | tuple[int, str]] = collections.deque()
         self.malformed_predictor = False
         self.requests = 0
         self.kinds: collections.Counter[str] = collections.Counter()
         self.api_keys: set[str] = set()
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
+        ThreadingHTTPServer.request_queue_size = 256  # many clients connect at once
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -101,7 +102,6 @@ class FakeAnthropic:
                 self.wfile.write(data)
 
             def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with fake._lock:
                     fake.requests += 1
                     auth = self.headers.get("authorization", "").removeprefix("Bearer ")
@@ -110,6 +110,7 @@ class FakeAnthropic:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
+                    body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                     if fake.latency_s:
                         time.sleep(fake.latency_s)
                     if self.path.rstrip("/") != "/v1/messages":
@@ -117,9 +118,10 @@ class FakeAnthropic:
                             404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}
                         )
                     if fault is not None:
-                        kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(fault, "api_error")
-                        err = {"type": "error", "error": {"type": kind, "message": f"fake {fault}"}}
-                        return self._send(fault, err, {"retry-after": "0"})
+                        status, wait = fault if isinstance(fault, tuple) else (fault, "0")
+                        kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+                        err = {"type": "error", "error": {"type": kind, "message": f"fake {status}"}}
+                        return self._send(status, err, {"retry-after": wait})
                     kind, text = fake.answer(body)
                     with fake._lock:
                         fake.kinds[kind] += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 
 import pandas as pd
 import pytest
@@ -154,6 +155,42 @@ def test_rate_limiter_buckets_and_cap():
     rpm = RateLimiter(2, 10**6, clock=lambda: now[0])
     assert rpm.acquire(1, 1).wait_s == 0 and rpm.acquire(1, 1).wait_s == 0
     assert rpm.acquire(1, 1).wait_s == pytest.approx(30.0)
+
+
+def _client(server, tmp_path, name="c", **kw):
+    from ssae_ray.autointerp.cache import ResponseCache
+    from ssae_ray.autointerp.client import ClaudeClient, Secret
+
+    lim = RateLimiter(10_000, 10**8)
+    return ClaudeClient(
+        "claude-test", Secret(KEY), lim, ResponseCache(tmp_path / f"{name}.sqlite"), server.url, **kw
+    )
+
+
+def test_client_honours_retry_after_and_retries_timeouts(tmp_path, caplog):
+    import asyncio
+
+    import anthropic
+
+    from ssae_ray.autointerp.client import retry_after
+
+    assert retry_after({"retry-after-ms": "250"}) == 0.25 and retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0 and retry_after({}) is None
+    prompt = predictor_prompt("x", ["a"])
+    with FakeAnthropic() as server:
+        server.faults.append((429, "0.4"))
+        client = _client(server, tmp_path, retry_base_s=10.0)  # the backoff would be 5-15 s: retry-after wins
+        t0 = time.perf_counter()
+        answer = asyncio.run(client.complete(prompt))
+        assert 0.4 <= time.perf_counter() - t0 < 3.0
+        assert answer.requests == 2 and not answer.cached and server.requests == 2
+    with FakeAnthropic(latency_s=1.5) as slow:
+        client = _client(slow, tmp_path, "c2", timeout_s=0.5, max_retries=1, retry_base_s=0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(anthropic.APITimeoutError):
+            asyncio.run(client.complete(prompt))
+        assert time.perf_counter() - t0 >= 1.0  # two 0.5 s timeouts
+        assert "APITimeoutError, retry 1/1" in caplog.text  # one retry, then the error surfaces
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,10 @@ def score_on_ray(
         args = (crash_after, crash_marker) if crash else (None, None)
         return actor_cls.remote(ai, api_key, limiter, cache, *args)
 
+    t0 = time.perf_counter()
     actors = [new_actor(True) for _ in range(ai.num_actors)]
+    ray.get([a.pid.remote() for a in actors])  # started (imports done) before work is handed out
+    startup_s = time.perf_counter() - t0
     load = [0] * len(actors)
     pending = collections.deque(range(len(jobs)))
     inflight: dict[Any, tuple[int, Any, int]] = {}
@@ -172,7 +176,11 @@ def score_on_ray(
                 if row["status"] == "spend_cap" and stop is None:
                     stop = row["error"]
                     log.warning("autointerp stopping: %s; finishing calls in flight", stop)
-        stats = ray.get(limiter.stats.remote())
+        stats = {
+            **ray.get(limiter.stats.remote()),
+            "startup_s": round(startup_s, 3),
+            "actor_restarts": restarts,
+        }
     finally:
         bar.close()
         for h in actors:

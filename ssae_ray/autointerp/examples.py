@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ssae_ray.autointerp.score import FeatureExamples
 from ssae_ray.models import LM, TokenBatch, capture, iter_batches
 
 log = logging.getLogger("ssae_ray")
@@ -43,23 +44,6 @@ class ActivationIndex(NamedTuple):
     """Sorted codes `context * F + feature` of every activating (context, feature) pair."""
     n_tokens: int
     """Tokens scanned (positions 1.. of real tokens)."""
-
-
-class FeatureExamples(NamedTuple):
-    feature: int
-    status: str
-    """`ok`, `dead` (never activates on the test set) or `too_few` (one activating context)."""
-    n_active_ctx: int
-    max_act: float
-    top_texts: list[str]
-    """Top activating windows, activating tokens marked `<<...>>`, for the Interpreter."""
-    top_acts: list[float]
-    predict_texts: list[str]
-    """Held-out activating and non-activating windows, unmarked, shuffled."""
-    predict_labels: list[int]
-    """1 where the window activates the feature."""
-    active_tokens: list[str]
-    """Activating tokens of the top windows, most frequent first (for the offline backend)."""
 
 
 def _codes_isin(codes: Tensor, pairs: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ssae_ray.autointerp.examples import FeatureExamples
+from ssae_ray.autointerp.score import FeatureExamples
 
 LABEL = "offline keyword baseline (not Claude)"
 PREFIX = "[offline keyword baseline]"

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 import anthropic
 
 from ssae_ray.autointerp.client import Answer, ClaudeClient, SpendCapReached
-from ssae_ray.autointerp.examples import FeatureExamples
 from ssae_ray.autointerp.prompts import (
     ParseError,
     Prompt,
@@ -28,6 +27,23 @@ from ssae_ray.autointerp.prompts import (
 )
 
 log = logging.getLogger("ssae_ray")
+
+
+class FeatureExamples(NamedTuple):
+    feature: int
+    status: str
+    """`ok`, `dead` (never activates on the test set) or `too_few` (one activating context)."""
+    n_active_ctx: int
+    max_act: float
+    top_texts: list[str]
+    """Top activating windows, activating tokens marked `<<...>>`, for the Interpreter."""
+    top_acts: list[float]
+    predict_texts: list[str]
+    """Held-out activating and non-activating windows, unmarked, shuffled."""
+    predict_labels: list[int]
+    """1 where the window activates the feature."""
+    active_tokens: list[str]
+    """Activating tokens of the top windows, most frequent first (for the offline backend)."""
 
 
 class Scores(NamedTuple):
