@@ -9,7 +9,7 @@ everything downstream), attribution patching (AtP) estimates the effect of patch
 summed over a bio's positions (non-templatic data), then averaged over bios. Zero-ablation
 (patch = 0) for features and errors, mean-ablation for neurons (the hook's own dimensions).
 Hooks in early layers use integrated gradients instead: g is averaged over the path that scales
-the whole hook output from x to 0 (Marks et al.'s `_pe_ig` with a zero patch).
+the whole hook output from x to 0 (Marks et al.'s `_pe_ig` with a zero patch; midpoint rule).
 Position 0 is never patched (it is never spliced; shared/CALIBRATION.md).
 """
 
@@ -144,7 +144,7 @@ def attribute(
         for h in ig_hooks:
             if h not in acts:
                 continue
-            path = [hook_grads(lm, ids, am, probe, y, layer, hooks, skip_first, (h, 1 - k / ig_steps))[1][h]
+            path = [hook_grads(lm, ids, am, probe, y, layer, hooks, skip_first, (h, 1 - (k + 0.5) / ig_steps))[1][h]
                     for k in range(ig_steps)]  # fmt: skip
             grads[h] = torch.stack(path).mean(0)
         pm = position_mask(am)
@@ -268,12 +268,13 @@ def edge_effects(
                 for h1, g in zip(ups, gs, strict=True):
                     if g is None:
                         continue
-                    sae1 = saes[h1]
-                    g = g * pm
-                    x1 = acts[h1].detach().to(sae1.W_dec.dtype)
-                    f1 = sae1.encode(x1)
-                    ie_f = (-(f1 * (g @ sae1.W_dec.T))).sum((0, 1)).detach().cpu()
-                    ie_e = float(-((x1 - sae1.decode(f1)) * g).sum())
+                    with torch.no_grad():
+                        sae1 = saes[h1]
+                        g = g * pm
+                        x1 = acts[h1].detach().to(sae1.W_dec.dtype)
+                        f1 = sae1.encode(x1)
+                        ie_f = (-(f1 * (g @ sae1.W_dec.T))).sum((0, 1)).cpu()
+                        ie_e = float(-((x1 - sae1.decode(f1)) * g).sum())
                     dname = f"{h2}/{i}"
                     for j in torch.nonzero(ie_f).flatten().tolist():
                         out[(f"{h1}/{j}", dname)] = out.get((f"{h1}/{j}", dname), 0.0) + float(ie_f[j])

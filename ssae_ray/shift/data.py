@@ -131,6 +131,7 @@ _NAMES = (
     ("James", "Robert", "John", "David", "Thomas", "Peter"),
     ("Mary", "Linda", "Sarah", "Emma", "Anna", "Julia"),
 )
+_SURNAMES = ("Smith", "Brown", "Lee", "Garcia", "Miller", "Davis", "Wilson", "Moore", "Clark", "Lewis")
 _JOBS = (
     ("professor of physics", "professor of history", "lecturer at the university", "research professor"),
     ("nurse at the hospital", "nurse in the clinic", "registered nurse", "nurse on the ward"),
@@ -145,15 +146,18 @@ def synthetic_records(n_per_group: int, seed: int = 0) -> list[Record]:
     """Templated bios for tests: names and pronouns carry gender, job phrases the profession."""
     rng = random.Random(seed)
     out: list[Record] = []
+    seen: set[str] = set()
     for prof, gender in GROUPS:
-        for _ in range(n_per_group):
-            name = rng.choice(_NAMES[gender])
+        while len(out) < n_per_group * (GROUPS.index((prof, gender)) + 1):
+            name = f"{rng.choice(_NAMES[gender])} {rng.choice(_SURNAMES)}"
             he, his = ("she", "her") if gender else ("he", "his")
             text = (
-                f"{name} is a {rng.choice(_JOBS[prof])}. {he.capitalize()} {rng.choice(_DETAIL[prof])}, "
-                f"and {his} friends say {he} is kind."
+                f"{name} is a {rng.choice(_JOBS[prof])}. {he.capitalize()} {rng.choice(_DETAIL[prof])} "
+                f"since {rng.randrange(1960, 2020)}, and {his} friends say {he} is kind."
             )
-            out.append((text, prof, gender))
+            if text not in seen:
+                seen.add(text)
+                out.append((text, prof, gender))
     return out
 
 

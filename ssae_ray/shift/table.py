@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -115,25 +114,35 @@ def metric_name(method: str, column: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", f"shift/{method}/{column}").replace(" ", "_")
 
 
-def log_mlflow(result: ShiftResult, folder: str | Path, params: dict[str, Any] | None = None) -> bool:
-    """Log Table 1 as metrics and the output folder as artifacts to the active MLflow run (or a new
-    one when a tracking URI is set). Returns False when MLflow is not configured."""
+def log_mlflow(
+    result: ShiftResult,
+    folder: str | Path,
+    params: dict[str, Any] | None = None,
+    uri: str | None = None,
+    experiment: str = "ssae-ray",
+) -> bool:
+    """Log Table 1 as metrics and the output folder as artifacts: into the active MLflow run (as a
+    nested `shift` run), else into a new run when a tracking URI is set (`MLFLOW_TRACKING_URI` or
+    `uri`). Returns False (and logs nothing) when MLflow is not configured."""
     import mlflow
 
+    from ssae_ray.tracking import safe_params
+
     active = mlflow.active_run()
-    if active is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if active is None and not uri:
         return False
-    ctx = mlflow.start_run(run_name="shift", nested=active is not None)
-    with ctx:
+    if active is None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="shift", nested=active is not None):
         if params:
-            mlflow.log_params(
-                {k: json.dumps(v) if isinstance(v, list | dict | tuple) else v for k, v in params.items()}
-            )
+            mlflow.log_params(safe_params(params))
         metrics = {}
         for r in result.rows:
             for col in ("profession", "gender", "worst"):
                 metrics[metric_name(r.method, col)] = getattr(r.acc, col)
-        metrics.update({f"shift/seconds/{k}": v for k, v in result.seconds.items()})
+        metrics.update({metric_name("seconds", k): v for k, v in result.seconds.items()})
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(folder), artifact_path="shift")
     return True

@@ -1,0 +1,88 @@
+"""The Bias-in-Bios SHIFT experiment end to end (what `jobs/bias_in_bios.py` runs)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ssae_ray.config import Config, config_hash
+from ssae_ray.shift.data import load_bios
+from ssae_ray.shift.sae_sets import build_sae_sets
+from ssae_ray.shift.shift import ShiftResult, active_features, run_shift
+from ssae_ray.shift.table import log_mlflow, to_markdown, write_outputs
+from ssae_ray.stages import atomic_dir
+
+log = logging.getLogger("ssae_ray")
+
+
+def run_bias_in_bios(
+    cfg: Config, out_dir: str | Path | None = None, with_ssae: bool = True, with_compressed: bool = True
+) -> tuple[ShiftResult, Path]:
+    """Data -> LM -> GSAEs (+ SSAEs finetuned on retrieved text) -> SHIFT -> Table 1 in
+    `<workdir>/shift/<config hash>/` (or `out_dir`): table.csv, table.md, result.json, plots;
+    logged to MLflow when a run is active or a tracking URI is set."""
+    from tqdm.auto import tqdm
+
+    from ssae_ray.models import load_lm
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    bar = tqdm(desc="bias-in-bios", bar_format="{desc}: {elapsed} {postfix}")
+
+    def say(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        log.info("bias-in-bios: %s", msg)
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = round(now - since, 2)
+        return now
+
+    say("data")
+    data = load_bios(cfg)
+    t = lap("data", t0)
+    say(f"loading {cfg.model.source}")
+    lm = load_lm(cfg.model)
+    t = lap("load_lm", t)
+    sets, info = build_sae_sets(cfg, lm, data, say, with_ssae, with_compressed)
+    t = lap("sae_sets", t)
+    result = run_shift(cfg, lm, data, sets, progress=say)
+    t = lap("shift", t)
+    from ssae_ray.shift.probe import tokenize_bios
+
+    test = tokenize_bios(lm.tokenizer, data.balanced["test"].text, cfg.model.context_len)
+    active = {
+        n: active_features(lm, test, s, result.layer, batch_size=cfg.shift.batch_size)
+        for n, s in sets.items()
+    }
+    lap("active_features", t)
+    seconds.update({f"shift.{k}": v for k, v in result.seconds.items()})
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    result = result._replace(seconds=seconds)
+    counts = data.manifest["counts"]
+    notes = [
+        f"dataset {data.source} ({data.professions[0]} vs {data.professions[1]}); balanced test "
+        f"{counts['balanced']['test']} bios, ambiguous train {counts['ambiguous']['train']}",
+        *data.manifest.get("notes", []),
+        f"model {cfg.model.source}, probe on blocks.{result.layer}.hook_resid_post; SAE sets: "
+        + ", ".join(f"{k} ({len(v)} hooks)" for k, v in sets.items()),
+    ]
+    meta: dict[str, Any] = {"notes": notes, "data": data.manifest, "sae_sets": info, "active_features": active,
+                            "config": cfg.to_dict()}  # fmt: skip
+    final = Path(out_dir) if out_dir else cfg.root / "shift" / config_hash(cfg)
+    with atomic_dir(final) as tmp:
+        write_outputs(result, tmp, meta)
+    log_mlflow(
+        result,
+        final,
+        {"preset": cfg.name, "dataset": data.source, "probe_layer": result.layer},
+        uri=cfg.tracking.uri,
+        experiment=cfg.tracking.experiment,
+    )
+    bar.close()
+    print(to_markdown(result.rows, notes))
+    print("wall time (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
+    print(f"outputs: {final}")
+    return result, final
