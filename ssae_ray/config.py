@@ -313,6 +313,8 @@ class ShiftConfig:
     """Edges are computed into the downstream circuit nodes with the largest |IE| (at most this many)."""
     batch_size: int = 16
     """Bios per LM forward."""
+    context_len: int | None = None
+    """Tokens of each bio the classifier reads (its first ones); None uses `model.context_len`."""
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,9 @@ def run_bias_in_bios(
     t = lap("shift", t)
     from ssae_ray.shift.probe import tokenize_bios
 
-    test = tokenize_bios(lm.tokenizer, data.balanced["test"].text, cfg.model.context_len)
+    test = tokenize_bios(
+        lm.tokenizer, data.balanced["test"].text, cfg.shift.context_len or cfg.model.context_len
+    )
     active = {
         n: active_features(lm, test, s, result.layer, batch_size=cfg.shift.batch_size)
         for n, s in sets.items()

@@ -198,7 +198,7 @@ def run_shift(
         seconds[name] = round(seconds.get(name, 0.0) + now - clock[0], 2)
         clock[0] = now
 
-    T = cfg.model.context_len
+    T = sc.context_len or cfg.model.context_len
     sets = _Sets(*((tokenize_bios(lm.tokenizer, b.text, T), b) for b in (
         data.ambiguous["train"], data.balanced["train"], data.balanced["dev"], data.balanced["test"])))  # fmt: skip
 
