@@ -13,21 +13,20 @@ concurrency) run side by side in one process against the same server. Jobs are s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fake_anthropic_server import FakeAnthropic  # noqa: E402
-
-from ssae_ray.autointerp.actors import score_local, score_on_ray  # noqa: E402
-from ssae_ray.autointerp.client import Secret  # noqa: E402
-from ssae_ray.autointerp.score import FeatureExamples, Job  # noqa: E402
-from ssae_ray.config import load_config  # noqa: E402
+from ssae_ray.autointerp.actors import score_local, score_on_ray
+from ssae_ray.autointerp.client import Secret
+from ssae_ray.autointerp.score import FeatureExamples, Job
+from ssae_ray.config import load_config
 
 WORDS = (
     "quantum field electron photon energy momentum charge river city market bread king queen music".split()
@@ -57,6 +56,30 @@ def synthetic_jobs(n: int, n_top: int = 10, n_predict: int = 5, seed: int = 0) -
     return jobs
 
 
+class ServerProcess:
+    """The fake Messages API server in its own process (as a remote API would be), so its CPU
+    does not compete with the client's; counters come from GET /stats."""
+
+    def __init__(self, latency: float):
+        server = Path(__file__).resolve().parents[1] / "tests" / "fake_anthropic_server.py"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(server), str(latency)], stdout=subprocess.PIPE, text=True
+        )
+        self.url = self.proc.stdout.readline().strip()
+
+    @property
+    def requests(self) -> int:
+        with urllib.request.urlopen(f"{self.url}/stats") as r:
+            return json.load(r)["requests"]
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--features", type=int, default=200)
@@ -72,7 +95,7 @@ def main() -> None:
     jobs = synthetic_jobs(args.features)
     conc = args.actors * args.concurrency
     rows = []
-    with FakeAnthropic(latency_s=args.latency) as server, tempfile.TemporaryDirectory() as tmp:
+    with ServerProcess(args.latency) as server, tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             cfg = load_config(
                 "tiny",

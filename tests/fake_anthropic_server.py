@@ -8,7 +8,8 @@ benchmark. It answers like a diligent Interpreter / Predictor would, so F1s mean
 
 `faults` is a queue of scripted failures consumed by the next requests: a status (429, 529, 500...)
 answered with an error body and `retry-after: 0`, or (status, retry-after); `malformed_predictor=True` makes every
-Predictor answer prose. `requests` counts POSTs; `api_keys` records the keys seen (x-api-key or bearer).
+Predictor answer prose. `requests` counts POSTs; `api_keys` records the keys seen (x-api-key or bearer). GET /stats
+returns the counters (for a server in another process: `python fake_anthropic_server.py LATENCY`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class FakeAnthropic:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else headers and body wait on a delayed ACK (~40 ms a call)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -100,6 +102,11 @@ class FakeAnthropic:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.rstrip("/") == "/stats":
+                    return self._send(200, {"requests": fake.requests, "max_in_flight": fake.max_in_flight})
+                self._send(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
 
             def do_POST(self) -> None:  # noqa: N802
                 with fake._lock:
@@ -147,3 +154,11 @@ class FakeAnthropic:
                         fake.in_flight -= 1
 
         return Handler
+
+
+if __name__ == "__main__":
+    import sys
+
+    with FakeAnthropic(latency_s=float(sys.argv[1]) if len(sys.argv) > 1 else 0.0) as srv:
+        print(srv.url, flush=True)
+        threading.Event().wait()

@@ -201,7 +201,7 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
     sae = saes["gsae"]
     ctx = tokenize_docs(lm.tokenizer, texts, 32)
     idx = scan(lm, sae, HOOK, ctx, k_top=4, k_sample=6, batch_size=7, progress=False)
-    dense = feature_acts(lm, sae, HOOK, ctx)  # [N, T, F], position 0 and padding zeroed
+    dense = feature_acts(lm, sae, HOOK, ctx).cpu()  # [N, T, F], position 0 and padding zeroed
     assert dense[:, 0].abs().sum() == 0
     ctx_max = dense.amax(1)  # [N, F]
     active = ctx_max > 0

@@ -64,3 +64,17 @@ def test_crashed_actor_work_is_redone_from_cache(ray_local, setup, tmp_path):
     for p in logs.rglob("*"):
         if p.is_file():
             assert b"SECRET123" not in p.read_bytes(), p  # the key passed to the actors is never logged
+
+
+def test_spend_cap_on_ray_stops_cleanly(ray_local, setup, tmp_path):
+    lm, texts, saes = setup
+    with FakeAnthropic(latency_s=0.05) as server:
+        cfg = ai_config(
+            tmp_path, backend="claude", base_url=server.url, spend_cap_tokens=5000, max_concurrency=1
+        )
+        jobs, _ = build_jobs(cfg, lm, saes, HOOK, texts, tmp_path / "out")
+        rows, stats = score_on_ray(jobs, cfg.autointerp, Secret(KEY), tmp_path / "cache.sqlite")
+        status = [r["status"] for r in rows]
+        assert "ok" in status and "spend_cap" in status and set(status) <= {"ok", "spend_cap"}
+        assert "spend cap of 5,000 tokens" in stats["stopped"]
+        assert stats["input_tokens"] + stats["output_tokens"] <= 5000

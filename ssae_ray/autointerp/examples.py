@@ -54,14 +54,14 @@ def _codes_isin(codes: Tensor, pairs: Tensor) -> Tensor:
 
 
 def feature_acts(lm: LM, sae: Any, hook: str, batch: TokenBatch) -> Tensor:
-    """[B, T, F] SAE feature activations, zero at position 0 and on padding."""
+    """[B, T, F] SAE feature activations on the SAE's device, zero at position 0 and on padding."""
     x = capture(lm, batch.input_ids, batch.attention_mask, [hook])[hook]
     p = next(sae.parameters())
     with torch.no_grad():
         f = sae.encode(x.to(device=p.device, dtype=p.dtype)).float()
     valid = batch.attention_mask.to(f.device).bool().clone()
     valid[:, 0] = False
-    return (f * valid.unsqueeze(-1)).cpu()
+    return f * valid.unsqueeze(-1)
 
 
 def scan(
@@ -92,12 +92,12 @@ def scan(
         iter_batches(contexts, batch_size), total=n_batches, desc=f"examples {hook}", disable=not progress
     ):
         b = batch.input_ids.shape[0]
-        f = feature_acts(lm, sae, hook, batch)
+        f = feature_acts(lm, sae, hook, batch)  # reduced on the SAE's device; only [B, F] comes back
         n_tokens += int(batch.attention_mask[:, 1:].sum())
         active = f > threshold
-        n_tok += active.sum((0, 1))
-        ctx_max = f.amax(1)  # [B, F]
-        ctx_active = active.any(1)
+        n_tok += active.sum((0, 1)).cpu()
+        ctx_max = f.amax(1).cpu()  # [B, F]
+        ctx_active = active.any(1).cpu()
         n_ctx += ctx_active.sum(0)
         ids = torch.arange(start, start + b).unsqueeze(0).expand(d_sae, b)
         vals = torch.where(ctx_active, ctx_max, -torch.inf).T
@@ -271,7 +271,7 @@ def _recompute(
     fi = torch.as_tensor(features)
     i = 0
     for batch in iter_batches(sub, batch_size):
-        f = feature_acts(lm, sae, hook, batch)[:, :, fi]
+        f = feature_acts(lm, sae, hook, batch)[:, :, fi.to(next(sae.parameters()).device)].cpu()
         for row in f:
             res[ctx[i]] = row
             i += 1
