@@ -228,8 +228,9 @@ def test_feature_examples_labels_and_seed(lm, saes, texts):
     dead = int((counts == 0).nonzero()[0]) if (counts == 0).any() else None
     alive = [int(f) for f in (counts >= 10).nonzero().flatten()[:4]]
     feats = alive + ([dead] if dead is not None else [])
-    exs = feature_examples(lm, sae, HOOK, idx, feats, n_top=5, n_predict=3, window=12, seed=3)
-    again = feature_examples(lm, sae, HOOK, idx, feats, n_top=5, n_predict=3, window=12, seed=3)
+    kw = dict(n_top=5, n_predict=3, window=12, seed=3, sample_sets=1)
+    exs = feature_examples(lm, sae, HOOK, idx, feats, **kw)
+    again = feature_examples(lm, sae, HOOK, idx, feats, **kw)
     assert exs == again  # seeded
     for ex in exs[: len(alive)]:
         assert ex.status == "ok" and len(ex.top_texts) == 5
@@ -238,6 +239,8 @@ def test_feature_examples_labels_and_seed(lm, saes, texts):
         assert sorted(ex.predict_labels) == [0, 0, 0, 1, 1, 1]
         assert all("<<" not in t for t in ex.predict_texts)
         assert ex.active_tokens
+        assert len(ex.sample_sets) == 1 and len(ex.sample_sets[0]) == 5  # 8 sampled - 3 Predictor positives
+        assert all("<<" in t for t in ex.sample_sets[0])
     if dead is not None:
         assert exs[-1].status == "dead" and exs[-1].top_texts == []
 
@@ -286,6 +289,16 @@ def test_malformed_predictor_is_retried_then_failed(lm, saes, texts, server, cla
     assert df.raw_answer.str.startswith("I believe").all()
     assert server.kinds == {"interpreter": 2, "predictor": 6}  # 1 ask + 2 re-asks per feature
     assert "failed" in (out / "report.md").read_text().lower()
+
+
+def test_diversity_from_sampled_sets_box8_box9(lm, saes, texts, server, claude_env, tmp_path):
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url, max_features=2, diversity_sets=2)
+    out = run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and (df.n_explanations == 3).all()
+    assert df.unified_explanation.notna().all() and df.diversity.between(1, 100).all()
+    # per feature: top-example explanation + 2 sampled sets, Predictor, Box 8 unify, Box 9 diversity
+    assert server.kinds == {"interpreter": 6, "predictor": 2, "other": 2, "diversity": 2}
 
 
 def test_spend_cap_stops_cleanly_and_keeps_work(lm, saes, texts, server, claude_env, tmp_path, caplog):

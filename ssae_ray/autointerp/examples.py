@@ -172,18 +172,21 @@ def feature_examples(
     threshold: float = 0.0,
     seed: int = 0,
     batch_size: int = 16,
+    sample_sets: int = 0,
 ) -> list[FeatureExamples]:
-    """Marked top examples and a shuffled, labelled Predictor set for each feature (seeded)."""
+    """Marked top examples and a shuffled, labelled Predictor set for each feature (seeded), plus
+    `sample_sets` sets of up to `n_top` marked examples drawn uniformly from the activating contexts
+    (for the diversity score of appendix N.6; the index needs `k_sample >= n_predict + sets * n_top`)."""
     d_sae = index.n_active_ctx.numel()
     n_contexts = index.contexts.input_ids.shape[0]
-    plans: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    plans: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
     out: dict[int, FeatureExamples] = {}
     for f in features:
         count = int(index.n_active_ctx[f])
         if count < 2:
             status = "dead" if count == 0 else "too_few"
             out[f] = FeatureExamples(
-                f, status, count, float(index.top_acts[f, 0].clamp(min=0)), [], [], [], [], []
+                f, status, count, float(index.top_acts[f, 0].clamp(min=0)), [], [], [], [], [], []
             )
             continue
         rng = np.random.default_rng([seed, f])
@@ -191,20 +194,21 @@ def feature_examples(
         n_int = min(n_top, count - n_pos)
         top = [int(c) for c in index.top_ctx[f, :n_int]]
         pos = [int(c) for c in index.sample_ctx[f] if c >= 0 and int(c) not in top][:n_pos]
+        extra = [int(c) for c in index.sample_ctx[f] if c >= 0 and int(c) not in pos][: sample_sets * n_top]
         neg: list[int] = []
         if n_contexts - count > 0:
             cand = rng.permutation(n_contexts)[: max(20 * n_predict, 200)]
             hit = _codes_isin(torch.as_tensor(cand, dtype=torch.long) * d_sae + f, index.pairs)
             neg = [int(c) for c, h in zip(cand, hit.tolist()) if not h][:n_predict]
-        plans[f] = (top, pos, neg)
+        plans[f] = (top, pos, neg, extra)
     needed = sorted({c for plan in plans.values() for part in plan for c in part})
     acts = _recompute(lm, sae, hook, index.contexts, needed, sorted(plans), batch_size)
     col = {f: j for j, f in enumerate(sorted(plans))}
     tok = lm.tokenizer
-    for f, (top, pos, neg) in plans.items():
+    for f, (top, pos, neg, extra) in plans.items():
         rng = np.random.default_rng([seed, f, 1])
 
-        a_f = {c: acts[c][:, col[f]] for c in (*top, *pos, *neg)}
+        a_f = {c: acts[c][:, col[f]] for c in (*top, *pos, *neg, *extra)}
 
         def window_of(
             c: int, marked: bool, center: int | None = None, a_f: dict[int, Tensor] = a_f
@@ -221,6 +225,8 @@ def feature_examples(
             length = int(index.contexts.attention_mask[c].sum())
             items.append((window_of(c, False, int(rng.integers(0, max(1, length))))[0], 0))
         order = rng.permutation(len(items))
+        marked_extra = [window_of(c, True)[0] for c in extra]
+        sets = [marked_extra[i : i + n_top] for i in range(0, len(marked_extra), n_top)]
         out[f] = FeatureExamples(
             feature=f,
             status="ok",
@@ -231,6 +237,7 @@ def feature_examples(
             predict_texts=[items[i][0] for i in order],
             predict_labels=[items[i][1] for i in order],
             active_tokens=[w for w, _ in counter.most_common()],
+            sample_sets=sets,
         )
     return [out[f] for f in features]
 

@@ -33,6 +33,8 @@ log = logging.getLogger("ssae_ray")
 def check_config(ai: AutoInterpConfig) -> None:
     if ai.backend not in ("claude", "offline"):
         raise AutoInterpError(f"autointerp.backend must be 'claude' or 'offline', got {ai.backend!r}")
+    if ai.diversity_sets < 0:
+        raise AutoInterpError(f"autointerp.diversity_sets must be 0 or more, got {ai.diversity_sets}")
     for name in ("n_top", "n_predict", "window", "num_actors", "max_concurrency", "max_features"):
         if getattr(ai, name) < 1:
             raise AutoInterpError(f"autointerp.{name} must be at least 1, got {getattr(ai, name)}")
@@ -66,7 +68,8 @@ def build_jobs(
         bad = [f for f in ai.features if not 0 <= f < width]
         if bad:
             raise AutoInterpError(f"autointerp.features {bad} are outside SAE {name!r} (width {width})")
-        index = scan(lm, sae, hook, contexts, ai.n_top, ai.n_top + ai.n_predict, cfg.model.batch_size,
+        k_sample = ai.n_top + ai.n_predict + (ai.diversity_sets * ai.n_top if ai.diversity else 0)
+        index = scan(lm, sae, hook, contexts, ai.n_top, k_sample, cfg.model.batch_size,
                      ai.act_threshold, cfg.seed)  # fmt: skip
         meta["n_tokens"] = index.n_tokens
         n_dead = int((index.n_active_ctx == 0).sum())
@@ -82,7 +85,8 @@ def build_jobs(
         log.info("autointerp %s: %d of %d features never activate on %d tokens; scoring %d",
                  name, n_dead, width, index.n_tokens, len(feats))  # fmt: skip
         exs = feature_examples(lm, sae, hook, index, feats, ai.n_top, ai.n_predict, ai.window,
-                               ai.act_threshold, cfg.seed, cfg.model.batch_size)  # fmt: skip
+                               ai.act_threshold, cfg.seed, cfg.model.batch_size,
+                               ai.diversity_sets if ai.diversity else 0)  # fmt: skip
         jobs += [Job(name, hook, ex) for ex in exs]
     return jobs, meta
 

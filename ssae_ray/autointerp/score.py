@@ -1,5 +1,9 @@
 """Scoring one feature: Interpreter -> explanation, Predictor -> labels, F1, diversity.
 
+With `sample_sets`, the Interpreter also explains sets of examples drawn uniformly from all the
+feature's activating contexts; those explanations are unified (Box 8) and, with the top-example
+explanation, scored for diversity (Box 9), as in appendix N.6.
+
 `score_feature(job, scorer)` is plain async code shared by the Ray actors and the local runner.
 A scorer is `ClaudeScorer` (prompts through `ClaudeClient`) or `offline.OfflineScorer`. A
 malformed answer is re-asked `parse_retries` times (each re-ask is its own cache entry), then the
@@ -18,8 +22,10 @@ from ssae_ray.autointerp.client import Answer, ClaudeClient, SpendCapReached
 from ssae_ray.autointerp.prompts import (
     ParseError,
     Prompt,
+    aggregate_prompt,
     diversity_prompt,
     interpreter_prompt,
+    parse_aggregate,
     parse_diversity,
     parse_explanation,
     parse_predictions,
@@ -43,7 +49,10 @@ class FeatureExamples(NamedTuple):
     predict_labels: list[int]
     """1 where the window activates the feature."""
     active_tokens: list[str]
-    """Activating tokens of the top windows, most frequent first (for the offline backend)."""
+    """Activating tokens of the top windows, most frequent first."""
+    sample_sets: list[list[str]] = []
+    """Sets of marked windows sampled uniformly from all activating contexts (appendix N.6): each
+    gets its own explanation; they are unified (Box 8) and scored for diversity (Box 9)."""
 
 
 class Scores(NamedTuple):
@@ -121,13 +130,17 @@ class ClaudeScorer:
                 )
         raise Malformed(step, err, text)
 
-    async def explain(self, ex: FeatureExamples, usage: Usage) -> str:
-        prompt = interpreter_prompt(ex.top_texts, self.domain, self.max_tokens)
+    async def explain(self, texts: Sequence[str], usage: Usage) -> str:
+        prompt = interpreter_prompt(texts, self.domain, self.max_tokens)
         return await self._ask("interpreter", prompt, parse_explanation, usage)
 
     async def predict(self, explanation: str, texts: Sequence[str], usage: Usage) -> list[int]:
         prompt = predictor_prompt(explanation, texts)
         return await self._ask("predictor", prompt, lambda t: parse_predictions(t, len(texts)), usage)
+
+    async def aggregate(self, explanations: Sequence[str], usage: Usage) -> str:
+        prompt = aggregate_prompt(explanations, self.domain, self.max_tokens)
+        return await self._ask("aggregate", prompt, parse_aggregate, usage)
 
     async def diversity(self, explanations: Sequence[str], usage: Usage) -> int:
         prompt = diversity_prompt(explanations, self.domain, self.max_tokens)
@@ -149,6 +162,8 @@ def base_row(job: Job, backend: str, model: str) -> dict[str, Any]:
         "n_active_ctx": ex.n_active_ctx,
         "max_act": ex.max_act,
         "explanation": None,
+        "unified_explanation": None,
+        "n_explanations": 0,
         "diversity": None,
         "f1": None,
         "precision": None,
@@ -176,15 +191,21 @@ async def score_feature(job: Job, scorer: Any, diversity: bool = True) -> dict[s
         return row
     usage = Usage()
     try:
-        explanation = await scorer.explain(ex, usage)
-        row["explanation"] = explanation
+        explanation = await scorer.explain(ex.top_texts, usage)
+        row.update(explanation=explanation, n_explanations=1)
         preds = await scorer.predict(explanation, ex.predict_texts, usage)
         row["predictions"] = preds
         row.update(f1_score(preds, ex.predict_labels)._asdict())
         row["status"] = "ok"
         if diversity:
             try:
-                row["diversity"] = await scorer.diversity([explanation], usage)
+                explanations = [explanation]
+                for texts in ex.sample_sets:
+                    explanations.append(await scorer.explain(texts, usage))
+                row["n_explanations"] = len(explanations)
+                if len(explanations) > 1:
+                    row["unified_explanation"] = await scorer.aggregate(explanations, usage)
+                row["diversity"] = await scorer.diversity(explanations, usage)
             except Malformed as e:  # the F1 stands; only the diversity score is missing
                 row.update(error=str(e), raw_answer=e.answer)
     except Malformed as e:
