@@ -7,9 +7,11 @@ on disk (`<out>/trials/<trial>/best/<hook>/`, sae-lens format) and logged as an 
 sets are never touched here. A trial that finished (its `done.json` exists) is not rerun when the
 sweep is resumed.
 
-Trials call the training loop in-process (one CPU or GPU slot per trial from `sweep.cpus_per_trial`
-/ `sweep.gpus_per_trial`). For a multi-worker finetune inside a trial, run Ray Train's
-`TorchTrainer` from the trial function (Ray Train V2 supports that nesting).
+Trials run the training loop in-process (one CPU or GPU slot per trial from `sweep.cpus_per_trial`
+/ `sweep.gpus_per_trial`). With `train.num_workers > 1` a trial instead runs Ray Train's
+`TorchTrainer` (`training.ray_train.run_finetune`) from inside the Tune function, as Ray Train V2
+expects, and is scored once at the end (set `sweep.cpus_per_trial` to 0 so the trial's own slot
+does not starve the Train workers on a small cluster).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def run_sweep(
     }  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_trial_fn, ctx=ctx, val_set=val_set),
-        {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial},
+        _trial_resources(cfg),
     )
     space = {
         "strategy": tune.grid_search(list(cfg.sweep.strategies)),
@@ -188,6 +190,13 @@ def run_sweep(
     return SweepResult(out, uri, exp_id, parent, records, best, run_ids)
 
 
+def _trial_resources(cfg: Config) -> dict[str, float]:
+    """Per-trial resources; a trial that only drives a Ray Train run may ask for 0 CPUs (Tune needs
+    some request, so it then asks for 1 MiB of memory)."""
+    res = {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial}
+    return {k: v for k, v in res.items() if v > 0} or {"memory": float(2**20)}
+
+
 def _parent_run(client: Any, exp_id: str, cfg: Config, out: Path) -> str:
     params = {k: v for k, v in tracking.flat_config(cfg).items() if k.split(".")[0] in
               ("name", "model", "sae", "train", "sweep", "retrieval", "eval")}  # fmt: skip
@@ -203,10 +212,11 @@ def _write_table(
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "lam", "tilt", "seed", "step", "best", *keys])
+        w.writerow(["strategy", "lam", "tilt", "seed", "step", "best_for_lam", "best_path", *keys])
         for t, rs in records.items():
             for r in rs:
-                w.writerow([*t, r.step, int(best[t].step == r.step), *(r.val.get(k, "") for k in keys)])
+                b = best[t].step == r.step
+                w.writerow([*t, r.step, int(b), best[t].path if b else "", *(r.val.get(k, "") for k in keys)])
     tmp.replace(path)
     return path
 
@@ -254,19 +264,11 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
                              tags={"ssae.kind": "trial", "ssae.strategy": trial.strategy})  # fmt: skip
     try:
         lm = load_lm(cfg.model, ctx["lm_cache"])
-        gsaes = {h: load_sae(Path(ctx["gsae_dir"]) / h, str(lm.device)) for h in hooks}
-        batches = iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed)
-        first = next(batches)
-        trainers = make_trainers(tc, gsaes, first, str(lm.device))
-        it = itertools.chain([first], batches)
         checkpoints: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
-        pending: list[tuple[int, dict[str, float]]] = []
-        every = max(1, min(cfg.train.checkpoint_every, tc.steps))
 
-        def score(step: int) -> None:
+        def score(step: int, saes: dict[str, Any]) -> None:
             nonlocal best
-            saes = {h: tr.export() for h, tr in trainers.items()}
             val: dict[str, float] = {}
             for h, sae in saes.items():
                 ev = evaluate_sae(lm, sae, h, val_set, cfg.eval.batch_size)
@@ -287,18 +289,39 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
             tracking.log_metrics(client, rid, val, step)
             report({**val, "step": step})
 
-        def on_step(step: int, m: dict[str, float]) -> None:
-            pending.append((step, m))
-            if len(pending) >= 20 or step + 1 == tc.steps:
-                for s, mm in pending:
-                    tracking.log_metrics(client, rid, {f"train/{k}": v for k, v in mm.items()}, s)
-                pending.clear()
-            if (step + 1) % every == 0 or step + 1 == tc.steps:
-                score(step + 1)
+        def log_train(history: list[dict[str, float]]) -> None:
+            for m in history:
+                tracking.log_metrics(client, rid, {f"train/{k}": v for k, v in m.items()}, int(m["step"]))
 
-        history = run_steps(trainers, it, 0, tc.steps, callback=on_step, progress=False, desc=trial.name)
-        if not checkpoints or checkpoints[-1]["step"] != len(history):
-            score(len(history))
+        if tc.num_workers > 1:  # Ray Train (V2) TorchTrainer inside this Tune trial; scored at the end
+            from ssae_ray.training.ray_train import run_finetune
+
+            tcfg = cfg.replace(train=dataclasses.asdict(tc))
+            final = run_finetune(tcfg, ctx["gsae_dir"], ctx["caches"][trial.strategy], tdir / "finetune",
+                                 storage_path=tdir / "ray_train")  # fmt: skip
+            log_train(json.loads((final / "history.json").read_text()))
+            score(tc.steps, {h: load_sae(final / h, str(lm.device)) for h in hooks})
+        else:  # in-process loop, scored every `checkpoint_every` steps
+            gsaes = {h: load_sae(Path(ctx["gsae_dir"]) / h, str(lm.device)) for h in hooks}
+            batches = iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed)
+            first = next(batches)
+            trainers = make_trainers(tc, gsaes, first, str(lm.device))
+            pending: list[dict[str, float]] = []
+            every = max(1, min(cfg.train.checkpoint_every, tc.steps))
+
+            def on_step(step: int, m: dict[str, float]) -> None:
+                pending.append(m)
+                if len(pending) >= 20 or step + 1 == tc.steps:
+                    log_train(pending)
+                    pending.clear()
+                if (step + 1) % every == 0 or step + 1 == tc.steps:
+                    score(step + 1, {h: tr.export() for h, tr in trainers.items()})
+
+            it = itertools.chain([first], batches)
+            history = run_steps(trainers, it, 0, tc.steps, callback=on_step, progress=False, desc=trial.name)
+            log_train(pending)
+            if not checkpoints or checkpoints[-1]["step"] != len(history):
+                score(len(history), {h: tr.export() for h, tr in trainers.items()})
         assert best is not None
         client.log_artifacts(rid, best["path"], "ssae")
         write_json_atomic(

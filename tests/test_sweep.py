@@ -132,3 +132,29 @@ def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_serve
     done = json.loads((tmp_path / "sweep" / "trials" / "dense-lam0.01-tilt0-seed0" / "done.json").read_text())
     res2 = sweep.run_sweep(cfg, tmp_path / "gsae", caches, val, tmp_path / "sweep", tmp_path / "models")
     assert res2.run_ids[Trial("dense", 0.01, 0.0, 0)] == done["run_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_trial_runs_ray_train_inside_tune(tiny_cfg, ray_local, monkeypatch, tmp_path):
+    """train.num_workers > 1: the Tune trial runs a TorchTrainer (Ray Train V2) and scores its result."""
+    from ssae_ray.eval.evaluate import prepare_test_set
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import load_gsaes, save_sae
+    from ssae_ray.training.cache import cache_activations
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = tiny_cfg.replace(
+        sae={"hooks": ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]},
+        train={"steps": 3, "batch_tokens": 64, "num_workers": 2, "placement": "by_hook"},
+        sweep={"lams": [1.0], "tilts": [0.0], "seeds": [0], "strategies": ["dense"], "cpus_per_trial": 0.0},
+    )
+    lm = load_lm(cfg.model, tmp_path / "models")
+    for h, s in load_gsaes(cfg, lm).items():
+        save_sae(s, tmp_path / "gsae" / h)
+    texts = [f"the quantum field of electron {i} and photon {i}" * 4 for i in range(12)]
+    caches = {"dense": cache_activations(cfg, lm, texts[:8], cfg.sae.hooks, progress=False)}
+    val = prepare_test_set(lm, "val", texts[8:], cfg.sae.hooks, cfg.model.context_len, 128)
+    res = sweep.run_sweep(cfg, tmp_path / "gsae", caches, val, tmp_path / "sweep", tmp_path / "models")
+    ((t, rec),) = res.best.items()
+    assert rec.step == 3 and (tmp_path / "sweep" / "trials" / t.name / "finetune" / "history.json").is_file()

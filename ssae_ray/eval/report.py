@@ -59,15 +59,15 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
         f"with a {cfg.eval.ci_level:.0%} bootstrap CI over test documents ({cfg.eval.bootstrap} resamples). "
         "Lower is better. The GSAE is shown at its own L0.",
         "",
-        "| test | hook | SAE | L0 | CE ± seeds | perplexity | Δ CE [CI] | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| test | hook | SAE | L0 | CE ± seeds | perplexity | ppl / GSAE | Δ CE [CI] | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     dkey = f"d_ce_vs_{ref}"
     for r in res["headline"]:
         ci = f"{_f(r.get(dkey))} [{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]" if dkey in r else "–"
         ce = f"{_f(r.get('ce'))} ± {_f(r.get('ce_seed_std'))}" if "ce_seed_std" in r else _f(r.get("ce"))
         lines.append(f"| {r['test']} | `{r['hook']}` | {_name(r['strategy'], r['tilt'])} | {_f(r.get('l0'), 1)} | "
-                     f"{ce} | {_f(r.get('ppl'), 2)} | {ci} | {r.get('note', '')} |")  # fmt: skip
+                     f"{ce} | {_f(r.get('ppl'), 2)} | {_f(r.get('ppl_rel_gsae'))} | {ci} | {r.get('note', '')} |")  # fmt: skip
     clean = {(r["test"]): r.get("ce_clean") for r in res["headline"] if "ce_clean" in r}
     zero = {(r["test"], r["hook"]): r.get("ce_zero") for r in res["headline"] if "ce_zero" in r}
     lines += ["", "Clean CE: " + ", ".join(f"{k} {_f(v)}" for k, v in clean.items()) + "; zero-ablation CE: "

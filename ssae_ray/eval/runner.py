@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ssae_ray.config import Config
 from ssae_ray.eval import curves as C
@@ -79,11 +80,18 @@ def evaluate_sweep(
     for name, ts in test_sets.items():
         for h in hooks:
             evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs)
+    bar = tqdm(total=len(sweep.best) * len(hooks) * len(test_sets), desc="eval SSAEs", unit="sae")
     for t, rec in sweep.best.items():
         for h in hooks:
             sae = load_sae(Path(rec.path) / h, str(lm.device))
             for name, ts in test_sets.items():
-                evals[(t.strategy, t.tilt, t.lam, t.seed, h, name)] = evaluate_sae(lm, sae, h, ts, bs)
+                e = evaluate_sae(lm, sae, h, ts, bs)
+                if name != "test":  # per-token statistics are only used on the in-domain test set
+                    e = e._replace(token_ids=e.token_ids[:0], sse=e.sse[:0], entropy=e.entropy[:0],
+                                   max_act=e.max_act[:0])  # fmt: skip
+                evals[(t.strategy, t.tilt, t.lam, t.seed, h, name)] = e
+                bar.update(1)
+    bar.close()
     with atomic_dir(Path(out)) as tmp:
         res = write_tables(cfg, lm, evals, test_sets, gsaes, sweep, tmp)
         from ssae_ray.eval.report import write_report
@@ -195,8 +203,8 @@ def _headline_row(name, h, s, t, c, match, ts, curves, ref, g, ec) -> dict[str, 
     except EvalError:
         lo, hi = c.span()
         return {**row, "note": f"L0 {match:g} outside span [{lo:.1f}, {hi:.1f}]"}
-    row.update(ce=a.ce, ce_seed_std=a.ce_std, ppl=perplexity(a.ce), ce_clean=g.ce_clean, ce_zero=g.ce_zero,
-               n_seeds=c.points[0].n_seeds)  # fmt: skip
+    row.update(ce=a.ce, ce_seed_std=a.ce_std, ppl=perplexity(a.ce), ppl_rel_gsae=perplexity(a.ce) / g.ppl,
+               ce_clean=g.ce_clean, ce_zero=g.ce_zero, n_seeds=c.points[0].n_seeds)  # fmt: skip
     try:
         if ref == GSAE:
             d = C.diff_vs_loss(c, match, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
