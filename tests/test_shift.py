@@ -186,6 +186,25 @@ def test_forward_to_stops_at_the_probe_layer(tiny):
     torch.testing.assert_close(act, ref)
 
 
+def test_prefix_skips_early_layers_without_changing_results(tiny):
+    lm, batch, prof, _, saes, probe = tiny
+    from ssae_ray.shift.probe import make_prefix
+
+    late = {h: s for h, s in saes.items() if h.startswith("blocks.1.")}
+    prefix = make_prefix(lm, batch, 1, batch_size=8)
+    abl = feature_ablation(late, [("blocks.1.hook_mlp_out", 3), ("blocks.1.hook_resid_post", 5)])
+    for splice in (None, abl):
+        full = pooled_reps(lm, batch, 1, splice, batch_size=8)
+        torch.testing.assert_close(pooled_reps(lm, batch, 1, splice, batch_size=8, prefix=prefix), full, atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+    a = attribute(lm, batch, probe, prof, 1, late, batch_size=8)
+    b = attribute(lm, batch, probe, prof, 1, late, batch_size=8, prefix=prefix)
+    for h in late:
+        torch.testing.assert_close(a.features[h], b.features[h], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="prefix"):
+        pooled_reps(lm, batch, 1, feature_ablation(saes, [("blocks.0.hook_mlp_out", 0)]), prefix=prefix)
+
+
 def test_attribution_patching_matches_true_feature_ablation(tiny):
     lm, batch, prof, _, saes, probe = tiny
     attr = attribute(lm, batch, probe, prof, 1, saes, batch_size=16)
@@ -201,6 +220,7 @@ def test_attribution_patching_matches_true_feature_ablation(tiny):
     assert (true_t.abs() > 1e-4).all()  # the effects compared are not all zero
 
 
+@pytest.mark.slow
 def test_integrated_gradients_add_up_to_zeroing_the_hook(tiny):
     """IG's completeness: the features' and error's IEs of a hook sum to the effect of zeroing it."""
     lm, batch, prof, _, saes, probe = tiny

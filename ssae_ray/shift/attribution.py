@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssae_ray.models import LM, TokenBatch, iter_batches, parse_hook
-from ssae_ray.shift.probe import forward_to, pool
+from ssae_ray.shift.probe import Prefix, forward_to, pool, prefix_rows
 
 KIND_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_out": 2, "resid_post": 3}
 
@@ -84,6 +84,7 @@ def hook_grads(
     hooks: Sequence[str],
     skip_first: bool = True,
     scale: tuple[str, float] | None = None,
+    prefix: tuple[int, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Hook outputs and dm/d(hook output) (summed m over the batch) for `hooks`, [B, T, d] each.
     `scale=(hook, alpha)` multiplies that hook's output by alpha first (an IG path point)."""
@@ -98,7 +99,7 @@ def hook_grads(
         return act
 
     with torch.enable_grad():
-        out = forward_to(lm, ids, mask, layer, splice, on_act=on_act)
+        out = forward_to(lm, ids, mask, layer, splice, on_act=on_act, prefix=prefix)
         m = metric(probe.to(out.device)(pool(out, mask, skip_first)).squeeze(-1), y.to(out.device)).sum()
         names = [h for h in hooks if h in acts]
         grads = torch.autograd.grad(m, [acts[h] for h in names], allow_unused=True)
@@ -123,6 +124,7 @@ def attribute(
     ig_steps: int = 10,
     batch_size: int = 16,
     skip_first: bool = True,
+    prefix: Prefix | None = None,
 ) -> Attribution:
     """Mean IEs of SAE features / errors (zero-ablation) and neurons (mean-ablation, when `means`
     are given) at every hook at or before `layer`, on m = -log C(labels|x)."""
@@ -138,13 +140,14 @@ def attribute(
     start = 0
     for b in iter_batches(batch, batch_size):
         y = y_all[start : start + b.input_ids.shape[0]]
+        pre = prefix_rows(prefix, start, b.input_ids.shape[0], b.input_ids.shape[1])
         start += b.input_ids.shape[0]
         ids, am = b.input_ids.to(lm.device), b.attention_mask.to(lm.device)
-        acts, grads = hook_grads(lm, ids, am, probe, y, layer, hooks, skip_first)
+        acts, grads = hook_grads(lm, ids, am, probe, y, layer, hooks, skip_first, prefix=pre)
         for h in ig_hooks:
             if h not in acts:
                 continue
-            path = [hook_grads(lm, ids, am, probe, y, layer, hooks, skip_first, (h, 1 - (k + 0.5) / ig_steps))[1][h]
+            path = [hook_grads(lm, ids, am, probe, y, layer, hooks, skip_first, (h, 1 - (k + 0.5) / ig_steps), pre)[1][h]
                     for k in range(ig_steps)]  # fmt: skip
             grads[h] = torch.stack(path).mean(0)
         pm = position_mask(am)
@@ -226,6 +229,7 @@ def edge_effects(
     up_hooks: Sequence[str] | None = None,
     skip_first: bool = True,
     batch_size: int = 16,
+    prefix: Prefix | None = None,
 ) -> dict[tuple[str, str], float]:
     """Mean AtP effects of edges from every upstream feature / error into each downstream feature:
     IE(u -> d) ~ sum_{t,t'} (dm/dd_t) (dd_t/du_t') (0 - u_t'), through all paths between them
@@ -239,6 +243,7 @@ def edge_effects(
     start = 0
     for b in iter_batches(batch, batch_size):
         y = y_all[start : start + b.input_ids.shape[0]]
+        pre = prefix_rows(prefix, start, b.input_ids.shape[0], b.input_ids.shape[1])
         start += b.input_ids.shape[0]
         ids, am = b.input_ids.to(lm.device), b.attention_mask.to(lm.device)
         pm = position_mask(am)
@@ -250,7 +255,7 @@ def edge_effects(
             return act
 
         with torch.enable_grad():
-            res = forward_to(lm, ids, am, layer, {h: (lambda x: x) for h in hooks}, on_act=on_act)
+            res = forward_to(lm, ids, am, layer, {h: (lambda x: x) for h in hooks}, on_act=on_act, prefix=pre)
             m = metric(probe.to(res.device)(pool(res, am, skip_first)).squeeze(-1), y.to(res.device)).sum()
             g_all = dict(
                 zip(hooks, torch.autograd.grad(m, [acts[h] for h in hooks], retain_graph=True), strict=True)
@@ -298,12 +303,13 @@ def find_circuit(
     edge_examples: int | None = None,
     batch_size: int = 16,
     skip_first: bool = True,
+    prefix: Prefix | None = None,
 ) -> tuple[Circuit, Attribution]:
     """Nodes with |IE| > T_N (AtP, IG in early layers), then edges into the `max_edge_nodes`
     strongest downstream feature nodes with |IE| > T_E, computed on `edge_examples` bios."""
     attr = attribute(
         lm, batch, probe, labels, layer, saes, ig_hooks=ig_hooks_for(list(saes), ig_layers), ig_steps=ig_steps,
-        batch_size=batch_size, skip_first=skip_first,
+        batch_size=batch_size, skip_first=skip_first, prefix=prefix,
     )  # fmt: skip
     feats, errs = select_nodes(attr, node_threshold)
     edges: list[tuple[str, str, float]] = []
@@ -313,7 +319,16 @@ def find_circuit(
         sub = batch if edge_examples is None else TokenBatch(*(t[:edge_examples] for t in batch))
         lab = torch.as_tensor(labels)[: sub.input_ids.shape[0]]
         raw = edge_effects(
-            lm, sub, probe, lab, layer, saes, down, skip_first=skip_first, batch_size=batch_size
+            lm,
+            sub,
+            probe,
+            lab,
+            layer,
+            saes,
+            down,
+            skip_first=skip_first,
+            batch_size=batch_size,
+            prefix=prefix,
         )
         edges = sorted(
             [(u, d, v) for (u, d), v in raw.items() if u in keep and abs(v) > edge_threshold],

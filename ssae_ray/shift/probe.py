@@ -7,7 +7,9 @@ ablations), so every classifier in Table 1 is `probe(pooled_reps(lm, bios, layer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -65,6 +67,42 @@ class _Stop(Exception):
     pass
 
 
+class Prefix(NamedTuple):
+    """The residual stream entering layer `start` for a whole set of bios, so that forwards whose
+    hooks all sit at or after `start` skip the layers before it (computed once per set)."""
+
+    start: int
+    resid: Tensor
+    """[N, T, d] on the LM's device, aligned with the set's TokenBatch."""
+
+
+@torch.no_grad()
+def make_prefix(lm: LM, batch: TokenBatch, start: int, batch_size: int = 16) -> Prefix | None:
+    """Prefix of `batch` at layer `start` (None when start is 0: nothing to skip)."""
+    if start <= 0:
+        return None
+    from ssae_ray.models import capture
+
+    hook = f"blocks.{start}.hook_resid_pre"
+    parts = []
+    for s in range(0, batch.input_ids.shape[0], batch_size):
+        ids, mask = batch.input_ids[s : s + batch_size], batch.attention_mask[s : s + batch_size]
+        parts.append(capture(lm, ids, mask, [hook])[hook])
+    return Prefix(start, torch.cat(parts))
+
+
+@contextlib.contextmanager
+def _from_layer(lm: LM, start: int) -> Iterator[None]:
+    """Temporarily drop the layers before `start` (hooks stay on the layer modules themselves)."""
+    owner = lm.model.gpt_neox if lm.arch == "gpt_neox" else lm.model.model
+    full = owner.layers
+    owner.layers = nn.ModuleList(list(full)[start:])
+    try:
+        yield
+    finally:
+        owner.layers = full
+
+
 def forward_to(
     lm: LM,
     input_ids: Tensor,
@@ -72,13 +110,19 @@ def forward_to(
     layer: int,
     splice: Splice | None = None,
     on_act: Callable[[str, Tensor], Tensor | None] | None = None,
+    prefix: tuple[int, Tensor] | None = None,
 ) -> Tensor:
     """Run the LM up to `blocks.<layer>.hook_resid_post` with hooks spliced; return that
     activation [B, T, d]. `on_act(hook, act)` sees (and may replace) every spliced hook's output
-    after splicing; gradients flow when enabled by the caller."""
+    after splicing; gradients flow when enabled by the caller. `prefix=(start, resid)` starts
+    from the residual stream entering layer `start` (this batch's rows of a `Prefix`)."""
     splice = {h: fn for h, fn in (splice or {}).items() if parse_hook(h).layer <= layer}
     target = probe_hook(layer)
     out: dict[str, Tensor] = {}
+    start = prefix[0] if prefix is not None else 0
+    early = [h for h in splice if parse_hook(h).layer < start]
+    if early or start > layer:
+        raise ValueError(f"a prefix starting at layer {start} cannot splice {early} or read layer {layer}")
 
     def fn(name: str, act: Tensor) -> Tensor | None:
         new = splice[name](act).to(act.dtype) if name in splice else None
@@ -91,16 +135,25 @@ def forward_to(
         return new
 
     hooks = list(dict.fromkeys([*splice, target]))
+    mask = attention_mask.to(lm.device)
     with _hooks(lm, hooks, fn):
         try:
-            lm.model(
-                input_ids=input_ids.to(lm.device),
-                attention_mask=attention_mask.to(lm.device),
-                use_cache=False,
-            )
+            if prefix is None:
+                lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, use_cache=False)
+            else:
+                h = prefix[1].to(lm.device, next(lm.model.parameters()).dtype)
+                if lm.arch == "gemma":  # Gemma multiplies its input embeddings by sqrt(d)
+                    h = h / torch.tensor(math.sqrt(lm.d_model), dtype=h.dtype)
+                with _from_layer(lm, start):
+                    lm.model(inputs_embeds=h, attention_mask=mask, use_cache=False)
         except _Stop:
             pass
     return out[target]
+
+
+def prefix_rows(prefix: Prefix | None, s: int, n: int, width: int) -> tuple[int, Tensor] | None:
+    """Rows s..s+n (trimmed to `width` tokens) of a set's prefix, as `forward_to` takes them."""
+    return None if prefix is None else (prefix.start, prefix.resid[s : s + n, :width])
 
 
 def pool(act: Tensor, attention_mask: Tensor, skip_first: bool = True) -> Tensor:
@@ -121,6 +174,7 @@ def pooled_reps(
     splice: Splice | None = None,
     batch_size: int = 16,
     skip_first: bool = True,
+    prefix: Prefix | None = None,
 ) -> Tensor:
     """[N, d] mean-pooled residual stream after `layer`, with `splice` applied, on the CPU."""
     out = []
@@ -128,7 +182,7 @@ def pooled_reps(
         mask = batch.attention_mask[s : s + batch_size]
         width = int(mask.sum(1).max())
         ids, mask = batch.input_ids[s : s + batch_size, :width], mask[:, :width]
-        act = forward_to(lm, ids, mask, layer, splice)
+        act = forward_to(lm, ids, mask, layer, splice, prefix=prefix_rows(prefix, s, ids.shape[0], width))
         out.append(pool(act, mask, skip_first).cpu())
     return torch.cat(out) if out else torch.zeros(0, lm.d_model)
 

@@ -21,14 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from ssae_ray.config import Config
-from ssae_ray.models import LM, TokenBatch
+from ssae_ray.models import LM, TokenBatch, parse_hook
 from ssae_ray.shift.attribution import attribute, find_circuit, hook_means, position_mask
 from ssae_ray.shift.data import Bios, BiosData
 from ssae_ray.shift.probe import (
     Accuracies,
+    Prefix,
     Splice,
     forward_to,
     group_accuracies,
+    make_prefix,
     pool,
     pooled_reps,
     predict,
@@ -171,11 +173,14 @@ def concept_scores(x: Tensor, concepts: Tensor) -> Tensor:
 # The whole experiment
 
 
+Set = tuple[TokenBatch, Bios, Prefix | None]
+
+
 class _Sets(NamedTuple):
-    amb_train: tuple[TokenBatch, Bios]
-    bal_train: tuple[TokenBatch, Bios]
-    bal_dev: tuple[TokenBatch, Bios]
-    bal_test: tuple[TokenBatch, Bios]
+    amb_train: Set
+    bal_train: Set
+    bal_dev: Set
+    bal_test: Set
 
 
 def run_shift(
@@ -199,11 +204,21 @@ def run_shift(
         clock[0] = now
 
     T = sc.context_len or cfg.model.context_len
-    sets = _Sets(*((tokenize_bios(lm.tokenizer, b.text, T), b) for b in (
+    hooks = sorted({h for saes in sae_sets.values() for h in saes})
+    # every forward below splices only at these hooks: run the layers before them once per set
+    start = min((parse_hook(h).layer for h in hooks), default=0)
+    start = start if start <= layer and not any(parse_hook(h).layer < sc.ig_layers for h in hooks) else 0
+
+    def make_set(bios: Bios) -> Set:
+        batch = tokenize_bios(lm.tokenizer, bios.text, T)
+        return batch, bios, make_prefix(lm, batch, start, sc.batch_size)
+
+    say(f"tokenizing and running layers 0..{start - 1} once" if start else "tokenizing")
+    sets = _Sets(*(make_set(b) for b in (
         data.ambiguous["train"], data.balanced["train"], data.balanced["dev"], data.balanced["test"])))  # fmt: skip
 
-    def reps(which: tuple[TokenBatch, Bios], splice: Splice | None = None) -> Tensor:
-        return pooled_reps(lm, which[0], layer, splice, sc.batch_size, sc.pool_skip_first)
+    def reps(which: Set, splice: Splice | None = None) -> Tensor:
+        return pooled_reps(lm, which[0], layer, splice, sc.batch_size, sc.pool_skip_first, which[2])
 
     def fit(x: Tensor, y: Sequence[int], init: nn.Linear | None = None) -> nn.Linear:
         return train_probe(x, y, sc.probe_lr, sc.probe_epochs, sc.probe_batch_size, cfg.seed, init)
@@ -238,11 +253,10 @@ def run_shift(
         ]
 
     curves: dict[str, list[dict[str, float]]] = {}
-    hooks = sorted({h for saes in sae_sets.values() for h in saes})
     say("neuron skyline")
     means = hook_means(lm, sets.amb_train[0], hooks, sc.batch_size)
     gender_attr = attribute(lm, sets.bal_train[0], original, sets.bal_train[1].gender, layer, means=means,
-                            batch_size=sc.batch_size, skip_first=sc.pool_skip_first)  # fmt: skip
+                            batch_size=sc.batch_size, skip_first=sc.pool_skip_first, prefix=sets.bal_train[2])  # fmt: skip
     rows += skyline_rows(
         "Neuron skyline", rank_nodes(gender_attr.neurons), lambda n: neuron_ablation(means, n)
     )
@@ -255,12 +269,13 @@ def run_shift(
         circuit, attr = find_circuit(
             lm, sets.amb_train[0], original, sets.amb_train[1].profession, layer, saes, sc.node_threshold,
             sc.edge_threshold, sc.ig_layers, sc.ig_steps, sc.max_edge_nodes, edge_examples=sc.batch_size,
-            batch_size=sc.batch_size, skip_first=sc.pool_skip_first,
+            batch_size=sc.batch_size, skip_first=sc.pool_skip_first, prefix=sets.amb_train[2],
         )  # fmt: skip
         lap(f"{name}_circuit")
         say(f"{name}: gender attribution and feature skyline")
         g_attr = attribute(lm, sets.bal_train[0], original, sets.bal_train[1].gender, layer, saes,
-                           ig_hooks=[], batch_size=sc.batch_size, skip_first=sc.pool_skip_first)  # fmt: skip
+                           ig_hooks=[], batch_size=sc.batch_size, skip_first=sc.pool_skip_first,
+                           prefix=sets.bal_train[2])  # fmt: skip
         allowed = {(h, i) for h, i, _ in circuit.features}
         if not allowed:
             log.warning("shift: the %s circuit has no feature with |IE| > %s; ranking all features", name,
