@@ -95,10 +95,18 @@ def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 def serve_forever(cfg: Config, port: int = 5000) -> None:
     """`ssae-ray mlflow`: start a server under `<workdir>/mlflow`, print its URL, wait for Ctrl-C."""
+    import signal
+
     url, proc = start_mlflow_server(cfg.root / "mlflow", port)
     print(
         f"MLflow tracking server: {url}\n  export MLFLOW_TRACKING_URI={url}\n  (Ctrl-C stops it)", flush=True
     )
+
+    def _stop(*_a: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # `kill` stops the server too, not only Ctrl-C
+    signal.signal(signal.SIGINT, _stop)
     try:
         proc.wait()
     except KeyboardInterrupt:

@@ -85,3 +85,38 @@ def test_safe_params_and_flat_config(tiny_cfg):
     assert flat["train.lam"] == tiny_cfg.train.lam and "sweep.lams" in flat
     p = tracking.safe_params({"train.batch_tokens": 256, "my_api_key": "x", "password": "y", "v": "sk-ant-1"})
     assert p == {"train.batch_tokens": "256"}
+
+
+@pytest.mark.slow
+def test_cli_mlflow_serves_until_terminated(tmp_path):
+    """`ssae-ray mlflow` prints its URL, answers /health, and SIGTERM stops the server with it."""
+    import subprocess
+    import sys
+    import time
+
+    port = tracking.free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssae_ray.cli",
+        "mlflow",
+        "--preset",
+        "tiny",
+        f"workdir={tmp_path}",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while not tracking._healthy(url, 1.0) and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+        assert tracking._healthy(url, 1.0)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        assert f"MLflow tracking server: {url}" in out
+        assert not tracking._healthy(url, 1.0) and (tmp_path / "mlflow" / "mlflow.db").is_file()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
