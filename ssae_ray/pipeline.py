@@ -13,13 +13,14 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ssae_ray.config import Config
-from ssae_ray.stages import StageError, read_manifest, run_stage, stage_key, write_json_atomic
+from ssae_ray.stages import BUILDS, StageError, read_manifest, run_stage, stage_key, write_json_atomic
 
 log = logging.getLogger("ssae_ray")
 T = TypeVar("T")
@@ -43,12 +44,14 @@ class Timer:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
-    def __call__(self, name: str, fn: Callable[[], T]) -> T:
+    def __call__(self, name: str, fn: Callable[[], T], cached: bool | None = None) -> T:
+        """Run one stage; it counts as cached when it built no stage folder (or as `cached` says)."""
         t0 = time.perf_counter()
+        before = BUILDS[0]
         log.info("== stage %s", name)
         out = fn()
         secs = time.perf_counter() - t0
-        cached = isinstance(out, Path) and _was_cached(out, t0)
+        cached = (BUILDS[0] == before) if cached is None else cached
         self.rows.append({"stage": name, "seconds": round(secs, 1), "cached": cached})
         log.info("== stage %s done in %.1f s%s", name, secs, " (cached)" if cached else "")
         return out
@@ -69,11 +72,6 @@ class Timer:
             w.writeheader()
             w.writerows(self.rows)
         return path
-
-
-def _was_cached(folder: Path, t0: float) -> bool:
-    m = read_manifest(folder)
-    return bool(m and m.get("created", 0) < t0 - 1e-3 and "created" in m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,46 +229,74 @@ def _test_sets(cfg: Config, lm: Any, corpus_dir: Path, names: tuple[str, ...]) -
     return sets
 
 
-def stage_sweep(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None):
-    from ssae_ray import tracking
-    from ssae_ray.sweep import run_sweep
+class SweepPlan(NamedTuple):
+    corpus_dir: Path
+    gsae_dir: Path
+    caches: dict[str, Path]
+    folder: Path
+    """`<workdir>/sweep/<hash of train, sweep, eval configs, GSAEs and caches>`."""
 
-    timer = timer or Timer()
+
+def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
+    """Everything a sweep reads (corpus, GSAEs, selections, activation caches), built or found."""
+    from ssae_ray import tracking
+
     tracking.check_tracking(tracking.tracking_uri(cfg))  # fail before hours of work
-    lm = lm or _lm(cfg)
     corpus_dir = timer("corpus", lambda: stage_corpus(cfg, lm))
     gsae_dir = timer("gsaes", lambda: stage_gsaes(cfg, lm, corpus_dir))
     caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm))
-    val = timer("val set", lambda: _test_sets(cfg, lm, corpus_dir, ("val",)).get("val"))
+    key = stage_key("sweep", cfg.train, cfg.sweep, cfg.eval, str(gsae_dir), sorted(map(str, caches.values())))
+    return SweepPlan(corpus_dir, gsae_dir, caches, cfg.root / "sweep" / key)
+
+
+def stage_sweep(
+    cfg: Config,
+    force: bool = False,
+    lm: Any = None,
+    timer: Timer | None = None,
+    plan: SweepPlan | None = None,
+):
+    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun."""
+    from ssae_ray.sweep import grid, run_sweep
+
+    timer = timer or Timer()
+    lm = lm or _lm(cfg)
+    plan = plan or plan_sweep(cfg, lm, timer)
+    if force and plan.folder.exists():
+        shutil.rmtree(plan.folder)
+    val = timer("val set", lambda: _test_sets(cfg, lm, plan.corpus_dir, ("val",)).get("val"), False)
     if val is None:
         raise StageError("the corpus has no validation documents; the sweep selects on validation")
-    key = stage_key("sweep", cfg.train, cfg.sweep, cfg.eval, str(gsae_dir), sorted(map(str, caches.values())))
-    out = cfg.root / "sweep" / key
-    if force and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    return timer("sweep", lambda: run_sweep(cfg, gsae_dir, caches, val, out, cfg.root / "models"))
+    done = all((plan.folder / "trials" / t.name / "done.json").is_file() for t in grid(cfg))
+    return timer(
+        "sweep",
+        lambda: run_sweep(cfg, plan.gsae_dir, plan.caches, val, plan.folder, cfg.root / "models"),
+        done,
+    )
 
 
 def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None) -> Path:
+    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report."""
     from ssae_ray.eval.runner import evaluate_sweep, log_to_mlflow
     from ssae_ray.saes import load_sae
 
     timer = timer or Timer()
     lm = lm or _lm(cfg)
-    sweep = stage_sweep(cfg, force, lm, timer)
-    corpus_dir = stage_corpus(cfg, lm)
-    gsae_dir = stage_gsaes(cfg, lm, corpus_dir)
-    out = sweep.folder / "eval"
+    plan = plan_sweep(cfg, lm, timer)
+    out = plan.folder / "eval"
     if (out / "report.md").is_file() and not force:
         log.info("evaluation cached at %s", out)
+        timer("sweep", lambda: plan.folder, True)
+        timer("eval", lambda: out, True)
         return out / "report.md"
-    tests = timer("test sets", lambda: _test_sets(cfg, lm, corpus_dir, ("test", "ood", "general")))
-    gsaes = {h: load_sae(gsae_dir / h, str(lm.device)) for h in cfg.sae.hooks}
-    outputs = timer("eval", lambda: evaluate_sweep(cfg, lm, sweep, gsaes, tests, out))
+    sweep = stage_sweep(cfg, force, lm, timer, plan)
+    tests = timer(
+        "test sets", lambda: _test_sets(cfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
+    )
+    gsaes = {h: load_sae(plan.gsae_dir / h, str(lm.device)) for h in cfg.sae.hooks}
+    outputs = timer("eval", lambda: evaluate_sweep(cfg, lm, sweep, gsaes, tests, out), False)
     extra = {f"retrieval/{s}": c for s, c in _selection_manifests(cfg).items()}
-    extra["corpus"] = corpus_dir / "manifest.json"
+    extra["corpus"] = plan.corpus_dir / "manifest.json"
     log_to_mlflow(sweep, outputs, extra)
     return outputs.folder / "report.md"
 
@@ -325,7 +351,7 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     """The whole physics pipeline; returns the report. Prints the per-stage wall times."""
     timer = Timer()
     t0 = time.perf_counter()
-    lm = timer("load LM", lambda: _lm(cfg))
+    lm = timer("load LM", lambda: _lm(cfg), False)
     report = stage_eval(cfg, force, lm, timer)
     if cfg.autointerp.enabled:
         from ssae_ray.autointerp import run_autointerp

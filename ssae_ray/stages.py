@@ -25,6 +25,8 @@ from ssae_ray.config import config_hash
 log = logging.getLogger("ssae_ray")
 
 MANIFEST = "manifest.json"
+BUILDS = [0]
+"""How many stages this process has built (not found cached); the pipeline's timer reads it."""
 
 
 class StageError(RuntimeError):
@@ -93,6 +95,7 @@ def run_stage(
         log.info("stage %s: cached at %s", stage, final)
         return final
     log.info("stage %s: building %s", stage, final)
+    BUILDS[0] += 1
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
         manifest = build(tmp) or {}

@@ -1,0 +1,79 @@
+"""`ray job submit` of jobs/physics.py on a real local head node; a rerun reuses every stage."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rayhead")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    gcs, dash = _port(), _port()
+    subprocess.run(
+        [RAY, "stop", "--force"], env=env, capture_output=True, timeout=60
+    )  # a stale head would take the job
+    start = subprocess.run(
+        [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={tmp}",
+         "--object-store-memory=300000000", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stderr[-2000:]
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        ok = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True)
+        if ok.returncode == 0:
+            break
+        time.sleep(2)
+    yield url, env
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _submit(url, env, workdir):
+    return subprocess.run(
+        [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+         "python", "jobs/physics.py", "--preset", "tiny", f"workdir={workdir}"],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
+    url, env = head
+    first = _submit(url, env, tmp_path / "work")
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    sweep_dirs = list((tmp_path / "work" / "sweep").iterdir())
+    assert len(sweep_dirs) == 1
+    report = sweep_dirs[0] / "eval" / "report.md"
+    assert report.is_file() and "GSAE" in report.read_text()
+
+    second = _submit(url, env, tmp_path / "work")
+    out2 = second.stdout + second.stderr
+    assert second.returncode == 0, out2[-4000:]
+    timings = json.loads((report.parent / "timings.json").read_text())["rows"]
+    by_stage = {r["stage"]: r for r in timings}
+    for stage in ("corpus", "gsaes", "retrieve+cache"):
+        assert by_stage[stage]["cached"], (stage, timings)
+    assert "evaluation cached" in out2
+    # nothing was trained or built again
+    assert "building" not in out2.split("== stage load LM")[-1], out2[-3000:]
