@@ -35,8 +35,7 @@ from ssae_ray.training.losses import (
     check_lam_tilt,
     normalize_decoder,
     project_decoder_grad,
-    sae_forward,
-    sae_loss,
+    sae_loss_and_grads,
     term_weights,
     tilted_loss,
 )
@@ -117,11 +116,11 @@ class HookTrainer:
             )
         self.tc, self.hook, self.act_scale, self.like = tc, hook, act_scale, sae
         c = act_scale
-        self.W_enc = sae.W_enc.detach().float().to(device).clone().requires_grad_()
-        self.b_enc = (sae.b_enc.detach().float().to(device) * c).requires_grad_()
-        self.W_dec = sae.W_dec.detach().float().to(device).clone().requires_grad_()
-        self.b_dec = (sae.b_dec.detach().float().to(device) * c).requires_grad_()
-        normalize_decoder(self.W_dec.data)
+        self.W_enc = sae.W_enc.detach().float().to(device).clone()
+        self.b_enc = sae.b_enc.detach().float().to(device) * c
+        self.W_dec = sae.W_dec.detach().float().to(device).clone()
+        self.b_dec = sae.b_dec.detach().float().to(device) * c
+        normalize_decoder(self.W_dec)
         self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
         self.opt = torch.optim.Adam(self.params, lr=tc.lr)
         self.lam = AdaptiveLambda(tc.lam, tc.l0_band, tc.adapt_rate)
@@ -148,63 +147,71 @@ class HookTrainer:
                 "was not trained on. Check the model's dtype (fp16 overflow) and the cached activations."
             )
         x = x * self.act_scale
-        out = sae_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         lam = self.lam.lam
-        tl = sae_loss(x, out, lam)
-        per_token = tl.loss
         if gather is None:
-            scale = self.scale.value if self.scale.value is not None else float(per_token.detach().mean())
-            obj = tilted_loss(per_token, tc.tilt, tc.tilt_mode, scale)
-            weights = None
-        else:  # data parallel: weights from the global batch's losses, gradients summed by the caller
-            all_l, off = gather(per_token.detach())
-            scale = self.scale.value if self.scale.value is not None else float(all_l.mean())
-            t = tc.tilt / scale if tc.tilt_mode == "scaled" else tc.tilt
-            weights = term_weights(all_l, t)[off : off + per_token.shape[0]]
-            obj = (weights.detach() * per_token).sum()
-        if not bool(torch.isfinite(obj)):
-            raise TrainingError(
-                f"step {step}, hook {h}: the loss became {float(obj)} (lr {lr:g}, λ {lam:g}); lower train.lr"
-            )
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
-        obj.backward()
-        return {"obj": obj.detach(), "x": x, "out": out, "tl": tl, "scale": scale, "lam": lam, "w": weights}
+            scale = self.scale.value
 
+            def objective(losses: Tensor) -> Tensor:
+                s = scale if scale is not None else float(losses.detach().mean())
+                return tilted_loss(losses, tc.tilt, tc.tilt_mode, s)
+
+        else:  # data parallel: weights from the global batch's losses, gradients summed by the caller
+
+            def objective(losses: Tensor) -> Tensor:
+                all_l, off = gather(losses.detach())
+                s = self.scale.value if self.scale.value is not None else float(all_l.mean())
+                t = tc.tilt / s if tc.tilt_mode == "scaled" else tc.tilt
+                return (term_weights(all_l, t)[off : off + losses.shape[0]] * losses).sum()
+
+        out = sae_loss_and_grads(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam, objective)
+        if not bool(torch.isfinite(out.objective)):
+            raise TrainingError(
+                f"step {step}, hook {h}: the loss became {float(out.objective)} (lr {lr:g}, λ {lam:g}); "
+                "lower train.lr"
+            )
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for p, g in zip(self.params, out.grads, strict=True):
+            p.grad = g
+        return {"out": out, "x": x, "lam": lam}
+
+    @torch.no_grad()
     def apply(self, pending: dict[str, Any]) -> dict[str, float]:
         """Take the optimizer step (after any gradient all-reduce) and compute the step's metrics."""
         project_decoder_grad(self.W_dec)
         self.opt.step()
-        normalize_decoder(self.W_dec.data)
-        x, out, tl = pending["x"], pending["out"], pending["tl"]
-        with torch.no_grad():
-            active = out.f > 0
-            l0 = float(active.sum()) / x.shape[0]
-            self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[active.any(0)] = 0
-            dead = int((self.tokens_since_fired >= self.tc.dead_window_tokens).sum())
-            sse = float(tl.sse.sum())
-            var = float((x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-            mean_loss = float(tl.loss.detach().mean())
-            w = pending["w"]
-            if w is None:
-                w = term_weights(tl.loss / pending["scale"], self.tc.tilt) if self.tc.tilt_mode == "scaled" \
-                    else term_weights(tl.loss, self.tc.tilt)  # fmt: skip
-            eff = float(1.0 / w.double().pow(2).sum()) / w.numel() if w.numel() else 0.0
+        normalize_decoder(self.W_dec)
+        out, x = pending["out"], pending["x"]
+        n = x.shape[0]
+        tl = out.losses
+        scale = self.scale.value if self.scale.value is not None else float(tl.loss.mean())
+        self.tokens_since_fired += n
+        self.tokens_since_fired[out.f.amax(0) > 0] = 0
+        w = term_weights(tl.loss / scale if self.tc.tilt_mode == "scaled" else tl.loss, self.tc.tilt)
+        stats = torch.stack([
+            torch.count_nonzero(out.f).to(torch.float64) / n,
+            (self.tokens_since_fired >= self.tc.dead_window_tokens).sum().double(),
+            tl.sse.double().sum(),
+            (x - x.mean(0)).pow(2).sum().double().clamp_min(1e-12),
+            tl.loss.double().mean(),
+            tl.l1.double().mean(),
+            1.0 / w.double().pow(2).sum() / n,
+            out.objective.double(),
+        ]).tolist()  # fmt: skip
+        l0, dead, sse, var, mean_loss, l1, eff, obj = stats
         self.scale.update(mean_loss)
         self.lam.update(l0)
         h = self.hook
         return {
             f"{h}/loss": mean_loss,
-            f"{h}/objective": float(pending["obj"]),
-            f"{h}/mse": sse / x.shape[0] / self.act_scale**2,
+            f"{h}/objective": obj,
+            f"{h}/mse": sse / n / self.act_scale**2,
             f"{h}/fvu": sse / var,
-            f"{h}/l1": float(tl.l1.detach().mean()),
+            f"{h}/l1": l1,
             f"{h}/l0": l0,
-            f"{h}/dead": float(dead),
+            f"{h}/dead": dead,
             f"{h}/lam": pending["lam"],
-            f"{h}/loss_scale": float(pending["scale"]),
+            f"{h}/loss_scale": scale,
             f"{h}/term_eff_share": eff,
         }
 

@@ -9,6 +9,7 @@ No Ray and no SAE classes here: everything takes and returns tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -163,3 +164,43 @@ def project_decoder_grad(W_dec: Tensor) -> None:
 @torch.no_grad()
 def normalize_decoder(W_dec: Tensor) -> None:
     W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class SAEStep(NamedTuple):
+    losses: TokenLosses
+    """Per-token losses (detached)."""
+    objective: Tensor
+    """The scalar objective (ERM mean or TERM) whose gradient `grads` holds."""
+    grads: tuple[Tensor, Tensor, Tensor, Tensor]
+    """d objective / d (W_enc, b_enc, W_dec, b_dec)."""
+    f: Tensor
+    """[N, d_sae] feature activations."""
+
+
+@torch.no_grad()
+def sae_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, lam: float,
+                       objective: Callable[[Tensor], Tensor]) -> SAEStep:  # fmt: skip
+    """Eq. 1 per token and the exact gradient of `objective(per-token losses)` (ERM mean, TERM)
+    by a hand-written backward: autograd runs only on the [N] loss vector, whose gradient g_i
+    (1/N for ERM, softmax(t L)_i for TERM) weights each token. Same values as autograd through
+    `sae_forward`/`sae_loss`, with fewer passes: b_dec's gradient through the encoder input is
+    (sum_i dpre_i) W_enc^T, a matrix-vector product, not the [N, d] matmul autograd would form."""
+    xc = x - b_dec
+    f = torch.addmm(b_enc, xc, W_enc).relu_()
+    e = torch.addmm(b_dec, f, W_dec).sub_(x)  # x_hat - x
+    sse = e.pow(2).sum(-1)
+    l1 = f.sum(-1)
+    loss = sse + lam * l1
+    with torch.enable_grad():
+        leaf = loss.detach().requires_grad_()
+        obj = objective(leaf)
+        (g,) = torch.autograd.grad(obj, leaf)
+    g = g.to(x.dtype)[:, None]
+    de = e.mul_(2 * g)  # d obj / d x_hat
+    dW_dec = f.T @ de
+    db_dec = de.sum(0)
+    dpre = torch.ops.aten.threshold_backward(torch.addmm(lam * g, de, W_dec.T), f, 0.0)
+    dW_enc = xc.T @ dpre
+    db_enc = dpre.sum(0)
+    db_dec -= W_enc @ db_enc
+    return SAEStep(TokenLosses(loss, sse, l1), obj.detach(), (dW_enc, db_enc, dW_dec, db_dec), f)
