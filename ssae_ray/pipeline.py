@@ -139,10 +139,15 @@ def _gsaes(cfg: Config, lm: Any, corpus_dir: Path | None) -> Path:
 
 def stage_index(cfg: Config, corpus_dir: Path | None = None) -> Path:
     from ssae_ray.retrieval import build_index
+    from ssae_ray.retrieval.index import corpus_file, index_key
     from ssae_ray.runtime import init_ray
 
+    corpus_dir = corpus_dir or stage_corpus(cfg)
+    done = cfg.root / "index" / index_key(cfg, corpus_file(cfg, corpus_dir))
+    if read_manifest(done) is not None:  # finished: no need to start Ray
+        return done
     init_ray(cfg.ray)
-    return _memo("index", cfg, lambda: build_index(cfg, corpus_dir or stage_corpus(cfg)))
+    return _memo("index", cfg, lambda: build_index(cfg, corpus_dir))
 
 
 def stage_retrieve(
