@@ -66,7 +66,8 @@ def test_mark_hand_made_pattern():
     assert mark(pieces, active) == "The <<quick brown>> fox <<jumps>> over <<it>>"
     assert mark(pieces, [True] * 7) == "<<The quick brown fox jumps over it>>"
     assert mark(pieces, [False] * 7) == "The quick brown fox jumps over it"
-    assert mark(["a", " ", "b"], [False, True, False]) == "a b"  # a whitespace-only run is not marked
+    assert mark(["a", " ", "b"], [False, True, False]) == "a<< >>b"
+    assert mark(["a", "\n\n", "b"], [False, True, False]) == "a<<\\n\\n>>b"  # visible after one-lining
 
 
 def test_render_decodes_runs(lm):

@@ -48,7 +48,7 @@ def test_crashed_actor_work_is_redone_from_cache(ray_local, setup, tmp_path):
     lm, texts, saes = setup
     with FakeAnthropic(latency_s=0.05) as server:
         cfg = ai_config(tmp_path, backend="claude", base_url=server.url, num_actors=2, max_concurrency=3)
-        jobs, _ = build_jobs(cfg, lm, saes, HOOK, texts, tmp_path / "out")
+        jobs, _ = build_jobs(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out")
         marker = tmp_path / "crashed"
         rows, _ = score_on_ray(jobs, cfg.autointerp, Secret(KEY), tmp_path / "cache.sqlite", 2, str(marker))
         assert marker.exists()  # an actor did die (os._exit) after two features
@@ -66,6 +66,7 @@ def test_crashed_actor_work_is_redone_from_cache(ray_local, setup, tmp_path):
             assert b"SECRET123" not in p.read_bytes(), p  # the key passed to the actors is never logged
 
 
+@pytest.mark.slow
 def test_spend_cap_on_ray_stops_cleanly(ray_local, setup, tmp_path):
     lm, texts, saes = setup
     with FakeAnthropic(latency_s=0.05) as server:

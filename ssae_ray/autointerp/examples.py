@@ -117,7 +117,7 @@ def scan(
 
 def mark(pieces: Sequence[str], active: Sequence[bool]) -> str:
     """Join text pieces, wrapping each run of consecutive active pieces in `<<` `>>` (whitespace at
-    a run's edges stays outside the delimiters)."""
+    a run's edges stays outside the delimiters; a run of only whitespace is shown escaped, `<<\\n>>`)."""
     out: list[str] = []
     i = 0
     while i < len(pieces):
@@ -134,8 +134,8 @@ def mark(pieces: Sequence[str], active: Sequence[bool]) -> str:
             lead = run[: len(run) - len(run.lstrip())]
             trail = run[len(run.rstrip()) :]
             out.append(f"{lead}<<{core}>>{trail}")
-        else:
-            out.append(run)
+        else:  # a whitespace token activates: mark it visibly (escaped, so it survives one-lining)
+            out.append(f"<<{run.encode('unicode_escape').decode()}>>")
         i = j
     return "".join(out)
 
