@@ -16,7 +16,7 @@ from autointerp_fixtures import HOOK, KEY, ai_config, make_texts, sparse_sae, ti
 from fake_anthropic_server import FakeAnthropic
 
 from ssae_ray.autointerp import AutoInterpError, f1_score, mark, render, run_autointerp
-from ssae_ray.autointerp.examples import feature_acts, feature_examples, scan
+from ssae_ray.autointerp.examples import feature_acts, feature_examples, scan, scan_many
 from ssae_ray.autointerp.prompts import (
     ParseError,
     diversity_prompt,
@@ -219,6 +219,15 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
         sample = idx.sample_ctx[feat][idx.sample_ctx[feat] >= 0]
         assert len(sample) == min(6, int(active[:, feat].sum())) and bool(active[sample, feat].all())
     assert 0 < int((idx.n_active_ctx > 0).sum())
+    # Several SAEs in one pass (one LM forward per batch) give each SAE the same index as alone.
+    both = scan_many(
+        lm, {"a": (sae, HOOK), "b": (saes["ssae"], HOOK)}, ctx, 4, 6, batch_size=7, progress=False
+    )
+    alone = scan(lm, saes["ssae"], HOOK, ctx, 4, 6, batch_size=7, progress=False)
+    assert torch.equal(both["a"].top_ctx, idx.top_ctx) and torch.equal(both["a"].pairs, idx.pairs)
+    assert torch.equal(both["b"].top_acts, alone.top_acts) and torch.equal(
+        both["b"].n_active_ctx, alone.n_active_ctx
+    )
 
 
 def test_feature_examples_labels_and_seed(lm, saes, texts):
@@ -369,7 +378,9 @@ def test_api_key_never_in_logs_mlflow_or_artifacts(
 def test_offline_backend_is_labelled(lm, saes, texts, tmp_path, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     cfg = ai_config(tmp_path, backend="offline")
-    out = run_autointerp(cfg, lm, saes, HOOK, texts, tmp_path / "out", use_ray=False)
+    out = run_autointerp(
+        cfg, lm, saes, None, texts, tmp_path / "out", use_ray=False
+    )  # hooks from SAE metadata
     df = pd.read_parquet(out / "results.parquet")
     assert (df.backend == "offline").all() and (df.status == "ok").all()
     assert df.explanation.str.startswith("[offline keyword baseline]").all()
@@ -378,6 +389,7 @@ def test_offline_backend_is_labelled(lm, saes, texts, tmp_path, monkeypatch):
     assert "offline keyword baseline (not Claude)" in text and "not the paper's scores" in text
     man = json.loads((out / "manifest.json").read_text())
     assert man["backend_label"] == "offline keyword baseline (not Claude)" and man["complete"]
+    assert man["hooks"] == {"gsae": HOOK, "ssae": HOOK}
 
 
 def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
@@ -388,5 +400,10 @@ def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
         run_autointerp(ai_config(tmp_path, backend="gpt"), lm, saes, HOOK, texts, tmp_path / "o")
     with pytest.raises(AutoInterpError, match=r"\[999\] are outside SAE 'gsae' \(width 128\)"):
         run_autointerp(ai_config(tmp_path, features=[1, 999]), lm, saes, HOOK, texts, tmp_path / "o")
+    from ssae_ray.saes import make_random_sae
+
+    wrong = {"wide": make_random_sae(32, 16, HOOK)}
+    with pytest.raises(AutoInterpError, match="SAE 'wide' has d_in 32 but the LM's d_model is 64"):
+        run_autointerp(ai_config(tmp_path), lm, wrong, None, texts, tmp_path / "o")
     with pytest.raises(AutoInterpError, match="no test text"):
         run_autointerp(ai_config(tmp_path), lm, saes, HOOK, ["", " "], tmp_path / "o")

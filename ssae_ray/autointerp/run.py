@@ -21,7 +21,7 @@ import pandas as pd
 from ssae_ray.autointerp import report
 from ssae_ray.autointerp.actors import score_local, score_on_ray
 from ssae_ray.autointerp.client import AutoInterpError, api_key_from_env
-from ssae_ray.autointerp.examples import feature_examples, scan, select_features
+from ssae_ray.autointerp.examples import feature_examples, scan_many, select_features
 from ssae_ray.autointerp.score import Job
 from ssae_ray.config import AutoInterpConfig, Config
 from ssae_ray.models import LM, tokenize_docs
@@ -54,23 +54,37 @@ def _safe(name: str) -> str:
 
 
 def build_jobs(
-    cfg: Config, lm: LM, saes: dict[str, Any], hook: str, texts: Sequence[str], out_dir: Path
+    cfg: Config, lm: LM, saes: dict[str, Any], hook: str | None, texts: Sequence[str], out_dir: Path
 ) -> tuple[list[Job], dict[str, Any]]:
-    """Scan the test texts with each SAE and build the examples of the features to score."""
+    """Scan the test texts once for all SAEs (one LM forward per batch) and build the examples of
+    the features to score. `hook` None takes each SAE's own `cfg.metadata.hook_name`."""
     ai = cfg.autointerp
     contexts = tokenize_docs(lm.tokenizer, list(texts), cfg.model.context_len, ai.max_contexts)
     if contexts.input_ids.shape[0] == 0:
         raise AutoInterpError("autointerp got no test text (every text was empty or shorter than 2 tokens)")
-    jobs: list[Job] = []
-    meta: dict[str, Any] = {"n_contexts": int(contexts.input_ids.shape[0]), "dead": {}}
+    targets: dict[str, tuple[Any, str]] = {}
     for name, sae in saes.items():
         width = int(sae.W_dec.shape[0])
         bad = [f for f in ai.features if not 0 <= f < width]
         if bad:
             raise AutoInterpError(f"autointerp.features {bad} are outside SAE {name!r} (width {width})")
-        k_sample = ai.n_top + ai.n_predict + (ai.diversity_sets * ai.n_top if ai.diversity else 0)
-        index = scan(lm, sae, hook, contexts, ai.n_top, k_sample, cfg.model.batch_size,
-                     ai.act_threshold, cfg.seed)  # fmt: skip
+        h = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+        if not h:
+            raise AutoInterpError(f"SAE {name!r} names no hook point; pass hook= to run_autointerp")
+        if int(sae.W_enc.shape[0]) != lm.d_model:
+            raise AutoInterpError(
+                f"SAE {name!r} has d_in {sae.W_enc.shape[0]} but the LM's d_model is {lm.d_model}"
+            )
+        targets[name] = (sae, h)
+    k_sample = ai.n_top + ai.n_predict + (ai.diversity_sets * ai.n_top if ai.diversity else 0)
+    indexes = scan_many(
+        lm, targets, contexts, ai.n_top, k_sample, cfg.model.batch_size, ai.act_threshold, cfg.seed
+    )
+    jobs: list[Job] = []
+    meta: dict[str, Any] = {"n_contexts": int(contexts.input_ids.shape[0]), "dead": {}, "n_tokens": 0}
+    for name, (sae, h) in targets.items():
+        index = indexes[name]
+        width = int(sae.W_dec.shape[0])
         meta["n_tokens"] = index.n_tokens
         n_dead = int((index.n_active_ctx == 0).sum())
         meta["dead"][name] = (n_dead, width)
@@ -84,10 +98,10 @@ def build_jobs(
         feats = list(ai.features) or select_features(index, ai.max_features, cfg.seed)
         log.info("autointerp %s: %d of %d features never activate on %d tokens; scoring %d",
                  name, n_dead, width, index.n_tokens, len(feats))  # fmt: skip
-        exs = feature_examples(lm, sae, hook, index, feats, ai.n_top, ai.n_predict, ai.window,
+        exs = feature_examples(lm, sae, h, index, feats, ai.n_top, ai.n_predict, ai.window,
                                ai.act_threshold, cfg.seed, cfg.model.batch_size,
                                ai.diversity_sets if ai.diversity else 0)  # fmt: skip
-        jobs += [Job(name, hook, ex) for ex in exs]
+        jobs += [Job(name, h, ex) for ex in exs]
     return jobs, meta
 
 
@@ -95,13 +109,15 @@ def run_autointerp(
     cfg: Config,
     lm: LM,
     saes: dict[str, Any],
-    hook: str,
+    hook: str | None,
     texts: Sequence[str],
     out_dir: str | Path,
     use_ray: bool | None = None,
 ) -> Path:
     """Score features of each SAE (Interpreter -> Predictor -> F1, diversity) and write the outputs.
 
+    `saes` maps a display name (`gsae`, `ssae-dense-lam2.5`) to an SAE; all are read at `hook`, or
+    at each SAE's own metadata hook when `hook` is None.
     `use_ray`: None uses Ray actors when Ray is initialised, else scores in-process."""
     ai = cfg.autointerp
     check_config(ai)
@@ -133,7 +149,7 @@ def run_autointerp(
     (out / "report.md.tmp").write_text(text)
     (out / "report.md.tmp").replace(out / "report.md")
     params = {"backend": ai.backend, "model": model, "n_top": ai.n_top, "n_predict": ai.n_predict,
-              "window": ai.window, "max_features": ai.max_features, "hook": hook}  # fmt: skip
+              "window": ai.window, "max_features": ai.max_features, "hooks": ",".join(sorted({j.hook for j in jobs}))}  # fmt: skip
     logged = report.mlflow_active()
     write_json_atomic(
         out / "manifest.json",
@@ -144,7 +160,7 @@ def run_autointerp(
             "backend": ai.backend,
             "backend_label": label,
             "model": model,
-            "hook": hook,
+            "hooks": {j.sae: j.hook for j in jobs},
             "saes": list(saes),
             "summary": summary.to_dict(orient="records"),
             "dead": meta["dead"],
