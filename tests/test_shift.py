@@ -369,7 +369,8 @@ def test_choose_k_keeps_the_best_dev_profession_accuracy():
 @pytest.mark.slow
 def test_run_shift_on_the_tiny_model_writes_table_one(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(
-        shift={"n_train": 48, "n_dev": 24, "n_test": 48, "max_edge_nodes": 2, "skyline_grid": [1, 5]}
+        shift={"n_train": 48, "n_dev": 24, "n_test": 48, "max_edge_nodes": 2, "skyline_grid": [1, 5]},
+        sae={"hooks": ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]},  # layer 0 runs once (prefix)
     )
     lm = load_lm(cfg.model, cache_dir=tmp_path / "models")
     data = load_bios(cfg)
