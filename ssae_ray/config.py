@@ -185,6 +185,9 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     strategies: tuple[str, ...] = ("dense",)
     """Selection strategies to finetune on; `random` is the paper's full-corpus baseline."""
+    tilt_strategies: tuple[str, ...] | None = None
+    """Strategies on which the non-zero tilts are swept (None: all, the full product). Small
+    machines sweep TERM on one selection only: every other strategy runs at tilt 0."""
     max_concurrent_trials: int = 1
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0

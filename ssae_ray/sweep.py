@@ -72,9 +72,12 @@ class SweepResult(NamedTuple):
 
 
 def grid(cfg: Config) -> list[Trial]:
+    """strategy × λ × tilt × seed; non-zero tilts only on `sweep.tilt_strategies` when set."""
     s = cfg.sweep
+    tilted = set(s.strategies if s.tilt_strategies is None else s.tilt_strategies)
     return [Trial(st, float(lam), float(t), int(seed))
-            for st, lam, t, seed in itertools.product(s.strategies, s.lams, s.tilts, s.seeds)]  # fmt: skip
+            for st, lam, t, seed in itertools.product(s.strategies, s.lams, s.tilts, s.seeds)
+            if t == 0 or st in tilted]  # fmt: skip
 
 
 def select_best(records: list[CheckpointRecord], metric: str = "val_ce") -> dict[Trial, CheckpointRecord]:
@@ -153,12 +156,9 @@ def run_sweep(
         tune.with_parameters(_trial_fn, ctx=ctx, val_set=val_set),
         _trial_resources(cfg),
     )
-    space = {
-        "strategy": tune.grid_search(list(cfg.sweep.strategies)),
-        "lam": tune.grid_search([float(x) for x in cfg.sweep.lams]),
-        "tilt": tune.grid_search([float(x) for x in cfg.sweep.tilts]),
-        "seed": tune.grid_search([int(x) for x in cfg.sweep.seeds]),
-    }
+    # One grid axis over the explicit trial list, so non-product grids (sweep.tilt_strategies) work;
+    # the trial's fields still show as columns in Tune's table.
+    space = {"trial": tune.grid_search([t._asdict() for t in grid(cfg)])}
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -228,7 +228,8 @@ def _write_table(
 def _trial_fn(space: dict[str, Any], ctx: dict[str, Any], val_set: Any) -> None:
     from ray import tune
 
-    trial = Trial(space["strategy"], float(space["lam"]), float(space["tilt"]), int(space["seed"]))
+    t = space["trial"]
+    trial = Trial(t["strategy"], float(t["lam"]), float(t["tilt"]), int(t["seed"]))
     tdir = Path(ctx["out"]) / "trials" / trial.name
     done_file = tdir / "done.json"
     if done_file.is_file():  # resumed sweep: this trial finished before

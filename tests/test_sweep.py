@@ -158,3 +158,14 @@ def test_trial_runs_ray_train_inside_tune(tiny_cfg, ray_local, monkeypatch, tmp_
     res = sweep.run_sweep(cfg, tmp_path / "gsae", caches, val, tmp_path / "sweep", tmp_path / "models")
     ((t, rec),) = res.best.items()
     assert rec.step == 3 and (tmp_path / "sweep" / "trials" / t.name / "finetune" / "history.json").is_file()
+
+
+def test_tilt_strategies_limits_term_to_some_selections(tiny_cfg):
+    from ssae_ray.sweep import Trial, grid
+
+    cfg = tiny_cfg.replace(sweep={"strategies": ["dense", "bm25"], "lams": [1.0, 2.0], "tilts": [0.0, 1.0],
+                                  "seeds": [0], "tilt_strategies": ["dense"]})  # fmt: skip
+    g = grid(cfg)
+    assert len(g) == 2 * 2 + 2  # dense: 2 λ × 2 tilts; bm25: 2 λ × tilt 0
+    assert Trial("dense", 1.0, 1.0, 0) in g and Trial("bm25", 1.0, 1.0, 0) not in g
+    assert all(t.tilt == 0 for t in g if t.strategy == "bm25")
