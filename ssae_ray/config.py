@@ -185,6 +185,9 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     strategies: tuple[str, ...] = ("dense",)
     """Selection strategies to finetune on; `random` is the paper's full-corpus baseline."""
+    hooks: tuple[str, ...] | None = None
+    """Hooks finetuned and evaluated by the sweep (None: every hook of `sae.hooks`). All GSAEs
+    are still pretrained / loaded and checked; `ssae-ray finetune` trains every hook."""
     tilt_strategies: tuple[str, ...] | None = None
     """Strategies on which the non-zero tilts are swept (None: all, the full product). Small
     machines sweep TERM on one selection only: every other strategy runs at tilt 0."""

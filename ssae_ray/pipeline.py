@@ -172,7 +172,9 @@ def stage_retrieve(
     return retrieve(cfg, corpus_dir, index_dir, strategy, lm=lm, sae=sae)
 
 
-def stage_cache(cfg: Config, strategies: tuple[str, ...] | None = None, lm: Any = None) -> dict[str, Path]:
+def stage_cache(
+    cfg: Config, strategies: tuple[str, ...] | None = None, lm: Any = None, hooks: Any = None
+) -> dict[str, Path]:
     """Activations of every hook on each selection, captured once and shared by all trials."""
     import pyarrow.parquet as pq
 
@@ -186,7 +188,7 @@ def stage_cache(cfg: Config, strategies: tuple[str, ...] | None = None, lm: Any 
     for s in strategies or cfg.sweep.strategies:
         sel = stage_retrieve(cfg, s, lm, corpus_dir, index_dir, gsae_dir)
         texts = [str(t) for t in pq.read_table(sel / "selection.parquet", columns=["text"]).column("text")]
-        caches[s] = cache_activations(cfg, lm, texts, list(cfg.sae.hooks))
+        caches[s] = cache_activations(cfg, lm, texts, list(hooks or cfg.sae.hooks))
     return caches
 
 
@@ -234,6 +236,17 @@ def _test_sets(cfg: Config, lm: Any, corpus_dir: Path, names: tuple[str, ...]) -
     return sets
 
 
+def sweep_config(cfg: Config) -> Config:
+    """The config the sweep and its evaluation see: `sae.hooks` narrowed to `sweep.hooks`."""
+    hooks = cfg.sweep.hooks
+    if hooks is None:
+        return cfg
+    extra = [h for h in hooks if h not in cfg.sae.hooks]
+    if extra:
+        raise StageError(f"sweep.hooks {extra} are not among sae.hooks {list(cfg.sae.hooks)}")
+    return cfg.replace(sae={"hooks": list(hooks)})
+
+
 class SweepPlan(NamedTuple):
     corpus_dir: Path
     gsae_dir: Path
@@ -249,7 +262,7 @@ def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
     tracking.check_tracking(tracking.tracking_uri(cfg))  # fail before hours of work
     corpus_dir = timer("corpus", lambda: stage_corpus(cfg, lm))
     gsae_dir = timer("gsaes", lambda: stage_gsaes(cfg, lm, corpus_dir))
-    caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm))
+    caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm, sweep_config(cfg).sae.hooks))
     key = stage_key("sweep", cfg.train, cfg.sweep, cfg.eval, str(gsae_dir), sorted(map(str, caches.values())))
     return SweepPlan(corpus_dir, gsae_dir, caches, cfg.root / "sweep" / key)
 
@@ -269,13 +282,17 @@ def stage_sweep(
     plan = plan or plan_sweep(cfg, lm, timer)
     if force and plan.folder.exists():
         shutil.rmtree(plan.folder)
-    val = timer("val set", lambda: _test_sets(cfg, lm, plan.corpus_dir, ("val",)).get("val"), False)
+    val = timer(
+        "val set", lambda: _test_sets(sweep_config(cfg), lm, plan.corpus_dir, ("val",)).get("val"), False
+    )
     if val is None:
         raise StageError("the corpus has no validation documents; the sweep selects on validation")
     done = all((plan.folder / "trials" / t.name / "done.json").is_file() for t in grid(cfg))
     return timer(
         "sweep",
-        lambda: run_sweep(cfg, plan.gsae_dir, plan.caches, val, plan.folder, cfg.root / "models"),
+        lambda: run_sweep(
+            sweep_config(cfg), plan.gsae_dir, plan.caches, val, plan.folder, cfg.root / "models"
+        ),
         done,
     )
 
@@ -295,11 +312,12 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
         timer("eval", lambda: out, True)
         return out / "report.md"
     sweep = stage_sweep(cfg, force, lm, timer, plan)
+    scfg = sweep_config(cfg)
     tests = timer(
-        "test sets", lambda: _test_sets(cfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
+        "test sets", lambda: _test_sets(scfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
     )
-    gsaes = {h: load_sae(plan.gsae_dir / h, str(lm.device)) for h in cfg.sae.hooks}
-    outputs = timer("eval", lambda: evaluate_sweep(cfg, lm, sweep, gsaes, tests, out), False)
+    gsaes = {h: load_sae(plan.gsae_dir / h, str(lm.device)) for h in scfg.sae.hooks}
+    outputs = timer("eval", lambda: evaluate_sweep(scfg, lm, sweep, gsaes, tests, out), False)
     extra = {f"retrieval/{s}": c for s, c in _selection_manifests(cfg).items()}
     extra["corpus"] = plan.corpus_dir / "manifest.json"
     log_to_mlflow(sweep, outputs, extra)
