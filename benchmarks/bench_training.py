@@ -2,7 +2,7 @@
 TERM vs ERM, and K SAEs fed by one LM forward vs K single-hook passes.
 
     python benchmarks/bench_training.py [--d-in 576] [--d-sae 2304] [--tokens 4096] [--repeats 5]
-                                        [--device cpu|cuda] [--skip-multi]
+                                        [--device cpu|cuda] [--skip-multi] [--skip-step]
 
 Variants are interleaved inside every repeat (the machine is shared and noisy); tables report
 medians. FLOPs of an SAE step: 12·d_in·d_sae per token (2 forward and 4 backward matmuls of
@@ -181,9 +181,11 @@ def main() -> None:
     ap.add_argument("--multi-tokens", type=int, default=2048)
     ap.add_argument("--multi-d-sae", type=int, default=2048)
     ap.add_argument("--skip-multi", action="store_true")
+    ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    bench_step(args)
+    if not args.skip_step:
+        bench_step(args)
     if not args.skip_multi:
         bench_multi(args)
 

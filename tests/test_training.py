@@ -17,6 +17,7 @@ from ssae_ray.training.cache import (
     cache_tokens,
     iter_cache_batches,
     lm_activations,
+    lm_batches,
     open_cache,
     shuffle_buffer,
 )
@@ -224,7 +225,7 @@ def test_one_forward_feeding_k_saes_equals_k_single_hook_runs(tiny_cfg, lm):
     saes = {h: make_random_sae(lm.d_model, 96, h, seed=i) for i, h in enumerate(hooks)}
 
     def stream(hs):
-        return (a for a, _ in lm_activations(cfg, lm, TEXTS, hs))
+        return lm_batches(cfg, lm, TEXTS, hs)
 
     joint = finetune(cfg, saes, stream(hooks), progress=False)
     for h in hooks:

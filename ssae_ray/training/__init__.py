@@ -1,7 +1,13 @@
 """SSAE training: losses (ERM, TERM, adaptive λ), the multi-SAE loop, the activation cache,
 Ray Train wiring and GSAE pretraining."""
 
-from ssae_ray.training.cache import cache_activations, iter_cache_batches, open_cache, shuffle_buffer
+from ssae_ray.training.cache import (
+    cache_activations,
+    iter_cache_batches,
+    lm_batches,
+    open_cache,
+    shuffle_buffer,
+)
 from ssae_ray.training.loop import FinetuneResult, finetune
 from ssae_ray.training.losses import (
     AdaptiveLambda,
@@ -12,6 +18,8 @@ from ssae_ray.training.losses import (
     term_loss,
     tilted_loss,
 )
+from ssae_ray.training.pretrain import pretrain_gsaes
+from ssae_ray.training.ray_train import run_finetune
 
 __all__ = [
     "AdaptiveLambda",
@@ -21,7 +29,10 @@ __all__ = [
     "cache_activations",
     "finetune",
     "iter_cache_batches",
+    "lm_batches",
     "open_cache",
+    "pretrain_gsaes",
+    "run_finetune",
     "sae_forward",
     "sae_loss",
     "shuffle_buffer",

@@ -67,6 +67,12 @@ def lm_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[s
             yield out, meta
 
 
+def lm_batches(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[str],
+               max_tokens: int | None = None) -> Iterator[Batch]:  # fmt: skip
+    """{hook: [n, d]} per LM batch, for `finetune(cfg, saes, lm_batches(...))` without a cache."""
+    return (acts for acts, _ in lm_activations(cfg, lm, texts, hooks, max_tokens))
+
+
 def shuffle_buffer(
     batches: Iterator[Batch], batch_tokens: int, buffer_batches: int, seed: int = 0
 ) -> Iterator[Batch]:

@@ -7,9 +7,11 @@ Placement (`train.placement`):
   summed with an all-reduce, and TERM weights come from the all-gathered per-token losses, so
   the step equals the single-process step on the whole batch (TERM included).
 - `auto`: `by_hook` when there are at least as many SAEs as workers, else `data_parallel`.
-  Rule from the measurement in benchmarks/bench_training.py: a by-hook worker runs at the
-  single-process speed of its SAEs, while data parallelism pays an all-reduce of every SAE's
-  weights per step, so splitting SAEs is never slower while there are SAEs to split.
+  Why: a by-hook worker runs its SAEs at single-process speed with no communication, while
+  data parallelism adds an all-reduce of every SAE's weights (2·d_in·d_sae floats) per step;
+  so splitting SAEs is the cheaper choice whenever there are SAEs to split. (The bench measures
+  the single-process step; a by-hook vs data-parallel timing on a real multi-node cluster is
+  still to be taken.)
 
 Checkpoints (every `checkpoint_every` steps and at the end) hold, per hook, the SAE in sae-lens
 format (`<hook>/cfg.json`, `sae_weights.safetensors`) and `<hook>/trainer_state.pt` (Adam state,
