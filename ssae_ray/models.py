@@ -389,11 +389,16 @@ def token_losses(
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx, _hooks(lm, list(splice), replace) if splice else contextlib.nullcontext():
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return ce_from_logits(logits, ids, mask)
+
+
+def ce_from_logits(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> TokenLoss:
+    """Per-token CE of predicting token t+1 at position t, with the `TokenLoss.mask` rules."""
     logits = logits[:, :-1].float()
-    targets = ids[:, 1:]
+    targets = input_ids[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     loss = loss.view(targets.shape)
-    valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+    valid = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
     valid[:, 0] = False
     return TokenLoss(loss * valid, valid)
 

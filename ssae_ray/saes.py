@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,17 +51,11 @@ def hook_of(sae: SAE) -> str | None:
 
 def save_sae(sae: SAE, folder: str | Path) -> Path:
     """Save in sae-lens format (`cfg.json` + `sae_weights.safetensors`), atomically."""
+    from ssae_ray.stages import atomic_dir
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         sae.save_model(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
     return folder
 
 

@@ -15,10 +15,9 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssae_ray.models import LM, TokenLoss, parse_hook, token_losses
+from ssae_ray.models import LM, TokenLoss, ce_from_logits, parse_hook, token_losses
 
 Splice = Callable[[Tensor], Tensor]
 
@@ -61,17 +60,6 @@ def _only_layers(lm: LM, start: int) -> Iterator[None]:
         yield
     finally:
         setattr(owner, attr, full)
-
-
-def ce_from_logits(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> TokenLoss:
-    """Per-token CE with the same target mask as `models.token_losses`."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    loss = loss.view(targets.shape)
-    valid = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
-    valid[:, 0] = False
-    return TokenLoss(loss * valid, valid)
 
 
 @torch.no_grad()
