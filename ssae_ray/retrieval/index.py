@@ -15,8 +15,10 @@ written atomically, with its checksum record last) and builds only the rest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -74,8 +76,6 @@ def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], N
     """Embed `<corpus_dir>/corpus.parquet` with Ray Data and write the sharded FAISS index (and
     BM25). Cached by content hash; resumes a crashed build. `on_shard(i)` is called after each
     embedding shard is written (progress hooks, tests)."""
-    from ssae_ray.runtime import init_ray
-
     r = cfg.retrieval
     if r.index_type not in INDEX_TYPES:
         raise RetrievalError(
@@ -89,16 +89,38 @@ def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], N
     if read_manifest(final) is not None:
         log.info("index: cached at %s", final)
         return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(f".{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per index; a second one waits, then reuses it
+        if read_manifest(final) is not None:
+            return final
+        return _build(cfg, corpus, key, final, on_shard)
+
+
+def _build(cfg: Config, corpus: Path, key: str, final: Path, on_shard: Callable[[int], None] | None) -> Path:
+    from ssae_ray.runtime import init_ray
+
+    r = cfg.retrieval
     work = final.with_name(f"{key}.partial")
     work.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
     _quiet_ray_data()
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name: str, t: float) -> float:
+        phases[name] = round(time.perf_counter() - t, 3)
+        log.info("index: %s took %.1fs", name, phases[name])
+        return time.perf_counter()
+
     model = resolve_model(r, cfg.root / "models")
     passages = _write_passages(cfg, corpus, work, model.path)
+    t = phase("passages", t0)
     dim = _embed_shards(cfg, work, passages, model.as_dict(), on_shard)
+    t = phase("embed", t)
     trained = _train(r, work, passages, dim) if r.index_type != "flat" else None
     shards = _index_shards(r, work, passages, dim, trained)
+    t = phase("faiss", t)
     bm25_dir = None
     if r.build_bm25:
         from ssae_ray.retrieval.bm25 import build_bm25
@@ -106,6 +128,7 @@ def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], N
         bm25_dir = "bm25"
         if not (work / "bm25" / "done.json").is_file():
             build_bm25(_iter_texts(work, passages), work / "bm25")
+        phase("bm25", t)
     manifest = {
         "stage": "index", "key": key, "model_id": model.model_id, "model": model.as_dict(), "dim": dim,
         "normalize": r.normalize, "metric": "inner_product", "index_type": r.index_type,
@@ -116,7 +139,7 @@ def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], N
         "has_is_domain": "is_domain" in pq.read_schema(work / passages[0]["file"]).names,
         "shards": shards, "trained": "trained.faiss" if trained else None, "bm25": bm25_dir,
         "corpus": str(corpus), "corpus_sha256": file_sha256(corpus), "seconds": round(time.perf_counter() - t0, 3),
-        "created": time.time(),
+        "phase_seconds": phases, "created": time.time(),
     }  # fmt: skip
     write_json_atomic(work / MANIFEST, manifest)
     if final.exists():
@@ -204,7 +227,13 @@ def _embed_shards(cfg: Config, work: Path, passages: list[dict[str, Any]], model
         n_gpus = ray.cluster_resources().get("GPU", 0)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = r.embed_threads or max(1, cpus // r.num_embed_actors)
-        ds = ray.data.read_parquet(list(pending), columns=["pid", "text"], include_paths=True)
+        rows = {path: passages[i]["rows"] for path, i in pending.items()}
+        # Blocks of about one actor batch: results stream back (progress, bounded driver memory)
+        # instead of one block per passages file.
+        blocks = max(1, math.ceil(sum(rows.values()) / r.actor_batch_size))
+        ds = ray.data.read_parquet(
+            list(pending), columns=["pid", "text"], include_paths=True, override_num_blocks=blocks
+        )
         ds = ds.map_batches(
             Embedder, batch_size=r.actor_batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=r.num_embed_actors),
@@ -212,7 +241,6 @@ def _embed_shards(cfg: Config, work: Path, passages: list[dict[str, Any]], model
             fn_constructor_kwargs=dict(model=model, max_tokens=r.passage_tokens, batch_size=r.embed_batch_size,
                                        normalize=r.normalize, fp16=r.fp16_on_gpu, threads=threads),
         )  # fmt: skip
-        rows = {path: passages[i]["rows"] for path, i in pending.items()}
         buffers: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p: [] for p in pending}
         counts = dict.fromkeys(pending, 0)
         total = sum(rows.values())

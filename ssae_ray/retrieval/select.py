@@ -333,11 +333,6 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
     first, _, rerank = strategy.partition("+")
     mean_tokens = max(1.0, float(passages.n_tokens.mean()))
     pool = math.ceil(r.tracin_fraction * n) if rerank else None
-    if pool is not None and passages.n_tokens.sum() * r.tracin_fraction < r.token_budget * 0.5:
-        log.warning(
-            "tracin pool (%.0f%% of the corpus) may hold fewer tokens than the budget",
-            100 * r.tracin_fraction,
-        )
     index = vec_to_row = seed_emb = None
     if first == "dense":
         seed_emb = embed_seeds(cfg, manifest, seed_texts)
