@@ -23,6 +23,7 @@ import torch
 from ssae_ray.config import TrainConfig
 from ssae_ray.saes import make_random_sae
 from ssae_ray.training.loop import HookTrainer, train_step
+from ssae_ray.training.losses import tilted_loss
 
 
 def sync(device: str) -> None:
@@ -95,6 +96,7 @@ def bench_step(args: argparse.Namespace) -> None:
     sae = make_random_sae(d, m, "h", device=dev)
     tc = TrainConfig(lr=5e-5, lam=1.0, steps=10**9, decay_steps=0, scale_activations=False)
     erm = {"h": HookTrainer(tc, sae, "h", 1.0, dev)}
+    erm2 = {"h": HookTrainer(tc, sae, "h", 1.0, dev)}
     term = {
         "h": HookTrainer(
             TrainConfig(**{**tc.__dict__, "tilt": 500.0, "tilt_mode": "raw"}), sae, "h", 1.0, dev
@@ -106,10 +108,23 @@ def bench_step(args: argparse.Namespace) -> None:
         "fp32 matmul peak (6 step matmuls)": matmul_peak(n, d, m, dev),
         "sae-lens SAETrainer.step": sae_lens_step(sae, x, tc, dev),
         "ours, ERM": lambda: train_step(erm, batch, 0, 10**9),
+        "ours, ERM (same again: noise check)": lambda: train_step(erm2, batch, 0, 10**9),
         "ours, TERM raw t=500": lambda: train_step(term, batch, 0, 10**9),
         "ours, TERM scaled t=1": lambda: train_step(tscaled, batch, 0, 10**9),
     }
     med = interleave(variants, dev, args.repeats, args.iters)
+    # TERM's own extra work is on the [N] loss vector only: time it alone (whole-step ratios are
+    # within this machine's noise, which the two identical ERM rows above show)
+    losses = torch.rand(n, device=dev) * 500
+
+    def objective(tilt: float) -> Callable[[], object]:
+        def run() -> object:
+            leaf = losses.clone().requires_grad_()
+            return torch.autograd.grad(tilted_loss(leaf, tilt, "raw", None), leaf)
+
+        return run
+
+    obj = interleave({"erm": objective(0.0), "term": objective(500.0)}, dev, args.repeats, 20)
     flops = 12 * d * m * n
     peak = flops / med["fp32 matmul peak (6 step matmuls)"]
     print(
@@ -120,6 +135,11 @@ def bench_step(args: argparse.Namespace) -> None:
     for k, t in med.items():
         print(f"| {k} | {t * 1e3:.1f} | {n / t:,.0f} | {flops / t / 1e9:.1f} | {100 * flops / t / peak:.0f}% "
               f"| {med['sae-lens SAETrainer.step'] / t:.2f}x | {t / med['ours, ERM']:.3f} |")  # fmt: skip
+    extra = obj["term"] - obj["erm"]
+    print(
+        f"\nTERM objective + its gradient on the [N] loss vector: {obj['term'] * 1e3:.2f} ms vs ERM "
+        f"{obj['erm'] * 1e3:.2f} ms -> TERM step / ERM step = {(med['ours, ERM'] + extra) / med['ours, ERM']:.4f}"
+    )
 
 
 def bench_multi(args: argparse.Namespace) -> None:

@@ -187,7 +187,7 @@ class HookTrainer:
         scale = self.scale.value if self.scale.value is not None else float(tl.loss.mean())
         self.tokens_since_fired += n
         self.tokens_since_fired[out.f.amax(0) > 0] = 0
-        w = term_weights(tl.loss / scale if self.tc.tilt_mode == "scaled" else tl.loss, self.tc.tilt)
+        w = out.weights.double()
         stats = torch.stack([
             torch.sign(out.f).sum().double() / n,  # 2x faster than count_nonzero on CPU
             (self.tokens_since_fired >= self.tc.dead_window_tokens).sum().double(),
@@ -195,7 +195,7 @@ class HookTrainer:
             (x - x.mean(0)).pow(2).sum().double().clamp_min(1e-12),
             tl.loss.double().mean(),
             tl.l1.double().mean(),
-            1.0 / w.double().pow(2).sum() / n,
+            w.sum().pow(2) / w.pow(2).sum().clamp_min(1e-300) / n,  # effective sample share
             out.objective.double(),
         ]).tolist()  # fmt: skip
         l0, dead, sse, var, mean_loss, l1, eff, obj = stats
