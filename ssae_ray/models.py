@@ -289,8 +289,9 @@ def _with_out(output: Any, new: Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def _hooks(lm: LM, hooks: Sequence[str], fn: Callable[[str, Tensor], Tensor | None]) -> Iterator[None]:
-    """Register a hook per hook point; `fn(name, act)` may return a replacement activation."""
+def hooked(lm: LM, hooks: Sequence[str], fn: Callable[[str, Tensor], Tensor | None]) -> Iterator[None]:
+    """Within the block, every forward calls `fn(name, act)` at each hook point; a tensor it returns
+    replaces the activation (splicing), None leaves it (capture)."""
     validate_hooks(lm, hooks)
     layers = _layers(lm.model, lm.arch)
     handles = []
@@ -350,7 +351,7 @@ def capture(lm: LM, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[s
         if all(h in out for h in hooks):
             raise _StopForward
 
-    with _hooks(lm, hooks, grab):
+    with hooked(lm, hooks, grab):
         handle = (
             layer.register_forward_pre_hook(stop, with_kwargs=True)
             if only_pre
@@ -387,7 +388,7 @@ def token_losses(
         return splice[name](act).to(act.dtype)
 
     ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx, _hooks(lm, list(splice), replace) if splice else contextlib.nullcontext():
+    with ctx, hooked(lm, list(splice), replace) if splice else contextlib.nullcontext():
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return ce_from_logits(logits, ids, mask)
 

@@ -365,9 +365,10 @@ def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Pat
 
 
 def stage_shift(cfg: Config) -> Path:
-    from ssae_ray.shift.job import run_shift
+    """SHIFT on Bias in Bios (or its offline analogue for `local`): Table 1 and plots."""
+    from ssae_ray.shift.job import run_bias_in_bios
 
-    return run_shift(cfg)
+    return run_bias_in_bios(cfg)[1]
 
 
 def run_physics(cfg: Config, force: bool = False) -> Path:

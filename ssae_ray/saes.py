@@ -83,8 +83,8 @@ def slice_sae(sae: SAE, k: int) -> StandardSAE:
     if not 0 < k <= d_sae:
         raise SAEMismatchError(f"cannot slice an SAE of width {d_sae} to {k} latents")
     cfg = StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=k, device=str(sae.W_dec.device))
-    cfg.metadata.hook_name = hook_of(sae)
-    cfg.metadata.model_name = getattr(sae.cfg.metadata, "model_name", None)
+    # all metadata travels (hook, model, the training activation scale `act_scale`, ...)
+    cfg.metadata = type(sae.cfg.metadata)(**sae.cfg.metadata.to_dict())
     out = StandardSAE(cfg)
     with torch.no_grad():
         out.W_enc.copy_(sae.W_enc[:, :k])

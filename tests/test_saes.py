@@ -45,6 +45,8 @@ def test_slice_keeps_first_k_latents():
     torch.testing.assert_close(s.encode(x), sae.encode(x)[:, :10])
     with pytest.raises(SAEMismatchError):
         slice_sae(sae, 49)
+    sae.cfg.metadata.act_scale = 0.25
+    assert slice_sae(sae, 4).cfg.metadata.act_scale == 0.25 and s.cfg.metadata.hook_name == "h"
 
 
 def test_explained_variance_and_fit_check():

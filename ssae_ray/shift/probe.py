@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssae_ray.models import LM, TokenBatch, _hooks, parse_hook
+from ssae_ray.models import LM, TokenBatch, hooked, parse_hook
 
 Splice = dict[str, Callable[[Tensor], Tensor]]
 
@@ -136,7 +136,7 @@ def forward_to(
 
     hooks = list(dict.fromkeys([*splice, target]))
     mask = attention_mask.to(lm.device)
-    with _hooks(lm, hooks, fn):
+    with hooked(lm, hooks, fn):
         try:
             if prefix is None:
                 lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, use_cache=False)
