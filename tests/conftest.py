@@ -35,3 +35,14 @@ def ray_local():
             configure_logging=False,
         )
     yield ray
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, 127.0.0.1, a free port, one worker), shared
+    by the session; yields its URL."""
+    from ssae_ray import tracking
+
+    url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
+    yield url
+    tracking.stop_server(proc)

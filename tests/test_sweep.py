@@ -14,14 +14,6 @@ from ssae_ray.eval.metrics import EvalError
 from ssae_ray.sweep import CheckpointRecord, SweepError, Trial, select_best
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server: SQLite backend, 127.0.0.1, a free port, one worker."""
-    url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
-    yield url
-    tracking.stop_server(proc)
-
-
 def test_best_per_lam_uses_validation_not_test():
     t = Trial("dense", 1.0, 0.0, 0)
     # Checkpoint at step 5 is best on validation, the one at step 10 would be best on test.

@@ -10,16 +10,9 @@ import pytest
 from ssae_ray import tracking
 
 
-@pytest.fixture(scope="session")
-def mlflow_url(tmp_path_factory):
-    url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
-    yield url
-    tracking.stop_server(proc)
-
-
-def test_server_parent_and_child_runs_with_artifacts(mlflow_url, tmp_path):
-    assert mlflow_url.startswith("http://127.0.0.1:")
-    client, exp = tracking.open_experiment(mlflow_url, "test-tracking")
+def test_server_parent_and_child_runs_with_artifacts(mlflow_server, tmp_path):
+    assert mlflow_server.startswith("http://127.0.0.1:")
+    client, exp = tracking.open_experiment(mlflow_server, "test-tracking")
     parent = tracking.start_run(client, exp, "sweep", {"sweep.lams": (1.0, 2.0)})
     child = tracking.start_run(
         client,
