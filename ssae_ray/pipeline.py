@@ -10,6 +10,7 @@ Each `stage_*` function takes the config and returns the folder it wrote (or fou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import random
@@ -349,7 +350,7 @@ def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Pat
     from ssae_ray.saes import load_sae
 
     sweep_dir = eval_dir.parent
-    hook = cfg.sae.hooks[0]
+    hook = sweep_config(cfg).sae.hooks[0]
     saes = {"gsae": load_sae(stage_gsaes(cfg, lm, corpus_dir) / hook, str(lm.device))}
     best = sweep_dir / "sweep_trials.csv"
     if best.is_file():
@@ -380,10 +381,17 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     if cfg.autointerp.enabled:
         from ssae_ray.autointerp import run_autointerp
 
-        timer(
-            "autointerp",
-            lambda: run_autointerp_on_best(cfg, lm, report.parent, stage_corpus(cfg, lm), run_autointerp),
-        )
+        def autointerp() -> Path:
+            import mlflow
+
+            from ssae_ray import tracking
+
+            mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+            parent = _sweep_run_id(cfg)  # results land in the sweep's parent run
+            with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
+                return run_autointerp_on_best(cfg, lm, report.parent, stage_corpus(cfg, lm), run_autointerp)
+
+        timer("autointerp", autointerp, False)
     timings = timer.write(report.parent / "timings.csv")
     write_json_atomic(report.parent / "timings.json", {"rows": timer.rows, "total": time.perf_counter() - t0})
     _log_timings(cfg, report, timings)
@@ -392,17 +400,29 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     return report
 
 
+def _sweep_run_id(cfg: Config) -> str | None:
+    """The newest sweep parent run of this experiment in the tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    from ssae_ray import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], "tags.`ssae.kind` = 'sweep'", max_results=1,
+                              order_by=["attributes.start_time DESC"])  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
 def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
     try:
         from mlflow.tracking import MlflowClient
 
         from ssae_ray import tracking
 
-        client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        runs = client.search_runs([exp.experiment_id], "tags.`ssae.kind` = 'sweep'", max_results=1,
-                                  order_by=["attributes.start_time DESC"])  # fmt: skip
-        if runs:
-            client.log_artifact(runs[0].info.run_id, str(timings), "eval")
+        run_id = _sweep_run_id(cfg)
+        if run_id:
+            MlflowClient(tracking_uri=tracking.tracking_uri(cfg)).log_artifact(run_id, str(timings), "eval")
     except Exception as e:  # timings are a convenience; never fail a finished job over them
         log.warning("could not log stage timings to MLflow: %s", e)
