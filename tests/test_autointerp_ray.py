@@ -25,7 +25,6 @@ def setup(tmp_path_factory):
     return lm, texts, {"gsae": sparse_sae(lm, texts, seed=0), "ssae": sparse_sae(lm, texts, seed=1)}
 
 
-@pytest.mark.slow
 def test_ray_actors_end_to_end_then_all_cached(ray_local, setup, tmp_path, monkeypatch):
     lm, texts, saes = setup
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)

@@ -335,7 +335,6 @@ _KILL_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_build_resumes_after_sigkill_without_duplicates(built, ray_local, tmp_path):
     cfg0, corpus_dir, ref_dir = built
     work = tmp_path / "work"

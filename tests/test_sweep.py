@@ -54,7 +54,6 @@ def test_missing_inputs_fail_before_work(tiny_cfg, monkeypatch, tmp_path):
         sweep.run_sweep(tiny_cfg, tmp_path / "gsae", caches, None)
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_server, monkeypatch, tmp_path):
     from mlflow.tracking import MlflowClient

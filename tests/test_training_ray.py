@@ -14,7 +14,7 @@ from ssae_ray.training.cache import cache_activations
 from ssae_ray.training.pretrain import pretrain_gsaes
 from ssae_ray.training.ray_train import run_finetune
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray]
 
 TEXTS = [
     "Energy and momentum are conserved in every collision of particles. " * 3,
