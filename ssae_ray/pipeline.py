@@ -248,6 +248,16 @@ def sweep_config(cfg: Config) -> Config:
     return cfg.replace(sae={"hooks": list(hooks)})
 
 
+def sweep_key(cfg: Config, gsae_dir: Path, caches: dict[str, Path]) -> str:
+    """What the trials depend on: training, the grid, the validation set, GSAEs and caches. Settings
+    read only by the evaluation (`sweep.l0_range`, `sweep.match_l0`, bootstrap, ...) are left out,
+    so changing them re-evaluates without retraining."""
+    grid_keys = ("lams", "tilts", "seeds", "strategies", "hooks", "tilt_strategies", "select_metric")
+    sweep = {k: getattr(cfg.sweep, k) for k in grid_keys}
+    val = (cfg.eval.test_tokens, cfg.eval.batch_size, cfg.model.context_len)
+    return stage_key("sweep", cfg.train, sweep, val, str(gsae_dir), sorted(map(str, caches.values())))
+
+
 class SweepPlan(NamedTuple):
     corpus_dir: Path
     gsae_dir: Path
@@ -264,7 +274,7 @@ def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
     corpus_dir = timer("corpus", lambda: stage_corpus(cfg, lm))
     gsae_dir = timer("gsaes", lambda: stage_gsaes(cfg, lm, corpus_dir))
     caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm, sweep_config(cfg).sae.hooks))
-    key = stage_key("sweep", cfg.train, cfg.sweep, cfg.eval, str(gsae_dir), sorted(map(str, caches.values())))
+    key = sweep_key(cfg, gsae_dir, caches)
     return SweepPlan(corpus_dir, gsae_dir, caches, cfg.root / "sweep" / key)
 
 
@@ -307,7 +317,9 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
     lm = lm or _lm(cfg)
     plan = plan_sweep(cfg, lm, timer)
     out = plan.folder / "eval"
-    if (out / "report.md").is_file() and not force:
+    ekey = stage_key("eval", cfg.eval, cfg.sweep, cfg.sae.hooks, cfg.corpus)
+    stamp = out / "eval_key.txt"
+    if (out / "report.md").is_file() and stamp.is_file() and stamp.read_text() == ekey and not force:
         log.info("evaluation cached at %s", out)
         timer("sweep", lambda: plan.folder, True)
         timer("eval", lambda: out, True)
@@ -319,6 +331,7 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
     )
     gsaes = {h: load_sae(plan.gsae_dir / h, str(lm.device)) for h in scfg.sae.hooks}
     outputs = timer("eval", lambda: evaluate_sweep(scfg, lm, sweep, gsaes, tests, out), False)
+    stamp.write_text(ekey)
     extra = {f"retrieval/{s}": c for s, c in _selection_manifests(cfg).items()}
     extra["corpus"] = plan.corpus_dir / "manifest.json"
     log_to_mlflow(sweep, outputs, extra)
