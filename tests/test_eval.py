@@ -217,3 +217,18 @@ def test_missing_or_empty_test_set_is_a_clear_error(tiny):
 
 def test_perplexity():
     assert M.perplexity(math.log(7.0)) == pytest.approx(7.0)
+
+
+def test_matched_l0_moves_to_the_common_span_when_a_test_set_shifts_l0():
+    from ssae_ray.eval.runner import _match_for
+
+    class C:
+        def __init__(self, lo, hi):
+            self._s = (lo, hi)
+
+        def span(self):
+            return self._s
+
+    assert _match_for({"a": C(10, 40), "b": C(15, 30)}, 24.0) == 24.0
+    assert _match_for({"a": C(35, 60), "b": C(38, 64)}, 24.0) == (38 + 60) / 2
+    assert _match_for({"a": C(10, 20), "b": C(30, 40)}, 24.0) == 24.0  # no common span: rows say so

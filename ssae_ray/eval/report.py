@@ -57,7 +57,9 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
         f"CE (nats) of the LM with the SAE spliced in, interpolated on each seed-averaged Pareto curve at L0 "
         f"{match:g}; ± is the spread over seeds; Δ is CE minus the {STRATEGY_NAMES.get(ref, ref)} at the same L0 "
         f"with a {cfg.eval.ci_level:.0%} bootstrap CI over test documents ({cfg.eval.bootstrap} resamples). "
-        "Lower is better. The GSAE is shown at its own L0.",
+        "Lower is better. The GSAE is shown at its own L0. Where a test set's curves do not all reach "
+        f"L0 {match:g} (L0 shifts between test sets), they are compared at the middle of their common "
+        "span instead: the L0 column says where.",
         "",
         "| test | hook | SAE | L0 | CE ± seeds | perplexity | ppl / GSAE | Δ CE [CI] | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
