@@ -47,11 +47,16 @@ def head(tmp_path_factory):
 
 
 def _submit(url, env, workdir):
-    return subprocess.run(
-        [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-         "python", "jobs/physics.py", "--preset", "tiny", f"workdir={workdir}"],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+    for _ in range(30):  # a fresh head answers "No available agent" until its job agent is up
+        out = subprocess.run(
+            [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+             "python", "jobs/physics.py", "--preset", "tiny", f"workdir={workdir}"],
+            env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        if "No available agent" not in out.stdout + out.stderr:
+            return out
+        time.sleep(2)
+    return out
 
 
 @pytest.mark.ray
