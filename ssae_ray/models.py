@@ -466,14 +466,19 @@ def tokenize_docs(
             torch.zeros(0, context_len, dtype=torch.long),
             torch.zeros(0, dtype=torch.long),
         )
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask_t = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids_t[j, : len(r)] = torch.tensor(r)
-        mask_t[j, : len(r)] = 1
+    ids_t, mask_t = pad_rows(rows, tokenizer.pad_token_id)
     return TokenBatch(ids_t, mask_t, torch.tensor(docs, dtype=torch.long))
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int | None) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists to the longest: ([N, T] ids, [N, T] attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    return ids, mask
 
 
 def iter_batches(batch: TokenBatch, batch_size: int) -> Iterator[TokenBatch]:

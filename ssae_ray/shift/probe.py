@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssae_ray.models import LM, TokenBatch, hooked, parse_hook
+from ssae_ray.models import LM, TokenBatch, hooked, pad_rows, parse_hook
 
 Splice = dict[str, Callable[[Tensor], Tensor]]
 
@@ -53,13 +53,7 @@ def tokenize_bios(tokenizer: Any, texts: Sequence[str], context_len: int) -> Tok
         ids if len(ids) >= 2 else ids + [tokenizer.pad_token_id or 0] * (2 - len(ids))
         for ids in enc["input_ids"]
     ]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id)
     return TokenBatch(ids, mask, torch.arange(len(rows)))
 
 
