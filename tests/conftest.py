@@ -46,3 +46,9 @@ def mlflow_server(tmp_path_factory):
     url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
     yield url
     tracking.stop_server(proc)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own Ray head (`own_ray_cluster`) run last: a head's job agent does
+    not come up beside a second local Ray instance, so they stop the session's Ray first."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)

@@ -22,6 +22,10 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    import ray
+
+    if ray.is_initialized():  # the session's Ray would keep this head's job agent from starting
+        ray.shutdown()
     tmp = tmp_path_factory.mktemp("rayhead")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     gcs, dash = _port(), _port()
@@ -60,6 +64,7 @@ def _submit(url, env, workdir):
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray_cluster
 def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     url, env = head
     first = _submit(url, env, tmp_path / "work")
