@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup physics test test-all lint format bench mlflow
 setup:

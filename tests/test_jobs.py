@@ -27,7 +27,9 @@ def head(tmp_path_factory):
     if ray.is_initialized():  # the session's Ray would keep this head's job agent from starting
         ray.shutdown()
     tmp = tmp_path_factory.mktemp("rayhead")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    # the head, its job agent and the job's `python` come from this interpreter's environment
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PATH": path}
     gcs, dash = _port(), _port()
     start = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
@@ -54,7 +56,7 @@ def _submit(url, env, workdir):
     for _ in range(30):  # a fresh head answers "No available agent" until its job agent is up
         out = subprocess.run(
             [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-             "python", "jobs/physics.py", "--preset", "tiny", f"workdir={workdir}"],
+             sys.executable, "jobs/physics.py", "--preset", "tiny", f"workdir={workdir}"],
             env=env, capture_output=True, text=True, timeout=1200,
         )  # fmt: skip
         if "No available agent" not in out.stdout + out.stderr:
