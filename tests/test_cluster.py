@@ -31,7 +31,7 @@ def prepared(path: Path) -> dict:
 
 
 def test_launcher_configs_exist():
-    assert [p.name for p in LAUNCHER] == ["aws-gpu.yaml"]
+    assert [p.name for p in LAUNCHER] == ["aws-gpu.yaml", "gcp-gpu.yaml"]
     assert {p.name for p in KUBERAY} == {"raycluster.yaml", "rayjob.yaml"}
 
 
@@ -43,24 +43,33 @@ def test_launcher_config_passes_ray_validation(path):
     workers = [t for name, t in types.items() if name != config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0  # a CPU head, no tasks
     assert workers and all(w["resources"]["GPU"] >= 1 and w["max_workers"] >= 1 for w in workers)
-    assert re.match(r"g[4-6]", workers[0]["node_config"]["InstanceType"])
+    node = workers[0]["node_config"]
+    if config["provider"]["type"] == "aws":
+        assert re.match(r"g[4-6]", node["InstanceType"])
+    else:  # gcp: a GPU attached, and the VM stops (GPUs cannot live-migrate) on host maintenance
+        assert config["provider"]["type"] == "gcp"
+        assert node["guestAccelerators"][0]["acceleratorCount"] == workers[0]["resources"]["GPU"]
+        assert {"onHostMaintenance": "TERMINATE"} in node["scheduling"]
+        assert {"key": "install-nvidia-driver", "value": "True"} in node["metadata"]["items"]
 
 
-def test_launcher_validation_is_real():
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_validation_is_real(path):
     """The validator rejects what `ray up` would reject, so a pass above means something."""
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    bad = load(CLUSTER / "aws-gpu.yaml") | {"dashboard_port": 8265}
+    bad = load(path) | {"dashboard_port": 8265}
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(bad))
-    bad = load(CLUSTER / "aws-gpu.yaml") | {"head_node_type": "ray.head.missing"}
+    bad = load(path) | {"head_node_type": "ray.head.missing"}
     with pytest.raises(ValueError, match="head_node_type"):
         validate_config(prepare_config(bad))
 
 
-def test_launcher_security():
-    config = prepared(CLUSTER / "aws-gpu.yaml")
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_security(path):
+    config = prepared(path)
     head_start = " ".join(config["head_start_ray_commands"])
     worker_start = " ".join(config["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=token ray start --head" in head_start
@@ -68,14 +77,17 @@ def test_launcher_security():
     assert "RAY_AUTH_MODE=token ray start --address" in worker_start
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token, never in the file
-    assert "RAY_AUTH_TOKEN=" not in (CLUSTER / "aws-gpu.yaml").read_text()
-    # No extra inbound rules: the launcher opens only SSH and intra-cluster traffic.
-    assert "IpPermissions" not in config["provider"]["security_group"]
+    assert "RAY_AUTH_TOKEN=" not in path.read_text()
+    # No extra inbound rules: the launcher opens only SSH and intra-cluster traffic (AWS), and no
+    # firewall rule is added to the default network (GCP).
+    assert "IpPermissions" not in config["provider"].get("security_group", {})
+    assert "firewall" not in yaml.safe_dump(config["provider"]).lower()
     assert ".venv" in config["rsync_exclude"]
 
 
-def test_launcher_installs_the_project():
-    config = prepared(CLUSTER / "aws-gpu.yaml")
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_installs_the_project(path):
+    config = prepared(path)
     assert config["file_mounts"]["~/ssae-ray"] == "."
     assert any("ssae-ray[gpu]" in c and "torch==" in c for c in config["worker_setup_commands"])
     assert any("ssae-ray" in c for c in config["head_setup_commands"])
