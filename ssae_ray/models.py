@@ -481,6 +481,24 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int | None) -> tuple[Tensor,
     return ids, mask
 
 
+def by_length(batch: TokenBatch) -> TokenBatch:
+    """The contexts reordered longest first (stable), so that batches of consecutive contexts
+    carry little padding: on the local preset's wiki text, batches in document order compute
+    1.3-1.7x the real tokens (short leads padded to 128), sorted ones 1.00-1.09x."""
+    order = torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
+    return TokenBatch(batch.input_ids[order], batch.attention_mask[order], batch.doc_index[order])
+
+
+def cap_tokens(batch: TokenBatch, max_tokens: int | None, skip_first: bool = False) -> TokenBatch:
+    """The first contexts holding at least `max_tokens` tokens (those after position 0 with
+    `skip_first`); all of them when `max_tokens` is None."""
+    if max_tokens is None or batch.input_ids.shape[0] == 0:
+        return batch
+    per = batch.attention_mask.sum(1) - (1 if skip_first else 0)
+    n = int(torch.searchsorted(per.clamp_min(0).cumsum(0), max_tokens).item()) + 1
+    return TokenBatch(batch.input_ids[:n], batch.attention_mask[:n], batch.doc_index[:n])
+
+
 def iter_batches(batch: TokenBatch, batch_size: int) -> Iterator[TokenBatch]:
     """Consecutive slices of a TokenBatch, trimmed to their longest context."""
     for s in range(0, batch.input_ids.shape[0], batch_size):

@@ -207,6 +207,26 @@ def test_fast_tail_equals_full_spliced_forward(tiny):
         assert torch.allclose(out.loss, ts.zero["blocks.1.hook_attn_out"], atol=1e-4)
 
 
+def test_test_set_is_batched_longest_first_with_the_same_tokens(tiny):
+    """Contexts are reordered by length (less padding); every token keeps its document and its
+    clean CE is the one of a forward over its document alone."""
+    from ssae_ray.models import token_losses, tokenize_docs
+
+    lm, ts = tiny
+    lengths = ts.tokens.attention_mask.sum(1)
+    assert lengths.tolist() == sorted(lengths.tolist(), reverse=True)
+    assert sorted(ts.tokens.doc_index.tolist()) != ts.tokens.doc_index.tolist()  # really reordered
+    ref = tokenize_docs(lm.tokenizer, TEXTS, 16)
+    assert int(ref.attention_mask.sum()) == int(ts.tokens.attention_mask.sum())
+    for d, text in enumerate(TEXTS):
+        alone = tokenize_docs(lm.tokenizer, [text], 16)
+        out = token_losses(lm, alone.input_ids, alone.attention_mask)
+        rows = ts.tokens.doc_index == d
+        mine = ts.clean[rows][ts.mask[rows]].sort().values
+        theirs = out.loss[out.mask].sort().values
+        assert torch.allclose(mine, theirs, atol=1e-5), d
+
+
 def test_missing_or_empty_test_set_is_a_clear_error(tiny):
     lm, _ = tiny
     with pytest.raises(M.EvalError, match="has no documents"):

@@ -5,6 +5,9 @@ from ssae_ray.config import ModelConfig
 from ssae_ray.models import (
     HookError,
     ModelLoadError,
+    TokenBatch,
+    by_length,
+    cap_tokens,
     capture,
     load_lm,
     make_tiny_model,
@@ -47,6 +50,25 @@ def test_tokenize_docs_cuts_and_pads(lm, batch):
     assert batch.input_ids.shape[1] <= 12
     assert batch.doc_index.tolist() == sorted(batch.doc_index.tolist())
     assert set(batch.doc_index.tolist()) == {0, 1, 2}
+
+
+def test_by_length_and_cap_tokens():
+    lengths = [3, 7, 2, 7, 5]
+    ids = torch.zeros(5, 7, dtype=torch.long)
+    mask = torch.zeros(5, 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(1, n + 1) + 10 * i
+        mask[i, :n] = 1
+    tb = TokenBatch(ids, mask, torch.tensor([0, 0, 1, 2, 2]))
+    s = by_length(tb)
+    assert s.attention_mask.sum(1).tolist() == [7, 7, 5, 3, 2]
+    assert s.doc_index.tolist() == [0, 2, 2, 0, 1]  # rows move with their document; ties keep order
+    assert torch.equal(s.input_ids[0], ids[1]) and torch.equal(s.input_ids[1], ids[3])
+    # cap_tokens: the shortest prefix of contexts holding >= max_tokens tokens
+    assert cap_tokens(tb, 10).input_ids.shape[0] == 2  # 3 + 7
+    assert cap_tokens(tb, 11).input_ids.shape[0] == 3
+    assert cap_tokens(tb, 8, skip_first=True).input_ids.shape[0] == 2  # 2 + 6
+    assert cap_tokens(tb, 10**6).input_ids.shape[0] == 5 and cap_tokens(tb, None) is tb
 
 
 def test_capture_matches_hidden_states_and_modules(lm, batch):

@@ -19,7 +19,17 @@ from tqdm.auto import tqdm
 from ssae_ray.eval import metrics
 from ssae_ray.eval.metrics import EvalError
 from ssae_ray.eval.splice import resid_hook_for, spliced_losses
-from ssae_ray.models import LM, TokenBatch, iter_batches, sae_splice, token_losses, tokenize_docs, zero_splice
+from ssae_ray.models import (
+    LM,
+    TokenBatch,
+    by_length,
+    cap_tokens,
+    iter_batches,
+    sae_splice,
+    token_losses,
+    tokenize_docs,
+    zero_splice,
+)
 
 log = logging.getLogger("ssae_ray")
 
@@ -40,13 +50,6 @@ class TestSet(NamedTuple):
     n_docs: int
 
 
-def _cap_contexts(batch: TokenBatch, max_tokens: int | None) -> TokenBatch:
-    if max_tokens is None:
-        return batch
-    n = int(torch.searchsorted(batch.attention_mask.sum(1).cumsum(0), max_tokens).item()) + 1
-    return TokenBatch(batch.input_ids[:n], batch.attention_mask[:n], batch.doc_index[:n])
-
-
 def prepare_test_set(
     lm: LM,
     name: str,
@@ -60,7 +63,9 @@ def prepare_test_set(
     batch capturing every hook, and one zero-ablated tail per hook."""
     if len(texts) == 0:
         raise EvalError(f"test set {name!r} has no documents; check the corpus splits (corpus.*_path)")
-    tokens = _cap_contexts(tokenize_docs(lm.tokenizer, list(texts), context_len), max_tokens)
+    # The first documents up to `max_tokens`, then longest context first: the same tokens, a third
+    # fewer padded positions through every forward below and every `evaluate_sae` on this set.
+    tokens = by_length(cap_tokens(tokenize_docs(lm.tokenizer, list(texts), context_len), max_tokens))
     if tokens.input_ids.shape[0] == 0:
         raise EvalError(f"test set {name!r}: no document has 2 or more tokens")
     need = list(dict.fromkeys([*hooks, *(r for h in hooks if (r := resid_hook_for(h)))]))

@@ -43,9 +43,11 @@ def lm_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[s
     position 0. One `models.capture` forward per batch feeds every hook."""
     from tqdm.auto import tqdm
 
-    from ssae_ray.models import capture, iter_batches, tokenize_docs
+    from ssae_ray.models import by_length, cap_tokens, capture, iter_batches, tokenize_docs
 
-    tb = tokenize_docs(lm.tokenizer, texts, cfg.model.context_len)
+    # The contexts that hold the first `max_tokens` tokens, longest first (less padding per batch:
+    # `models.by_length`); the order of cached rows does not matter, training permutes them.
+    tb = by_length(cap_tokens(tokenize_docs(lm.tokenizer, texts, cfg.model.context_len), max_tokens, True))
     total = int(tb.attention_mask[:, 1:].sum())
     total = min(total, max_tokens) if max_tokens else total
     done = 0
