@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -187,19 +188,30 @@ def _write_passages(cfg: Config, corpus: Path, work: Path, model_path: str) -> l
     if missing:
         raise RetrievalError(f"{corpus} lacks column(s) {missing}; the corpus needs `id` and `{text_field}`")
     cols = ["id", text_field] + (["is_domain"] if "is_domain" in schema.names else [])
+    import ray.data
+
     with atomic_dir(out) as tmp:
-        ds = _corpus_stream(cfg, corpus).select_columns(cols)
-        ds = ds.map_batches(chunk_batch, batch_size=512, batch_format="numpy",
-                            fn_kwargs=dict(model_path=model_path, passage_tokens=r.passage_tokens,
-                                           text_field=text_field))  # fmt: skip
-        ds.write_parquet(str(tmp), min_rows_per_file=r.shard_size, max_rows_per_file=r.shard_size)
+        # Passages in corpus order, in files named by position: the same corpus gives byte-identical
+        # passage files and shards on every build (Ray Data otherwise emits blocks as they finish).
+        ctx = ray.data.DataContext.get_current()
+        ordered = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True
+        try:
+            ds = _corpus_stream(cfg, corpus).select_columns(cols)
+            ds = ds.map_batches(chunk_batch, batch_size=512, batch_format="numpy",
+                                fn_kwargs=dict(model_path=model_path, passage_tokens=r.passage_tokens,
+                                               text_field=text_field))  # fmt: skip
+            ds.write_parquet(str(tmp), min_rows_per_file=r.shard_size, max_rows_per_file=r.shard_size)
+        finally:
+            ctx.execution_options.preserve_order = ordered
         files = []
         n_tokens = 0
-        for f in sorted(tmp.glob("*.parquet")):
+        for f in sorted(tmp.glob("*.parquet"), key=_write_order):
             meta = pq.read_metadata(f)
             if meta.num_rows == 0:
                 f.unlink()
                 continue
+            f = f.rename(tmp / f"passages-{len(files):05d}.parquet")
             n_tokens += int(pc.sum(pq.read_table(f, columns=["n_tokens"])["n_tokens"]).as_py())
             files.append({"file": f"passages/{f.name}", "rows": meta.num_rows})
         if not files:
@@ -208,6 +220,11 @@ def _write_passages(cfg: Config, corpus: Path, work: Path, model_path: str) -> l
         n_docs = min(n_docs, cfg.corpus.max_docs) if cfg.corpus.max_docs else n_docs
         write_json_atomic(tmp / done.name, {"files": files, "n_docs": n_docs, "n_tokens": n_tokens})
     return files
+
+
+def _write_order(path: Path) -> tuple[int, ...]:
+    """Ray Data names files `<write uuid>_<task>-<file>.parquet`: order by task, then file."""
+    return tuple(int(x) for x in re.findall(r"\d+", path.stem.rsplit("_", 1)[-1])) or (0,)
 
 
 def _embed_shards(cfg: Config, work: Path, passages: list[dict[str, Any]], model: dict[str, str],

@@ -349,7 +349,9 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
             ranking = bm25_rank(index_dir, manifest, seed_texts)
             ranking = Ranking(ranking.rows[:k], ranking.scores[:k], None)
         else:
-            rows = np.random.default_rng(cfg.seed).permutation(n)
+            # A permutation of the passages in pid order: the same draw whatever order the index holds them in.
+            by_pid = np.argsort(passages.meta["pid"].to_numpy(zero_copy_only=False), kind="stable")
+            rows = by_pid[np.random.default_rng(cfg.seed).permutation(n)]
             ranking = Ranking(rows, np.zeros(n, dtype=np.float32), None)
         if rerank:
             pool_tokens = int(passages.n_tokens[ranking.rows].sum())
