@@ -252,3 +252,26 @@ def test_matched_l0_moves_to_the_common_span_when_a_test_set_shifts_l0():
     assert _match_for({"a": C(10, 40), "b": C(15, 30)}, 24.0) == 24.0
     assert _match_for({"a": C(35, 60), "b": C(38, 64)}, 24.0) == (38 + 60) / 2
     assert _match_for({"a": C(10, 20), "b": C(30, 40)}, 24.0) == 24.0  # no common span: rows say so
+
+
+def test_auc_range_moves_to_the_common_span_when_curves_miss_the_configured_range():
+    from ssae_ray.eval.runner import _auc_range
+
+    class C:
+        def __init__(self, lo, hi):
+            self._s = (lo, hi)
+
+        def span(self):
+            return self._s
+
+    assert _auc_range({"a": C(10, 40), "b": C(15, 30)}, (20.0, 28.0)) == (20.0, 28.0)
+    # the local in-domain set: the random-corpus curve starts above 20, so all use [21.8, 31.9]
+    assert _auc_range({"a": C(17.9, 32.5), "b": C(21.8, 39.7), "c": C(17.8, 31.9)}, (20.0, 28.0)) == (
+        21.8,
+        31.9,
+    )
+    assert _auc_range({"a": C(10, 20), "b": C(30, 40)}, (20.0, 28.0)) == (20.0, 28.0)  # nothing shared
+    lo, hi = _auc_range({"a": C(35, 60), "b": C(38, 64)}, (20.0, 28.0))
+    assert M.pareto_auc([35, 60], [10, 20], (lo, hi)) == pytest.approx(
+        10 + 10 * (49 - 35) / 25
+    )  # the line at mid-span 49

@@ -67,7 +67,8 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
     dkey = f"d_ce_vs_{ref}"
     for r in res["headline"]:
         ci = f"{_f(r.get(dkey))} [{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]" if dkey in r else "–"
-        ce = f"{_f(r.get('ce'))} ± {_f(r.get('ce_seed_std'))}" if "ce_seed_std" in r else _f(r.get("ce"))
+        spread = "ce_seed_std" in r and r.get("n_seeds", 1) > 1  # one seed has no spread to show
+        ce = f"{_f(r.get('ce'))} ± {_f(r.get('ce_seed_std'))}" if spread else _f(r.get("ce"))
         lines.append(f"| {r['test']} | `{r['hook']}` | {_name(r['strategy'], r['tilt'])} | {_f(r.get('l0'), 1)} | "
                      f"{ce} | {_f(r.get('ppl'), 2)} | {_f(r.get('ppl_rel_gsae'))} | {ci} | {r.get('note', '')} |")  # fmt: skip
     clean = {(r["test"]): r.get("ce_clean") for r in res["headline"] if "ce_clean" in r}
@@ -80,14 +81,17 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
         "",
         "Mean perplexity over the range: the trapezoid area of the piecewise-linear perplexity-vs-L0 curve "
         "restricted to the range, divided by its width (and the same for perplexity relative to the GSAE). "
-        "Lower is better; – where the curve does not span the range.",
+        "Lower is better. Where a test set's curves do not all cover the range (L0 shifts between test "
+        "sets), that set's AUCs are taken over the span its curves share instead: the range column says "
+        "which; – where a curve does not span it.",
         "",
-        "| test | hook | SAE | L0 span | AUC perplexity | AUC rel. GSAE |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| test | hook | SAE | L0 span | AUC range | AUC perplexity | AUC rel. GSAE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["auc"]:
+        rng = f"{_f(r['auc_lo'], 1)}–{_f(r['auc_hi'], 1)}" if "auc_lo" in r else f"{lo:g}–{hi:g}"
         lines.append(f"| {r['test']} | `{r['hook']}` | {_name(r['strategy'], r['tilt'])} | "
-                     f"{_f(r['l0_min'], 1)}–{_f(r['l0_max'], 1)} | {_f(r.get('auc_ppl'))} | "
+                     f"{_f(r['l0_min'], 1)}–{_f(r['l0_max'], 1)} | {rng} | {_f(r.get('auc_ppl'))} | "
                      f"{_f(r.get('auc_ppl_rel_gsae'))} |")  # fmt: skip
     lines += ["", "## TERM beside ERM at matched L0", ""]
     if res["term_vs_erm"]:

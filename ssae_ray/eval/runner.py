@@ -161,7 +161,8 @@ def write_tables(
             g = evals[(GSAE, 0.0, 0.0, 0, h, name)]
             mine = {k: c for k, c in curves.items() if k[2] == h and k[3] == name}
             m_here = _match_for(mine, match)
-            _pareto_plot(mine, g, lo_hi, out / f"pareto_{name}_{_safe(h)}.png", f"{name} · {h}", cfg)
+            auc_range = _auc_range(mine, lo_hi)  # shaded in the plot
+            _pareto_plot(mine, g, auc_range, out / f"pareto_{name}_{_safe(h)}.png", f"{name} · {h}", cfg)
             for (s, t, _, _), c in mine.items():
                 ppl = [perplexity(p.ce) for p in c.points]
                 row = {
@@ -171,10 +172,12 @@ def write_tables(
                     "tilt": t,
                     "l0_min": c.span()[0],
                     "l0_max": c.span()[1],
+                    "auc_lo": auc_range[0],
+                    "auc_hi": auc_range[1],
                 }
                 try:
-                    row["auc_ppl"] = pareto_auc(c.l0, ppl, lo_hi)
-                    row["auc_ppl_rel_gsae"] = pareto_auc(c.l0, [p / g.ppl for p in ppl], lo_hi)
+                    row["auc_ppl"] = pareto_auc(c.l0, ppl, auc_range)
+                    row["auc_ppl_rel_gsae"] = pareto_auc(c.l0, [p / g.ppl for p in ppl], auc_range)
                 except EvalError as e:
                     row["auc_ppl"] = row["auc_ppl_rel_gsae"] = float("nan")
                     row["note"] = str(e).split(":")[0]
@@ -202,6 +205,18 @@ def _match_for(curves: dict[tuple, Any], match: float) -> float:
         return match
     lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)
     return (lo + hi) / 2 if lo <= hi else match
+
+
+def _auc_range(curves: dict[tuple, Any], lo_hi: tuple[float, float]) -> tuple[float, float]:
+    """The L0 range one test set's AUCs are taken over: `sweep.l0_range` when every curve covers it;
+    otherwise the span all curves share (as `_match_for`: L0 shifts between test sets), so the
+    strategies are still compared over one range; else `sweep.l0_range` (the AUC is then undefined)."""
+    spans = [c.span() for c in curves.values()]
+    lo, hi = float(lo_hi[0]), float(lo_hi[1])
+    if not spans or all(a <= lo and hi <= b for a, b in spans):
+        return lo, hi
+    a, b = max(s[0] for s in spans), min(s[1] for s in spans)
+    return (a, b) if b > a else (lo, hi)
 
 
 def _safe(h: str) -> str:
