@@ -208,6 +208,9 @@ class SweepConfig:
 class EvalConfig:
     test_tokens: int = 5_000
     """Tokens evaluated per test set."""
+    val_tokens: int | None = None
+    """Tokens of the validation set every sweep trial is scored on (at each checkpoint); None = the
+    same as `test_tokens`."""
     batch_size: int = 8
     """Contexts per forward when scoring spliced CE."""
     logit_lens_topk: int = 10
