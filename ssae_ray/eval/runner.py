@@ -196,27 +196,32 @@ def write_tables(
             "reference": ref, "features": feats, "files": sorted(p.name for p in out.iterdir())}  # fmt: skip
 
 
+def _shared_span(curves: dict[tuple, Any]) -> tuple[float, float] | None:
+    """The L0 interval every curve covers, or None when they share none."""
+    spans = [c.span() for c in curves.values()]
+    lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)
+    return (lo, hi) if lo <= hi else None
+
+
 def _match_for(curves: dict[tuple, Any], match: float) -> float:
     """The L0 at which one test set's curves are compared: `match` when every curve spans it;
     otherwise the middle of the span all curves share (L0 shifts between test sets: on the
     sympy.physics OOD set every SAE fires about twice as often as in-domain); else `match`."""
-    spans = [c.span() for c in curves.values()]
-    if not spans or all(lo <= match <= hi for lo, hi in spans):
+    if not curves or all(lo <= match <= hi for lo, hi in (c.span() for c in curves.values())):
         return match
-    lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)
-    return (lo + hi) / 2 if lo <= hi else match
+    shared = _shared_span(curves)
+    return (shared[0] + shared[1]) / 2 if shared else match
 
 
 def _auc_range(curves: dict[tuple, Any], lo_hi: tuple[float, float]) -> tuple[float, float]:
     """The L0 range one test set's AUCs are taken over: `sweep.l0_range` when every curve covers it;
-    otherwise the span all curves share (as `_match_for`: L0 shifts between test sets), so the
-    strategies are still compared over one range; else `sweep.l0_range` (the AUC is then undefined)."""
-    spans = [c.span() for c in curves.values()]
+    otherwise the span all curves share (as `_match_for`), so the strategies are still compared
+    over one range; else `sweep.l0_range` (the AUC is then undefined)."""
     lo, hi = float(lo_hi[0]), float(lo_hi[1])
-    if not spans or all(a <= lo and hi <= b for a, b in spans):
+    if not curves or all(a <= lo and hi <= b for a, b in (c.span() for c in curves.values())):
         return lo, hi
-    a, b = max(s[0] for s in spans), min(s[1] for s in spans)
-    return (a, b) if b > a else (lo, hi)
+    shared = _shared_span(curves)
+    return shared if shared and shared[1] > shared[0] else (lo, hi)
 
 
 def _safe(h: str) -> str:
