@@ -225,6 +225,10 @@ class EvalConfig:
     """Strategy the headline table's CE differences are taken against (the random-corpus finetune;
     falls back to the GSAE when that strategy was not swept)."""
 
+    def tokens_for(self, test_set: str) -> int:
+        """Tokens scored on `test_set`: `val_tokens` (or `test_tokens`) for "val", else `test_tokens`."""
+        return (self.val_tokens or self.test_tokens) if test_set == "val" else self.test_tokens
+
 
 @dataclass(frozen=True)
 class TrackingConfig:

@@ -231,7 +231,7 @@ def _test_sets(cfg: Config, lm: Any, corpus_dir: Path, names: tuple[str, ...]) -
             texts,
             list(cfg.sae.hooks),
             cfg.model.context_len,
-            (cfg.eval.val_tokens or cfg.eval.test_tokens) if name == "val" else cfg.eval.test_tokens,
+            cfg.eval.tokens_for(name),
             cfg.eval.batch_size,
         )
     return sets
@@ -254,7 +254,7 @@ def sweep_key(cfg: Config, gsae_dir: Path, caches: dict[str, Path]) -> str:
     so changing them re-evaluates without retraining."""
     grid_keys = ("lams", "tilts", "seeds", "strategies", "hooks", "tilt_strategies", "select_metric")
     sweep = {k: getattr(cfg.sweep, k) for k in grid_keys}
-    val = (cfg.eval.val_tokens or cfg.eval.test_tokens, cfg.eval.batch_size, cfg.model.context_len)
+    val = (cfg.eval.tokens_for("val"), cfg.eval.batch_size, cfg.model.context_len)
     return stage_key("sweep", cfg.train, sweep, val, str(gsae_dir), sorted(map(str, caches.values())))
 
 
