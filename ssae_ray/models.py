@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import logging
 import re
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssae_ray.config import ModelConfig
+from ssae_ray.stages import atomic_dir
 
 log = logging.getLogger("ssae_ray")
 
@@ -168,12 +168,9 @@ def _dequantized_gguf(folder: str | Path, gguf: str, cache: Path) -> Path:
             if hasattr(obj, attr):
                 with contextlib.suppress(AttributeError):
                     delattr(obj, attr)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -210,12 +207,9 @@ def make_tiny_model(folder: Path | str, arch: str = "gpt_neox", seed: int = 0) -
     else:
         raise ValueError(f"tiny_arch must be gpt_neox or llama, got {arch!r}")
     model = Cls(config)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    hf_tok.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
     return folder
 
 

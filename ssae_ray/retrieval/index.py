@@ -34,7 +34,15 @@ import pyarrow.parquet as pq
 
 from ssae_ray.config import Config, RetrievalConfig
 from ssae_ray.retrieval.embed import Embedder, RetrievalError, chunk_batch, resolve_model
-from ssae_ray.stages import MANIFEST, atomic_dir, file_sha256, read_manifest, stage_key, write_json_atomic
+from ssae_ray.stages import (
+    MANIFEST,
+    atomic_dir,
+    file_sha256,
+    read_manifest,
+    stage_key,
+    swap_in,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -143,11 +151,7 @@ def _build(cfg: Config, corpus: Path, key: str, final: Path, on_shard: Callable[
         "phase_seconds": phases, "created": time.time(),
     }  # fmt: skip
     write_json_atomic(work / MANIFEST, manifest)
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(work, final)
+    swap_in(work, final)
     log.info("index: %d vectors in %d shards at %s", manifest["n_vectors"], len(shards), final)
     return final
 
