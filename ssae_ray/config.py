@@ -317,7 +317,7 @@ class ShiftConfig:
     """Bios per AdamW step of the logistic-regression probe."""
     pool_skip_first: bool = True
     """Mean-pool over non-padding tokens from position 1 on: position 0 is never spliced or ablated
-    and its norm is ~7x the median (shared/CALIBRATION.md)."""
+    and its norm is ~7x the median (docs/CALIBRATION.md)."""
     ig_steps: int = 10
     """Integrated-gradients steps for the hooks named by `ig_layers` (appendix H)."""
     ig_layers: int = 1

@@ -70,7 +70,7 @@ class TokenLoss(NamedTuple):
     """[B, T-1] cross-entropy of predicting token t+1 at position t (0 where `mask` is False)."""
     mask: Tensor
     """[B, T-1] targets that count: both tokens real, and not the prediction made at position 0
-    (position 0 is never spliced; see shared/CALIBRATION.md)."""
+    (position 0 is never spliced; see docs/CALIBRATION.md)."""
 
 
 # ---------------------------------------------------------------------------------------------

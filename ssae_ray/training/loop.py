@@ -7,7 +7,7 @@ gradient norm, and uses a decoder-norm-weighted L1 instead of unit-norm decoder 
 themselves are sae-lens `StandardSAE`s, saved in sae-lens format.
 
 Activation scale. With `TrainConfig.scale_activations` the loop trains on c·x with
-c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model (shared/CALIBRATION.md).
+c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model (docs/CALIBRATION.md).
 The scale lives in the saved SAE: it is folded into its weights (b_enc / c, b_dec / c; W_enc,
 W_dec unchanged, so decoder rows stay unit norm and f_raw = f_scaled / c), the SAE reads raw
 activations, and `cfg.metadata.act_scale` records c, which later finetunes of it reuse.
