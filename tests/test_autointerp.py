@@ -350,7 +350,11 @@ def test_api_key_never_in_logs_mlflow_or_artifacts(
         with (
             caplog.at_level(logging.DEBUG),
             caplog.at_level(logging.DEBUG, logger="anthropic"),  # the SDK's request logging too
+            # the HTTP transport's request lines: anthropic 2.x sends through `httpx2`, 0.x through `httpx`
+            caplog.at_level(logging.DEBUG, logger="httpx"),
             caplog.at_level(logging.DEBUG, logger="httpx2"),
+            caplog.at_level(logging.DEBUG, logger="httpcore"),
+            caplog.at_level(logging.DEBUG, logger="httpcore2"),
             mlflow.start_run() as run,
         ):
             out = run_autointerp(
@@ -360,6 +364,9 @@ def test_api_key_never_in_logs_mlflow_or_artifacts(
         mlflow.set_tracking_uri(None)
     assert server.api_keys == {KEY}  # the key was sent...
     assert "retry" in caplog.text and len(caplog.records) > 5
+    names = {r.name.split(".")[0] for r in caplog.records}
+    assert {"anthropic", "ssae_ray"} <= names, names  # every logger that could leak was heard:
+    assert names & {"httpx", "httpx2"} and names & {"httpcore", "httpcore2"}, names  # the transport's too
     assert "SECRET123" not in caplog.text  # ...but never logged
     client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").as_uri())
     data = client.get_run(run.info.run_id).data
