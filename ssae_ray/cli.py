@@ -56,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_error(e: BaseException) -> bool:
-    """Errors raised by this package's own checks (config, hooks, SAEs, stages, data, ...)."""
+def user_error(e: BaseException) -> bool:
+    """Errors raised by this package's own checks (config, hooks, SAEs, stages, data, tracking, ...):
+    printed as one line with exit status 2; anything else is a bug and keeps its traceback."""
     return type(e).__module__.startswith("ssae_ray") or isinstance(e, FileNotFoundError)
+
+
+_user_error = user_error
 
 
 def main(argv: list[str] | None = None) -> int:

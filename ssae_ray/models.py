@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,13 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssae_ray.config import ModelConfig
+from ssae_ray.config import HOOK_KINDS, ModelConfig
+from ssae_ray.config import HOOK_RE as _HOOK_RE
 from ssae_ray.stages import atomic_dir
 
 log = logging.getLogger("ssae_ray")
-
-HOOK_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
 
 
 class HookError(ValueError):

@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ssae_ray import tracking
-from ssae_ray.config import Config, from_dict
+from ssae_ray.config import SELECT_METRICS, Config, from_dict
 from ssae_ray.stages import write_json_atomic
 
 log = logging.getLogger("ssae_ray")
-
-SELECT_METRICS = ("val_ce", "val_fvu")
 
 
 class SweepError(ValueError):

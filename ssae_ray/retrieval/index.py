@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ssae_ray.config import Config, RetrievalConfig
+from ssae_ray.config import INDEX_TYPES, Config, RetrievalConfig
 from ssae_ray.retrieval.embed import Embedder, RetrievalError, chunk_batch, resolve_model
 from ssae_ray.stages import (
     MANIFEST,
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger("ssae_ray")
-
-INDEX_TYPES = ("flat", "ivf", "ivfpq")
 
 
 class SearchResult(NamedTuple):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ssae_ray.config import Config
+from ssae_ray.config import STRATEGIES, Config
 from ssae_ray.retrieval.embed import (
     EmbedModel,
     RetrievalError,
@@ -34,8 +34,6 @@ from ssae_ray.retrieval.index import ShardedIndex
 from ssae_ray.stages import read_manifest, run_stage, stage_key
 
 log = logging.getLogger("ssae_ray")
-
-STRATEGIES = ("dense", "bm25", "dense+tracin", "bm25+tracin", "random")
 
 
 class Ranking(NamedTuple):
