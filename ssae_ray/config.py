@@ -239,7 +239,8 @@ class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; `MLFLOW_TRACKING_URI` wins when set; None logs to a local
     `mlruns` SQLite store under the work dir."""
-    experiment: str = "ssae-ray"
+    experiment: str | None = None
+    """MLflow experiment; None is `ssae-ray-<preset name>`, so presets never share one."""
 
 
 @dataclass(frozen=True)

@@ -400,7 +400,7 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
             from ssae_ray import tracking
 
             mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-            parent = _sweep_run_id(cfg)  # results land in the sweep's parent run
+            parent = _sweep_run_id(cfg, report.parent.parent)  # results land in this sweep's parent run
             with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
                 return run_autointerp_on_best(cfg, lm, report.parent, stage_corpus(cfg, lm), run_autointerp)
 
@@ -413,19 +413,11 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     return report
 
 
-def _sweep_run_id(cfg: Config) -> str | None:
-    """The newest sweep parent run of this experiment in the tracking store."""
-    from mlflow.tracking import MlflowClient
-
+def _sweep_run_id(cfg: Config, sweep_folder: Path) -> str | None:
+    """The parent run of the sweep in `sweep_folder` (recorded there by the sweep), in this store."""
     from ssae_ray import tracking
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], "tags.`ssae.kind` = 'sweep'", max_results=1,
-                              order_by=["attributes.start_time DESC"])  # fmt: skip
-    return runs[0].info.run_id if runs else None
+    return tracking.recorded_parent_run(sweep_folder, tracking.tracking_uri(cfg))
 
 
 def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
@@ -434,7 +426,7 @@ def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
 
         from ssae_ray import tracking
 
-        run_id = _sweep_run_id(cfg)
+        run_id = _sweep_run_id(cfg, report.parent.parent)
         if run_id:
             MlflowClient(tracking_uri=tracking.tracking_uri(cfg)).log_artifact(run_id, str(timings), "eval")
     except Exception as e:  # timings are a convenience; never fail a finished job over them

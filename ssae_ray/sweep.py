@@ -141,9 +141,9 @@ def run_sweep(
     out = Path(out_dir) if out_dir else cfg.root / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     client, exp_id = tracking.open_experiment(
-        uri, cfg.tracking.experiment, cfg.root / "mlflow" / "mlartifacts"
+        uri, tracking.experiment_name(cfg), cfg.root / "mlflow" / "mlartifacts"
     )
-    parent = _parent_run(client, exp_id, cfg, out)
+    parent = _parent_run(client, exp_id, uri, cfg, out)
     init_ray(cfg.ray)
     ctx = {
         "cfg": cfg.to_dict(), "gsae_dir": str(gsae_dir), "caches": {k: str(v) for k, v in caches.items()},
@@ -195,12 +195,12 @@ def _trial_resources(cfg: Config) -> dict[str, float]:
     return {k: v for k, v in res.items() if v > 0} or {"memory": float(2**20)}
 
 
-def _parent_run(client: Any, exp_id: str, cfg: Config, out: Path) -> str:
+def _parent_run(client: Any, exp_id: str, uri: str, cfg: Config, out: Path) -> str:
+    """The sweep folder's parent run, reused when the sweep is invoked again."""
     params = {k: v for k, v in tracking.flat_config(cfg).items() if k.split(".")[0] in
               ("name", "model", "sae", "train", "sweep", "retrieval", "eval")}  # fmt: skip
-    rid = tracking.start_run(client, exp_id, f"sweep-{cfg.name}", params, tags={"ssae.kind": "sweep",
-                             "ssae.folder": str(out)})  # fmt: skip
-    return rid
+    return tracking.sweep_parent_run(client, exp_id, uri, out, f"sweep-{cfg.name}", params,
+                                     tags={"ssae.kind": "sweep", "ssae.folder": str(out)})  # fmt: skip
 
 
 def _write_table(
@@ -256,7 +256,7 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
     torch.manual_seed(trial.seed)
     tc = dataclasses.replace(cfg.train, lam=trial.lam, tilt=trial.tilt, seed=trial.seed)
     hooks = list(cfg.sae.hooks)
-    client, _ = tracking.open_experiment(ctx["uri"], cfg.tracking.experiment)
+    client, _ = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))
     params = {**trial._asdict(), "trial": trial.name, **{f"train.{k}": v for k, v in
               dataclasses.asdict(tc).items()}}  # fmt: skip
     rid = tracking.start_run(client, ctx["exp_id"], trial.name, params, parent_run_id=ctx["parent"],

@@ -126,6 +126,15 @@ def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_serve
     done = json.loads((tmp_path / "sweep" / "trials" / "dense-lam0.01-tilt0-seed0" / "done.json").read_text())
     res2 = sweep.run_sweep(cfg, tmp_path / "gsae", caches, val, tmp_path / "sweep", tmp_path / "models")
     assert res2.run_ids[Trial("dense", 0.01, 0.0, 0)] == done["run_id"]
+    # ... and the re-invocation logs into the same parent run: one parent per sweep folder, finished
+    assert res2.parent_run_id == res.parent_run_id
+    folder = str(tmp_path / "sweep")  # (other tests may log tiny sweeps to the same server)
+    parents = client.search_runs(
+        [res.experiment_id], f"tags.`ssae.kind` = 'sweep' and tags.`ssae.folder` = '{folder}'"
+    )
+    assert [r.info.run_id for r in parents] == [res.parent_run_id]
+    assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    assert client.get_experiment(res.experiment_id).name == "ssae-ray-tiny"  # one experiment per preset
 
 
 @pytest.mark.slow

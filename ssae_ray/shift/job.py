@@ -86,7 +86,7 @@ def run_bias_in_bios(
         final,
         {"preset": cfg.name, "dataset": data.source, "probe_layer": result.layer},
         uri=cfg.tracking.uri,
-        experiment=cfg.tracking.experiment,
+        experiment=tracking.experiment_name(cfg),
     )
     bar.close()
     print(to_markdown(result.rows, notes))
