@@ -130,7 +130,7 @@ def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_serve
     assert res2.parent_run_id == res.parent_run_id
     folder = str(tmp_path / "sweep")  # (other tests may log tiny sweeps to the same server)
     parents = client.search_runs(
-        [res.experiment_id], f"tags.`ssae.kind` = 'sweep' and tags.`ssae.folder` = '{folder}'"
+        [res.experiment_id], f"tags.`ssae.kind` = 'sweep' AND tags.`ssae.folder` = '{folder}'"
     )
     assert [r.info.run_id for r in parents] == [res.parent_run_id]
     assert client.get_run(res.parent_run_id).info.status == "FINISHED"
