@@ -285,31 +285,42 @@ def stage_sweep(
     timer: Timer | None = None,
     plan: SweepPlan | None = None,
 ):
-    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun."""
+    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun. `force` retrains every
+    trial: the previous sweep folder is moved aside (`<folder>.replaced`) and removed only once the new
+    sweep has finished, so a failed or interrupted forced run loses nothing."""
     from ssae_ray.sweep import grid, run_sweep
 
     timer = timer or Timer()
     lm = lm or _lm(cfg)
     plan = plan or plan_sweep(cfg, lm, timer)
+    aside = plan.folder.with_name(plan.folder.name + ".replaced")
     if force and plan.folder.exists():
-        shutil.rmtree(plan.folder)
+        shutil.rmtree(aside, ignore_errors=True)
+        plan.folder.rename(aside)
+        log.info("--force: the previous sweep is moved to %s until the new one has finished", aside)
     val = timer(
         "val set", lambda: _test_sets(sweep_config(cfg), lm, plan.corpus_dir, ("val",)).get("val"), False
     )
     if val is None:
         raise StageError("the corpus has no validation documents; the sweep selects on validation")
     done = all((plan.folder / "trials" / t.name / "done.json").is_file() for t in grid(cfg))
-    return timer(
+    result = timer(
         "sweep",
         lambda: run_sweep(
             sweep_config(cfg), plan.gsae_dir, plan.caches, val, plan.folder, cfg.root / "models"
         ),
         done,
     )
+    if force:
+        shutil.rmtree(aside, ignore_errors=True)
+    return result
 
 
-def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None) -> Path:
-    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report."""
+def stage_eval(
+    cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None, retrain: bool = False
+) -> Path:
+    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report.
+    `force` re-evaluates even when the report is cached; `retrain` also retrains the sweep."""
     from ssae_ray.eval.runner import evaluate_sweep, log_to_mlflow
     from ssae_ray.saes import load_sae
 
@@ -319,12 +330,17 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
     out = plan.folder / "eval"
     ekey = stage_key("eval", cfg.eval, cfg.sweep, cfg.sae.hooks, cfg.corpus)
     stamp = out / "eval_key.txt"
-    if (out / "report.md").is_file() and stamp.is_file() and stamp.read_text() == ekey and not force:
+    if (
+        (out / "report.md").is_file()
+        and stamp.is_file()
+        and stamp.read_text() == ekey
+        and not (force or retrain)
+    ):
         log.info("evaluation cached at %s", out)
         timer("sweep", lambda: plan.folder, True)
         timer("eval", lambda: out, True)
         return out / "report.md"
-    sweep = stage_sweep(cfg, force, lm, timer, plan)
+    sweep = stage_sweep(cfg, retrain, lm, timer, plan)
     scfg = sweep_config(cfg)
     tests = timer(
         "test sets", lambda: _test_sets(scfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
@@ -386,11 +402,12 @@ def stage_shift(cfg: Config) -> Path:
 
 
 def run_physics(cfg: Config, force: bool = False) -> Path:
-    """The whole physics pipeline; returns the report. Prints the per-stage wall times."""
+    """The whole physics pipeline; returns the report. Prints the per-stage wall times. `force`
+    retrains the sweep and re-evaluates (upstream stages are reused: they are keyed by their inputs)."""
     timer = Timer()
     t0 = time.perf_counter()
     lm = timer("load LM", lambda: _lm(cfg), False)
-    report = stage_eval(cfg, force, lm, timer)
+    report = stage_eval(cfg, force, lm, timer, retrain=force)
     if cfg.autointerp.enabled:
         from ssae_ray.autointerp import run_autointerp
 
