@@ -41,6 +41,11 @@ class ModelConfig:
     """Contexts per LM forward."""
     device: str = "auto"
     """`auto` picks cuda when present, else cpu."""
+    precision: str = "auto"
+    """Matmul precision of LM forwards (capture, test sets, splicing, auto-interp scans, SHIFT) and
+    of the retriever: `auto` (bf16 where the device does bf16 natively and faster, else fp32;
+    `ssae_ray/precision.py`), `fp32` (exact comparisons) or `bf16`. CE, log-softmax and every
+    metric are fp32 either way."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,9 @@ class TrainConfig:
     """`by_hook` (each worker owns some SAEs), `data_parallel` (replicas) or `auto`."""
     max_failures: int = 2
     use_activation_cache: bool = True
+    precision: str = "auto"
+    """Matmul precision of the SAE step: `auto`, `fp32` or `bf16` (as `model.precision`). Master
+    weights, Adam state, per-token losses, TERM weights and metrics stay fp32."""
     cache_dtype: str = "float16"
     """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
     cache_shard_tokens: int = 65_536

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssae_ray import precision as prec
 from ssae_ray.config import ModelConfig
 
 log = logging.getLogger("ssae_ray")
@@ -54,6 +55,12 @@ class LM(NamedTuple):
     n_layers: int
     d_model: int
     device: torch.device
+    precision: prec.Precision = prec.Precision("fp32", "default")
+    """What its forwards' matmuls run in (`model.precision`; weights stay in `model.dtype`)."""
+
+    def amp(self) -> contextlib.AbstractContextManager[None]:
+        """The context every forward of this LM runs in: bf16 autocast or nothing."""
+        return prec.autocast(self.precision, self.device)
 
 
 class TokenBatch(NamedTuple):
@@ -113,7 +120,8 @@ def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:
     tok.padding_side = "right"
     arch = _arch_of(model)
     n_layers = len(_layers(model, arch))
-    return LM(model, tok, arch, n_layers, model.config.hidden_size, device)
+    p = prec.choose(cfg.precision, device, "LM forwards")
+    return LM(model, tok, arch, n_layers, model.config.hidden_size, device, p)
 
 
 def _resolve_source(cfg: ModelConfig, cache: Path) -> tuple[str | Path, str | None]:
@@ -358,7 +366,7 @@ def capture(lm: LM, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[s
             else layer.register_forward_hook(stop)
         )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), lm.amp():
                 lm.model(
                     input_ids=input_ids.to(lm.device),
                     attention_mask=attention_mask.to(lm.device),
@@ -388,7 +396,7 @@ def token_losses(
         return splice[name](act).to(act.dtype)
 
     ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx, hooked(lm, list(splice), replace) if splice else contextlib.nullcontext():
+    with ctx, lm.amp(), hooked(lm, list(splice), replace) if splice else contextlib.nullcontext():
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return ce_from_logits(logits, ids, mask)
 
@@ -411,7 +419,8 @@ def sae_splice(sae: nn.Module, error_term: bool = False) -> Callable[[Tensor], T
 
     def fn(x: Tensor) -> Tensor:
         xs = x.to(sae.W_dec.dtype)
-        recon = sae.decode(sae.encode(xs))
+        with prec.fp32(x.device):  # the SAE runs in its own dtype inside a bf16 LM forward
+            recon = sae.decode(sae.encode(xs))
         if error_term:
             recon = recon + (xs - recon).detach()
         out = recon.to(x.dtype).clone()

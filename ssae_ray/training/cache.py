@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from ssae_ray.config import Config
+from ssae_ray.models import pick_device
+from ssae_ray.precision import key_part
 from ssae_ray.stages import StageError, read_manifest, run_stage, stage_key
 from ssae_ray.training.losses import TrainingError
 
@@ -131,6 +133,7 @@ def cache_key(cfg: Config, texts: Sequence[str], hooks: Sequence[str], max_token
     return stage_key(
         "activations-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         sorted(hooks), h.hexdigest(), max_tokens, cfg.train.cache_dtype, cfg.train.cache_shard_tokens,
+        *key_part(cfg.model.precision, pick_device(cfg.model.device)),
     )  # fmt: skip
 
 
