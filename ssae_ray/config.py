@@ -41,6 +41,10 @@ class ModelConfig:
     """Contexts per LM forward."""
     device: str = "auto"
     """`auto` picks cuda when present, else cpu."""
+    prepend_bos: bool = False
+    """Start every context with the tokenizer's BOS token. Must match how the GSAEs were trained
+    (sae-lens `metadata.prepend_bos`; Gemma Scope, sparsify and most sae-lens releases: true):
+    loading a GSAE that records the other value is refused."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class SAEConfig:
     """For `release` sources, `<release>:<sae_id>` of each hook (same order as `hooks`)."""
     d_sae: int = 256
     """Width of random / pretrained GSAEs."""
+    arch: str = "relu"
+    """Architecture of random / pretrained GSAEs: `relu` (L1), `jumprelu` (L0), `topk` or
+    `batchtopk` (see `training/archs.py`). Loaded GSAEs keep their own."""
+    k: int = 32
+    """k of random / pretrained `topk` / `batchtopk` GSAEs."""
     slice_to: int | None = None
     """Keep only the first k latents of each GSAE (the paper's compression experiment)."""
     min_explained_variance: float = 0.5
@@ -195,6 +204,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     lams: tuple[float, ...] = (1.0,)
+    """Values of the swept sparsity knob (`knob`): λ for ReLU / JumpReLU GSAEs, k for TopK /
+    BatchTopK ones. Trials, curves and reports name it `lam` either way."""
+    knob: str = "lam"
+    """Which setting `lams` sweeps: `lam` (train.lam: the L1 or L0 coefficient) or `k` (train.k)."""
     tilts: tuple[float, ...] = (0.0,)
     seeds: tuple[int, ...] = (0,)
     strategies: tuple[str, ...] = ("dense",)
