@@ -451,17 +451,28 @@ def tokenize_docs(
     context_len: int,
     max_contexts: int | None = None,
     min_tokens: int = 2,
+    prepend_bos: bool = False,
 ) -> TokenBatch:
-    """Cut each text into contexts of at most `context_len` tokens (no special tokens added),
-    right-padded, with the index of the text each came from."""
+    """Cut each text into contexts of at most `context_len` tokens, right-padded, with the index of
+    the text each came from. With `prepend_bos` every context starts with the tokenizer's BOS
+    token followed by `context_len - 1` text tokens (as sae-lens' `prepend_bos` SAEs were trained);
+    else no special tokens are added. Position 0 (BOS or not) is excluded downstream either way."""
     if context_len < 2:
         raise ValueError(f"context_len must be >= 2, got {context_len}")
+    bos: list[int] = []
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise ValueError(
+                "model.prepend_bos is true but the tokenizer has no BOS token; set model.prepend_bos=false"
+            )
+        bos = [int(tokenizer.bos_token_id)]
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
     docs: list[int] = []
+    step = context_len - len(bos)
     for i, ids in enumerate(enc):
-        for s in range(0, len(ids), context_len):
-            chunk = ids[s : s + context_len]
+        for s in range(0, len(ids), step):
+            chunk = bos + ids[s : s + step]
             if len(chunk) >= min_tokens:
                 rows.append(chunk)
                 docs.append(i)

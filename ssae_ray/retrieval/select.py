@@ -169,7 +169,7 @@ def tracin_rerank(cfg: Config, first: Ranking, passages: Passages, seed_texts: l
     T, B = cfg.model.context_len, cfg.model.batch_size
 
     def batches(texts: list[str]):
-        tb = tokenize_docs(lm.tokenizer, texts, T)
+        tb = tokenize_docs(lm.tokenizer, texts, T, prepend_bos=cfg.model.prepend_bos)
         for s in range(0, len(tb.input_ids), B):
             ids, mask = tb.input_ids[s : s + B], tb.attention_mask[s : s + B]
             yield (

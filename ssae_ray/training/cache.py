@@ -49,7 +49,13 @@ def lm_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[s
 
     # The contexts that hold the first `max_tokens` tokens, longest first (less padding per batch:
     # `models.by_length`); the order of cached rows does not matter, training permutes them.
-    tb = by_length(cap_tokens(tokenize_docs(lm.tokenizer, texts, cfg.model.context_len), max_tokens, True))
+    tb = by_length(
+        cap_tokens(
+            tokenize_docs(lm.tokenizer, texts, cfg.model.context_len, prepend_bos=cfg.model.prepend_bos),
+            max_tokens,
+            True,
+        )
+    )
     total = int(tb.attention_mask[:, 1:].sum())
     total = min(total, max_tokens) if max_tokens else total
     done = 0
