@@ -28,6 +28,7 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from torch import Tensor
 
+from ssae_ray import precision as prec
 from ssae_ray.config import Config, TrainConfig
 from ssae_ray.training.archs import SPARSITY_KNOB, export_form, import_gsae
 from ssae_ray.training.losses import (
@@ -138,6 +139,8 @@ class HookTrainer:
         self.lam = AdaptiveLambda(tc.lam, tc.l0_band, tc.adapt_rate)
         self.scale = LossScale(tc.loss_scale_decay)
         self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=device)
+        self.precision = prec.choose(tc.precision, device, "the SAE step")
+        """What the step's matmuls run in (`train.precision`); weights and Adam state stay fp32."""
 
     @property
     def d_sae(self) -> int:
@@ -163,14 +166,15 @@ class HookTrainer:
         """The architecture's per-token loss on scaled inputs and the gradient of `objective` of it."""
         fm, tc = self.form, self.tc
         w = (fm.W_enc, fm.b_enc, fm.W_dec, fm.b_dec)
+        mm = self.precision.dtype
         if self.arch == "relu":
-            return sae_loss_and_grads(x, *w, lam, objective)
+            return sae_loss_and_grads(x, *w, lam, objective, mm)
         if self.arch == "jumprelu":
             assert fm.threshold is not None
-            return jumprelu_loss_and_grads(x, *w, fm.threshold, lam, tc.jumprelu_bandwidth, objective)
+            return jumprelu_loss_and_grads(x, *w, fm.threshold, lam, tc.jumprelu_bandwidth, objective, mm)
         dead = self.tokens_since_fired >= tc.dead_window_tokens
         return topk_loss_and_grads(x, *w, float(fm.k or 0), objective, batch=self.arch == "batchtopk",
-                                   select=fm.select, dead=dead, aux_coefficient=tc.aux_coefficient)  # fmt: skip
+                                   select=fm.select, dead=dead, aux_coefficient=tc.aux_coefficient, mm=mm)  # fmt: skip
 
     def step(self, x: Tensor, lr: float, step: int, gather: Gather | None = None) -> dict[str, Any]:
         """Forward and backward on [n, d_in] raw activations; `apply` then takes the step."""
@@ -230,7 +234,7 @@ class HookTrainer:
             kept = out.f[out.f > 0]
             if kept.numel():  # sae-lens: θ <- (1 - r) θ + r min(kept activation)
                 r = self.tc.topk_threshold_lr
-                th.mul_(1 - r).add_(r * kept.min())
+                th.mul_(1 - r).add_(r * kept.min().float())
         n = x.shape[0]
         tl = out.losses
         scale = self.scale.value if self.scale.value is not None else float(tl.loss.mean())
@@ -238,12 +242,12 @@ class HookTrainer:
         self.tokens_since_fired[out.f.amax(0) > 0] = 0
         w = out.weights.double()
         stats = torch.stack([
-            torch.sign(out.f).sum().double() / n,  # 2x faster than count_nonzero on CPU
+            torch.sign(out.f).sum(dtype=torch.float64) / n,  # 2x faster than count_nonzero on CPU; f may be bf16
             (self.tokens_since_fired >= self.tc.dead_window_tokens).sum().double(),
             tl.sse.double().sum(),
             (x - x.mean(0)).pow(2).sum().double().clamp_min(1e-12),
             tl.loss.double().mean(),
-            (tl.l1 if self.arch == "relu" else out.f.sum(-1)).double().mean(),
+            (tl.l1 if self.arch == "relu" else out.f.sum(-1, dtype=torch.float64)).mean(),
             tl.l1.double().mean(),
             w.sum().pow(2) / w.pow(2).sum().clamp_min(1e-300) / n,  # effective sample share
             out.objective.double(),
