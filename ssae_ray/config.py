@@ -45,6 +45,15 @@ class ModelConfig:
     """Contexts per LM forward."""
     device: str = "auto"
     """`auto` picks cuda when present, else cpu."""
+    precision: str = "auto"
+    """Matmul precision of LM forwards (capture, test sets, splicing, auto-interp scans, SHIFT) and
+    of the retriever: `auto` (bf16 where the device does bf16 natively and faster, else fp32;
+    `ssae_ray/precision.py`), `fp32` (exact comparisons) or `bf16`. CE, log-softmax and every
+    metric are fp32 either way."""
+    prepend_bos: bool = False
+    """Start every context with the tokenizer's BOS token. Must match how the GSAEs were trained
+    (sae-lens `metadata.prepend_bos`; Gemma Scope, sparsify and most sae-lens releases: true):
+    loading a GSAE that records the other value is refused."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,11 @@ class SAEConfig:
     """For `release` sources, `<release>:<sae_id>` of each hook (same order as `hooks`)."""
     d_sae: int = 256
     """Width of random / pretrained GSAEs."""
+    arch: str = "relu"
+    """Architecture of random / pretrained GSAEs: `relu` (L1), `jumprelu` (L0), `topk` or
+    `batchtopk` (see `training/archs.py`). Loaded GSAEs keep their own."""
+    k: int = 32
+    """k of random / pretrained `topk` / `batchtopk` GSAEs."""
     slice_to: int | None = None
     """Keep only the first k latents of each GSAE (the paper's compression experiment)."""
     min_explained_variance: float = 0.5
@@ -146,7 +160,21 @@ class TrainConfig:
     lr_end: float = 0.0
     shuffle_buffer_batches: int = 4
     lam: float = 1.0
-    """Sparsity coefficient λ of Eq. 1."""
+    """Sparsity coefficient λ: of the L1 term of Eq. 1 for ReLU GSAEs, of the L0 term (whose
+    gradient reaches the thresholds by a straight-through estimator) for JumpReLU GSAEs; unused
+    by TopK and BatchTopK GSAEs, whose sparsity is fixed by `k`."""
+    k: float | None = None
+    """Latents per token of TopK SAEs (exactly) and BatchTopK SAEs (on average over the batch);
+    None keeps the GSAE's own k. Only valid when the GSAEs are TopK / BatchTopK."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU: width ε of the straight-through estimator's window, in the scaled activation
+    space (sae-lens' default)."""
+    aux_coefficient: float = 1.0
+    """TopK / BatchTopK: weight of the auxiliary loss in which dead latents reconstruct the
+    residual (sae-lens' `aux_loss_coefficient`)."""
+    topk_threshold_lr: float = 0.01
+    """BatchTopK: rate of the running threshold θ <- (1 - r) θ + r·(smallest kept activation),
+    the JumpReLU threshold the SSAE is saved with."""
     tilt: float = 0.0
     """TERM tilt t; 0 is ERM."""
     tilt_mode: str = "scaled"
@@ -170,6 +198,9 @@ class TrainConfig:
     """`by_hook` (each worker owns some SAEs), `data_parallel` (replicas) or `auto`."""
     max_failures: int = 2
     use_activation_cache: bool = True
+    precision: str = "auto"
+    """Matmul precision of the SAE step: `auto`, `fp32` or `bf16` (as `model.precision`). Master
+    weights, Adam state, per-token losses, TERM weights and metrics stay fp32."""
     cache_dtype: str = "float16"
     """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
     cache_shard_tokens: int = 65_536
@@ -185,6 +216,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     lams: tuple[float, ...] = (1.0,)
+    """Values of the swept sparsity knob (`knob`): λ for ReLU / JumpReLU GSAEs, k for TopK /
+    BatchTopK ones. Trials, curves and reports name it `lam` either way."""
+    knob: str = "lam"
+    """Which setting `lams` sweeps: `lam` (train.lam: the L1 or L0 coefficient) or `k` (train.k)."""
     tilts: tuple[float, ...] = (0.0,)
     seeds: tuple[int, ...] = (0,)
     strategies: tuple[str, ...] = ("dense",)

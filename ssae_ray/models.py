@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssae_ray import precision as prec
 from ssae_ray.config import HOOK_KINDS, ModelConfig
 from ssae_ray.config import HOOK_RE as _HOOK_RE
 from ssae_ray.stages import atomic_dir
@@ -51,6 +52,12 @@ class LM(NamedTuple):
     n_layers: int
     d_model: int
     device: torch.device
+    precision: prec.Precision = prec.Precision("fp32", "default")
+    """What its forwards' matmuls run in (`model.precision`; weights stay in `model.dtype`)."""
+
+    def amp(self) -> contextlib.AbstractContextManager[None]:
+        """The context every forward of this LM runs in: bf16 autocast or nothing."""
+        return prec.autocast(self.precision, self.device)
 
 
 class TokenBatch(NamedTuple):
@@ -110,7 +117,8 @@ def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:
     tok.padding_side = "right"
     arch = _arch_of(model)
     n_layers = len(_layers(model, arch))
-    return LM(model, tok, arch, n_layers, model.config.hidden_size, device)
+    p = prec.choose(cfg.precision, device, "LM forwards")
+    return LM(model, tok, arch, n_layers, model.config.hidden_size, device, p)
 
 
 def _resolve_source(cfg: ModelConfig, cache: Path) -> tuple[str | Path, str | None]:
@@ -349,7 +357,7 @@ def capture(lm: LM, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[s
             else layer.register_forward_hook(stop)
         )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), lm.amp():
                 lm.model(
                     input_ids=input_ids.to(lm.device),
                     attention_mask=attention_mask.to(lm.device),
@@ -379,7 +387,7 @@ def token_losses(
         return splice[name](act).to(act.dtype)
 
     ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx, hooked(lm, list(splice), replace) if splice else contextlib.nullcontext():
+    with ctx, lm.amp(), hooked(lm, list(splice), replace) if splice else contextlib.nullcontext():
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return ce_from_logits(logits, ids, mask)
 
@@ -402,7 +410,8 @@ def sae_splice(sae: nn.Module, error_term: bool = False) -> Callable[[Tensor], T
 
     def fn(x: Tensor) -> Tensor:
         xs = x.to(sae.W_dec.dtype)
-        recon = sae.decode(sae.encode(xs))
+        with prec.fp32(x.device):  # the SAE runs in its own dtype inside a bf16 LM forward
+            recon = sae.decode(sae.encode(xs))
         if error_term:
             recon = recon + (xs - recon).detach()
         out = recon.to(x.dtype).clone()
@@ -433,17 +442,28 @@ def tokenize_docs(
     context_len: int,
     max_contexts: int | None = None,
     min_tokens: int = 2,
+    prepend_bos: bool = False,
 ) -> TokenBatch:
-    """Cut each text into contexts of at most `context_len` tokens (no special tokens added),
-    right-padded, with the index of the text each came from."""
+    """Cut each text into contexts of at most `context_len` tokens, right-padded, with the index of
+    the text each came from. With `prepend_bos` every context starts with the tokenizer's BOS
+    token followed by `context_len - 1` text tokens (as sae-lens' `prepend_bos` SAEs were trained);
+    else no special tokens are added. Position 0 (BOS or not) is excluded downstream either way."""
     if context_len < 2:
         raise ValueError(f"context_len must be >= 2, got {context_len}")
+    bos: list[int] = []
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise ValueError(
+                "model.prepend_bos is true but the tokenizer has no BOS token; set model.prepend_bos=false"
+            )
+        bos = [int(tokenizer.bos_token_id)]
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
     docs: list[int] = []
+    step = context_len - len(bos)
     for i, ids in enumerate(enc):
-        for s in range(0, len(ids), context_len):
-            chunk = ids[s : s + context_len]
+        for s in range(0, len(ids), step):
+            chunk = bos + ids[s : s + step]
             if len(chunk) >= min_tokens:
                 rows.append(chunk)
                 docs.append(i)

@@ -106,8 +106,8 @@ def stage_gsaes(cfg: Config, lm: Any = None, corpus_dir: Path | None = None) -> 
 
 
 def _gsaes(cfg: Config, lm: Any, corpus_dir: Path | None) -> Path:
-    from ssae_ray.models import capture, tokenize_docs, validate_hooks
-    from ssae_ray.saes import check_sae_fits, load_gsaes, save_sae
+    from ssae_ray.models import validate_hooks
+    from ssae_ray.saes import fit_check, load_gsaes, save_sae
 
     validate_hooks(lm, cfg.sae.hooks)
     corpus_dir = corpus_dir or stage_corpus(cfg, lm)
@@ -129,12 +129,7 @@ def _gsaes(cfg: Config, lm: Any, corpus_dir: Path | None) -> Path:
 
         folder = run_stage(cfg.root, "gsae", key, build)
     # The fit check: explained variance of each GSAE on a few batches of held-out in-domain text.
-    sample = _texts(corpus_dir, "val")[:32] or _texts(corpus_dir, "corpus")[:32]
-    tb = tokenize_docs(lm.tokenizer, sample, cfg.model.context_len, max_contexts=32)
-    acts = capture(lm, tb.input_ids, tb.attention_mask, list(saes))
-    keep = tb.attention_mask[:, 1:].bool()
-    for h, sae in saes.items():
-        check_sae_fits(sae, acts[h][:, 1:][keep], h, cfg.sae.min_explained_variance)
+    fit_check(cfg, lm, saes, _texts(corpus_dir, "val")[:32] or _texts(corpus_dir, "corpus")[:32])
     return folder
 
 
@@ -233,6 +228,7 @@ def _test_sets(cfg: Config, lm: Any, corpus_dir: Path, names: tuple[str, ...]) -
             cfg.model.context_len,
             cfg.eval.tokens_for(name),
             cfg.eval.batch_size,
+            cfg.model.prepend_bos,
         )
     return sets
 

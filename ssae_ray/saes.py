@@ -1,4 +1,7 @@
-"""GSAEs and SSAEs as sae-lens `StandardSAE`s: load (release or disk), save, random, slice, fit check."""
+"""GSAEs and SSAEs as sae-lens SAEs (ReLU `StandardSAE`, `JumpReLUSAE`, `TopKSAE`, BatchTopK saved as
+JumpReLU): load (release, sae-lens folder or sparsify checkpoint), save, random, slice, and the checks
+every GSAE passes where it enters: its hook, architecture, BOS convention, exact import into the
+trainable form (`training.archs`) and explained variance on the model's activations."""
 
 from __future__ import annotations
 
@@ -26,15 +29,38 @@ def _metadata(hook_name: str, model_name: str | None = None) -> dict:
 
 
 def make_random_sae(
-    d_in: int, d_sae: int, hook_name: str, seed: int = 0, device: str = "cpu", model_name: str | None = None
-) -> StandardSAE:
-    """A StandardSAE with unit-norm decoder rows, W_enc = W_dec^T and zero biases (the sae-lens /
-    Anthropic initialisation), seeded."""
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, device=device)
-    cfg.metadata.hook_name = hook_name
-    cfg.metadata.model_name = model_name
+    d_in: int,
+    d_sae: int,
+    hook_name: str,
+    seed: int = 0,
+    device: str = "cpu",
+    model_name: str | None = None,
+    arch: str = "relu",
+    k: float = 32,
+    threshold: float = 0.0,
+) -> SAE:
+    """A seeded SAE with unit-norm decoder rows, W_enc = W_dec^T and zero biases (the sae-lens /
+    Anthropic initialisation) of architecture `arch` (see `training.archs`): a StandardSAE, a
+    JumpReLUSAE (thresholds `threshold`), a TopKSAE (`k`) or a BatchTopK SAE as sae-lens saves it
+    for inference (a JumpReLUSAE recording `training_architecture="batchtopk"` and k)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    from ssae_ray.training.archs import ARCHS
+
+    if arch not in ARCHS:
+        raise SAEMismatchError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch == "relu":
+        sae: SAE = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, device=device))
+    elif arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=int(k), device=device))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, device=device))
+        if arch == "batchtopk":
+            sae.cfg.metadata.training_architecture = "batchtopk"
+            sae.cfg.metadata.training_architecture_details = {"k": float(k)}
+    sae.cfg.metadata.hook_name = hook_name
+    sae.cfg.metadata.model_name = model_name
     g = torch.Generator().manual_seed(seed)
-    sae = StandardSAE(cfg)
     with torch.no_grad():
         w = torch.randn(d_sae, d_in, generator=g)
         w = w / w.norm(dim=1, keepdim=True)
@@ -42,6 +68,8 @@ def make_random_sae(
         sae.W_enc.copy_(w.T)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
+        if arch in ("jumprelu", "batchtopk"):
+            sae.threshold.fill_(threshold)
     return sae.to(device)
 
 
@@ -60,10 +88,58 @@ def save_sae(sae: SAE, folder: str | Path) -> Path:
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> SAE:
+    """An SAE saved by sae-lens (`cfg.json` + `sae_weights.safetensors`) or by sparsify
+    (`cfg.json` + `sae.safetensors`, see `load_sparsify`)."""
     path = Path(path)
+    if (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file():
+        return load_sparsify(path, device)
     if not (path / "cfg.json").is_file():
         raise SAEMismatchError(f"no sae-lens SAE at {path} (expected cfg.json and sae_weights.safetensors)")
     return SAE.load_from_disk(path, device=device)
+
+
+def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
+    """An EleutherAI sparsify TopK checkpoint folder (`cfg.json` with d_in, k, num_latents or
+    expansion_factor; `sae.safetensors` with encoder.weight [d_sae, d_in], encoder.bias, W_dec
+    [d_sae, d_in], b_dec) as a sae-lens `TopKSAE` computing what sparsify computes: top k of
+    ReLU((x - b_dec) W_enc^T + b_enc), decoded by W_dec + b_dec. (sae-lens' own
+    `sparsify_disk_loader` transposes W_dec and sets `apply_b_dec_to_input` from `normalize_decoder`,
+    while sparsify's encoder always subtracts b_dec.) A folder named `layers.<L>` records the hook
+    `blocks.<L>.hook_resid_post` (sparsify trains on layer outputs); sparsify contexts start with BOS."""
+    import json
+    import re
+
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    raw = json.loads((path / "cfg.json").read_text())
+    unsupported = {k: raw[k] for k in ("transcode", "skip_connection", "signed", "multi_topk") if raw.get(k)}
+    if raw.get("activation", "topk") != "topk":
+        unsupported["activation"] = raw["activation"]
+    if unsupported:
+        raise SAEMismatchError(
+            f"the sparsify checkpoint at {path} uses {unsupported}: only plain TopK SAEs are supported"
+        )
+    w = load_file(str(path / "sae.safetensors"))
+    W_enc = w["encoder.weight"].float()
+    d_sae, d_in = W_enc.shape
+    if w["W_dec"].shape != (d_sae, d_in):
+        raise SAEMismatchError(
+            f"the sparsify checkpoint at {path} has W_dec {tuple(w['W_dec'].shape)}, expected {(d_sae, d_in)}"
+        )
+    m = re.fullmatch(r"layers[._](\d+)", path.name)
+    cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=int(raw["k"]), device=device)
+    cfg.metadata.hook_name = f"blocks.{m.group(1)}.hook_resid_post" if m else None
+    cfg.metadata.prepend_bos = True
+    cfg.metadata.model_name = raw.get("model")
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc.T)
+        sae.b_enc.copy_(w["encoder.bias"].float())
+        sae.W_dec.copy_(w["W_dec"].float())
+        sae.b_dec.copy_(w["b_dec"].float())
+    return sae.to(device)
 
 
 def load_release(release: str, sae_id: str, device: str = "cpu") -> SAE:
@@ -77,21 +153,27 @@ def load_release(release: str, sae_id: str, device: str = "cpu") -> SAE:
         ) from e
 
 
-def slice_sae(sae: SAE, k: int) -> StandardSAE:
-    """Keep the first k latents (the paper's compression experiment)."""
+def slice_sae(sae: SAE, k: int) -> SAE:
+    """Keep the first k latents (the paper's compression experiment), in the SAE's own sae-lens
+    class and config (thresholds kept; a TopK SAE keeps its k, which must fit the new width)."""
     d_sae = sae.cfg.d_sae
     if not 0 < k <= d_sae:
         raise SAEMismatchError(f"cannot slice an SAE of width {d_sae} to {k} latents")
-    cfg = StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=k, device=str(sae.W_dec.device))
-    # all metadata travels (hook, model, the training activation scale `act_scale`, ...)
-    cfg.metadata = type(sae.cfg.metadata)(**sae.cfg.metadata.to_dict())
-    out = StandardSAE(cfg)
+    if getattr(sae.cfg, "k", None) is not None and type(sae).__name__ == "TopKSAE" and sae.cfg.k > k:
+        raise SAEMismatchError(f"cannot slice a TopK SAE with k={sae.cfg.k} to {k} latents (fewer than k)")
+    d = (
+        sae.cfg.to_dict()
+    )  # all metadata travels (hook, model, the training activation scale `act_scale`, ...)
+    d.update(d_sae=k, device=str(sae.W_dec.device))
+    out = type(sae)(type(sae.cfg).from_dict(d))
     with torch.no_grad():
-        out.W_enc.copy_(sae.W_enc[:, :k])
-        out.b_enc.copy_(sae.b_enc[:k])
-        out.W_dec.copy_(sae.W_dec[:k])
-        out.b_dec.copy_(sae.b_dec)
-    return out
+        out.W_enc.data = sae.W_enc[:, :k].detach().clone()
+        out.b_enc.data = sae.b_enc[:k].detach().clone()
+        out.W_dec.data = sae.W_dec[:k].detach().clone()
+        out.b_dec.data = sae.b_dec.detach().clone()
+        if hasattr(sae, "threshold"):
+            out.threshold.data = sae.threshold[:k].detach().clone()
+    return out.to(sae.W_dec.device)
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> float:
@@ -104,17 +186,22 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> float:
 
 
 def check_sae_fits(sae: SAE, acts: Tensor, hook: str, min_ev: float) -> float:
-    """Refuse an SAE whose width does not match the hook or whose explained variance on `acts`
-    ([N, d] or [B, T, d] of this hook; position 0 already dropped) is below `min_ev`."""
+    """Refuse an SAE whose width does not match the hook, whose explained variance on `acts`
+    ([N, d] or [B, T, d] of this hook; position 0 already dropped) is below `min_ev`, or whose
+    trainable form (`training.archs.import_gsae`) does not reproduce it on those activations."""
     d = acts.shape[-1]
     if sae.cfg.d_in != d:
         raise SAEMismatchError(
             f"the SAE for {hook} has d_in={sae.cfg.d_in} but the model's activations there have "
             f"d={d}: wrong hook or wrong model for this SAE"
         )
+    from ssae_ray.training.archs import check_form, import_gsae
+
     with torch.no_grad():
         x = acts.reshape(-1, d).to(sae.W_dec.dtype).to(sae.W_dec.device)
         ev = explained_variance(x, sae.decode(sae.encode(x)))
+        # the trainable form computes this GSAE's function on the model's own activations too
+        check_form(import_gsae(sae, check=False), sae, x[:1024])
     if ev < min_ev:
         raise SAEMismatchError(
             f"the SAE for {hook} explains only {ev:.3f} of the variance of the model's activations at "
@@ -125,9 +212,55 @@ def check_sae_fits(sae: SAE, acts: Tensor, hook: str, min_ev: float) -> float:
     return ev
 
 
+def check_gsae(sae: SAE, hook: str, prepend_bos: bool | None = None) -> str:
+    """Refuse a GSAE put on a hook other than its own (`metadata.hook_name`), trained with the
+    other BOS convention than `prepend_bos` (`metadata.prepend_bos`), of an architecture the loop
+    cannot finetune, or whose import into the trainable form changes its function. Returns its
+    architecture (`training.archs.ARCHS`)."""
+    from ssae_ray.training.archs import arch_of, import_gsae
+
+    own = hook_of(sae)
+    if own is not None and own != hook:
+        raise SAEMismatchError(
+            f"the SAE given for hook {hook} was trained on {own} (its metadata.hook_name): put it on {own} "
+            "or load the SAE of this hook"
+        )
+    bos = getattr(sae.cfg.metadata, "prepend_bos", None)
+    if prepend_bos is not None and isinstance(bos, bool) and bos != prepend_bos:
+        raise SAEMismatchError(
+            f"the SAE for {hook} was trained {'with' if bos else 'without'} a BOS token at the start of each "
+            f"context (metadata.prepend_bos={bos}) but model.prepend_bos={prepend_bos}: set "
+            f"model.prepend_bos={str(bos).lower()}"
+        )
+    try:
+        arch = arch_of(sae)
+        import_gsae(sae)
+    except ValueError as e:
+        raise SAEMismatchError(str(e)) from e
+    return arch
+
+
+def fit_check(cfg: Config, lm: LM, saes: dict[str, SAE], texts: list[str]) -> dict[str, float]:
+    """`check_sae_fits` of every GSAE on the model's activations over (up to 32 contexts of)
+    `texts`, tokenised as the GSAEs were trained (`model.prepend_bos`); position 0 dropped."""
+    from ssae_ray.models import capture, tokenize_docs
+
+    if not texts:
+        raise SAEMismatchError("the fit check needs some text to run the model on; none was given")
+    tb = tokenize_docs(lm.tokenizer, texts[:64], cfg.model.context_len, max_contexts=32,
+                       prepend_bos=cfg.model.prepend_bos)  # fmt: skip
+    acts = capture(lm, tb.input_ids, tb.attention_mask, list(saes))
+    keep = tb.attention_mask[:, 1:].bool()
+    return {
+        h: check_sae_fits(sae, acts[h][:, 1:][keep], h, cfg.sae.min_explained_variance)
+        for h, sae in saes.items()
+    }
+
+
 def load_gsaes(cfg: Config, lm: LM, folder: str | Path | None = None) -> dict[str, SAE]:
     """The GSAEs of `cfg.sae.hooks`: random (tests), from a sae-lens release, or from a folder
-    holding one saved SAE per hook (`<folder>/<hook>/`), e.g. the pipeline's pretrained GSAEs."""
+    holding one saved SAE per hook (`<folder>/<hook>/`, sae-lens or sparsify format), e.g. the
+    pipeline's pretrained GSAEs. Each passes `check_gsae` (hook, BOS, architecture, exact import)."""
     from ssae_ray.models import validate_hooks
 
     hooks = list(cfg.sae.hooks)
@@ -137,7 +270,8 @@ def load_gsaes(cfg: Config, lm: LM, folder: str | Path | None = None) -> dict[st
     saes: dict[str, SAE] = {}
     if src == "random":
         for i, h in enumerate(hooks):
-            saes[h] = make_random_sae(lm.d_model, cfg.sae.d_sae, h, seed=cfg.seed + i, device=device)
+            saes[h] = make_random_sae(lm.d_model, cfg.sae.d_sae, h, seed=cfg.seed + i, device=device,
+                                      arch=cfg.sae.arch, k=cfg.sae.k)  # fmt: skip
     elif src == "release":
         if len(cfg.sae.sae_ids) != len(hooks):
             raise SAEMismatchError(
@@ -158,6 +292,7 @@ def load_gsaes(cfg: Config, lm: LM, folder: str | Path | None = None) -> dict[st
             raise SAEMismatchError(
                 f"the SAE for {h} has d_in={sae.cfg.d_in} but the model's width is {lm.d_model}"
             )
+        check_gsae(sae, h, cfg.model.prepend_bos)
         if cfg.sae.slice_to is not None:
             saes[h] = slice_sae(sae, cfg.sae.slice_to)
     return saes

@@ -1,4 +1,5 @@
 """Ray Tune sweep over λ × tilt × seed × selection strategy, each trial an MLflow child run.
+(λ is the sparsity knob: `sweep.knob=k` sweeps k of TopK / BatchTopK GSAEs instead.)
 
 Each trial finetunes every GSAE of the preset on its strategy's cached activations; every
 `train.checkpoint_every` steps (and at the end) it scores the SAEs on the validation set (L0, FVU,
@@ -107,6 +108,14 @@ def _check_inputs(cfg: Config, gsae_dir: Path, caches: dict[str, Any], val_set: 
     if val_set is None or getattr(val_set, "tokens", None) is None or val_set.tokens.input_ids.shape[0] == 0:
         raise SweepError(
             "the validation set is missing or empty; best-per-λ selection needs one (corpus.val_path)"
+        )
+    if cfg.sweep.knob not in ("lam", "k"):
+        raise SweepError(
+            f"sweep.knob must be 'lam' or 'k' (the setting sweep.lams sets), got {cfg.sweep.knob!r}"
+        )
+    if cfg.sweep.knob == "k" and any(not v >= 1 for v in cfg.sweep.lams):
+        raise SweepError(
+            f"sweep.knob=k: every sweep.lams value is a k and must be >= 1, got {list(cfg.sweep.lams)}"
         )
     if cfg.sweep.select_metric not in SELECT_METRICS:
         raise SweepError(
@@ -254,7 +263,8 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
     from ssae_ray.training.loop import make_trainers, run_steps
 
     torch.manual_seed(trial.seed)
-    tc = dataclasses.replace(cfg.train, lam=trial.lam, tilt=trial.tilt, seed=trial.seed)
+    knob = {"k": trial.lam} if cfg.sweep.knob == "k" else {"lam": trial.lam}
+    tc = dataclasses.replace(cfg.train, **knob, tilt=trial.tilt, seed=trial.seed)
     hooks = list(cfg.sae.hooks)
     client, _ = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))
     params = {**trial._asdict(), "trial": trial.name, **{f"train.{k}": v for k, v in

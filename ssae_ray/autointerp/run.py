@@ -59,7 +59,9 @@ def build_jobs(
     """Scan the test texts once for all SAEs (one LM forward per batch) and build the examples of
     the features to score. `hook` None takes each SAE's own `cfg.metadata.hook_name`."""
     ai = cfg.autointerp
-    contexts = tokenize_docs(lm.tokenizer, list(texts), cfg.model.context_len, ai.max_contexts)
+    contexts = tokenize_docs(
+        lm.tokenizer, list(texts), cfg.model.context_len, ai.max_contexts, prepend_bos=cfg.model.prepend_bos
+    )
     if contexts.input_ids.shape[0] == 0:
         raise AutoInterpError("autointerp got no test text (every text was empty or shorter than 2 tokens)")
     targets: dict[str, tuple[Any, str]] = {}

@@ -58,6 +58,7 @@ def prepare_test_set(
     context_len: int,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    prepend_bos: bool = False,
 ) -> TestSet:
     """Tokenise `texts` into contexts (about `max_tokens` tokens in all), then one clean forward per
     batch capturing every hook, and one zero-ablated tail per hook."""
@@ -65,7 +66,9 @@ def prepare_test_set(
         raise EvalError(f"test set {name!r} has no documents; check the corpus splits (corpus.*_path)")
     # The first documents up to `max_tokens`, then longest context first: the same tokens, a third
     # fewer padded positions through every forward below and every `evaluate_sae` on this set.
-    tokens = by_length(cap_tokens(tokenize_docs(lm.tokenizer, list(texts), context_len), max_tokens))
+    tokens = by_length(
+        cap_tokens(tokenize_docs(lm.tokenizer, list(texts), context_len, prepend_bos=prepend_bos), max_tokens)
+    )
     if tokens.input_ids.shape[0] == 0:
         raise EvalError(f"test set {name!r}: no document has 2 or more tokens")
     need = list(dict.fromkeys([*hooks, *(r for h in hooks if (r := resid_hook_for(h)))]))

@@ -69,7 +69,7 @@ def tail_losses(lm: LM, start: int, resid: Tensor, input_ids: Tensor, attention_
     if lm.arch == "gemma":  # Gemma scales its embeddings by sqrt(d) inside the forward
         h = h / torch.tensor(math.sqrt(lm.d_model), dtype=h.dtype)
     ids, mask = input_ids.to(lm.device), attention_mask.to(lm.device)
-    with _only_layers(lm, start):
+    with _only_layers(lm, start), lm.amp():
         logits = lm.model(inputs_embeds=h, attention_mask=mask, use_cache=False).logits
     return ce_from_logits(logits, ids, mask)
 

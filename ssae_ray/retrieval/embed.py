@@ -8,6 +8,7 @@ a config and saved in sentence-transformers format, for tests), `wheel:<pkg>` (a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -219,25 +220,38 @@ class Embedder:
     """Ray Data actor: loads the retriever once, embeds batches of passages (fp16 on GPU)."""
 
     def __init__(self, model: dict[str, str], max_tokens: int, batch_size: int, normalize: bool,
-                 fp16: bool, threads: int) -> None:  # fmt: skip
+                 fp16: bool, threads: int, precision: str = "auto") -> None:  # fmt: skip
         import torch
+
+        from ssae_ray import precision as prec
 
         if threads > 0:
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_encoder(EmbedModel(**model), max_tokens, device)
+        self.precision = None
         if device == "cuda" and fp16:
             self.model.half()
+        else:
+            self.precision = prec.choose(precision, device, "retriever embedding")
         self.batch_size, self.normalize = batch_size, normalize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        emb = encode(self.model, list(batch["text"]), self.batch_size, self.normalize)
+        emb = encode(self.model, list(batch["text"]), self.batch_size, self.normalize, self.precision)
         return {"pid": batch["pid"], "path": batch["path"], "emb": emb}
 
 
-def encode(model: Any, texts: list[str], batch_size: int, normalize: bool) -> np.ndarray:
-    emb = model.encode(
-        texts, batch_size=batch_size, normalize_embeddings=normalize, convert_to_numpy=True,
-        show_progress_bar=False,
-    )  # fmt: skip
-    return np.ascontiguousarray(emb, dtype=np.float32)
+def encode(
+    model: Any, texts: list[str], batch_size: int, normalize: bool, precision: Any = None
+) -> np.ndarray:
+    """Embeddings [n, dim] float32; the encoder's matmuls under bf16 autocast when `precision`
+    (a `precision.Precision`) is bf16."""
+    from ssae_ray import precision as prec
+
+    amp = prec.autocast(precision, model.device) if precision is not None else contextlib.nullcontext()
+    with amp:
+        emb = model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=normalize, convert_to_numpy=False,
+            convert_to_tensor=True, show_progress_bar=False,
+        )  # fmt: skip
+    return np.ascontiguousarray(emb.float().cpu().numpy(), dtype=np.float32)

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssae_ray.config import INDEX_TYPES, Config, RetrievalConfig
+from ssae_ray.precision import key_part
 from ssae_ray.retrieval.embed import Embedder, RetrievalError, chunk_batch, resolve_model
 from ssae_ray.stages import (
     MANIFEST,
@@ -76,7 +77,7 @@ def index_key(cfg: Config, corpus_path: Path) -> str:
     parts = {k: getattr(r, k) for k in ("passage_tokens", "normalize", "index_type", "nlist", "pq_m",
                                         "shard_size", "train_sample", "build_bm25")}  # fmt: skip
     return stage_key("index-v1", model.model_id, model.pooling, parts, cfg.corpus.text_field,
-                     cfg.corpus.max_docs, file_sha256(corpus_path))  # fmt: skip
+                     cfg.corpus.max_docs, file_sha256(corpus_path), *key_part(cfg.model.precision))  # fmt: skip
 
 
 def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], None] | None = None) -> Path:
@@ -258,7 +259,8 @@ def _embed_shards(cfg: Config, work: Path, passages: list[dict[str, Any]], model
             compute=ray.data.ActorPoolStrategy(size=r.num_embed_actors),
             num_gpus=1 if n_gpus else 0, num_cpus=1,
             fn_constructor_kwargs=dict(model=model, max_tokens=r.passage_tokens, batch_size=r.embed_batch_size,
-                                       normalize=r.normalize, fp16=r.fp16_on_gpu, threads=threads),
+                                       normalize=r.normalize, fp16=r.fp16_on_gpu, threads=threads,
+                                       precision=cfg.model.precision),
         )  # fmt: skip
         buffers: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p: [] for p in pending}
         counts = dict.fromkeys(pending, 0)

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssae_ray.config import STRATEGIES, Config
+from ssae_ray.precision import choose
 from ssae_ray.retrieval.embed import (
     EmbedModel,
     RetrievalError,
@@ -99,7 +100,7 @@ def embed_seeds(cfg: Config, manifest: dict[str, Any], texts: list[str]) -> np.n
     tok = load_tokenizer(model.path)
     passages = [p for doc in split_passages(texts, tok, cfg.retrieval.passage_tokens) for p, _ in doc]
     emb = encode(load_encoder(model, cfg.retrieval.passage_tokens), passages, cfg.retrieval.embed_batch_size,
-                 cfg.retrieval.normalize)  # fmt: skip
+                 cfg.retrieval.normalize, choose(cfg.model.precision, "cpu", "retriever embedding"))  # fmt: skip
     if emb.shape[1] != manifest["dim"]:
         raise RetrievalError(
             f"seed embeddings have dim {emb.shape[1]} ({model.model_id}) but the index holds dim {manifest['dim']} "
@@ -166,7 +167,7 @@ def tracin_rerank(cfg: Config, first: Ranking, passages: Passages, seed_texts: l
     T, B = cfg.model.context_len, cfg.model.batch_size
 
     def batches(texts: list[str]):
-        tb = tokenize_docs(lm.tokenizer, texts, T)
+        tb = tokenize_docs(lm.tokenizer, texts, T, prepend_bos=cfg.model.prepend_bos)
         for s in range(0, len(tb.input_ids), B):
             ids, mask = tb.input_ids[s : s + B], tb.attention_mask[s : s + B]
             yield (

@@ -130,7 +130,7 @@ def forward_to(
 
     hooks = list(dict.fromkeys([*splice, target]))
     mask = attention_mask.to(lm.device)
-    with hooked(lm, hooks, fn):
+    with hooked(lm, hooks, fn), lm.amp():
         try:
             if prefix is None:
                 lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, use_cache=False)

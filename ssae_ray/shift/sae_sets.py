@@ -16,7 +16,7 @@ from torch import nn
 
 from ssae_ray.config import Config
 from ssae_ray.models import LM, parse_hook
-from ssae_ray.saes import load_gsaes, load_sae, save_sae, slice_sae
+from ssae_ray.saes import fit_check, load_gsaes, load_sae, save_sae, slice_sae
 from ssae_ray.shift.data import BiosData
 from ssae_ray.shift.probe import probe_layer
 from ssae_ray.stages import file_sha256, read_manifest, run_stage, stage_key, write_json_atomic
@@ -115,6 +115,7 @@ def build_sae_sets(
     import pyarrow.parquet as pq
 
     g, corpus_dir = gsaes(cfg, lm, say)
+    fit_check(cfg, lm, g, data.balanced["train"].text[:32])  # as on every path where GSAEs enter
     sets: dict[str, SAESet] = {"GSAE": g}
     width = min(s.cfg.d_sae for s in g.values())
     comp = cfg.shift.compressed_width

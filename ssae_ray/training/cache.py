@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from ssae_ray.config import Config
+from ssae_ray.models import pick_device
+from ssae_ray.precision import key_part
 from ssae_ray.stages import StageError, read_manifest, run_stage, stage_key
 from ssae_ray.training.losses import TrainingError
 
@@ -47,7 +49,13 @@ def lm_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[s
 
     # The contexts that hold the first `max_tokens` tokens, longest first (less padding per batch:
     # `models.by_length`); the order of cached rows does not matter, training permutes them.
-    tb = by_length(cap_tokens(tokenize_docs(lm.tokenizer, texts, cfg.model.context_len), max_tokens, True))
+    tb = by_length(
+        cap_tokens(
+            tokenize_docs(lm.tokenizer, texts, cfg.model.context_len, prepend_bos=cfg.model.prepend_bos),
+            max_tokens,
+            True,
+        )
+    )
     total = int(tb.attention_mask[:, 1:].sum())
     total = min(total, max_tokens) if max_tokens else total
     done = 0
@@ -131,6 +139,7 @@ def cache_key(cfg: Config, texts: Sequence[str], hooks: Sequence[str], max_token
     return stage_key(
         "activations-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         sorted(hooks), h.hexdigest(), max_tokens, cfg.train.cache_dtype, cfg.train.cache_shard_tokens,
+        *key_part(cfg.model.precision, pick_device(cfg.model.device)),
     )  # fmt: skip
 
 

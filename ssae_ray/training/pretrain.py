@@ -28,12 +28,15 @@ def pretrain_key(cfg: Config, texts: Sequence[str]) -> str:
         "gsae-pretrain-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         list(cfg.sae.hooks), cfg.sae.d_sae, h, t.pretrain_steps, t.pretrain_lr, t.pretrain_lam,
         t.pretrain_tokens, t.batch_tokens, t.shuffle_buffer_batches, t.scale_activations, cfg.seed, t.seed,
+        *((cfg.sae.arch, cfg.sae.k, t.jumprelu_bandwidth, t.aux_coefficient, t.topk_threshold_lr)
+          if cfg.sae.arch != "relu" else ()),
+        *(("bos",) if cfg.model.prepend_bos else ()),
     )  # fmt: skip
 
 
 def pretrain_gsaes(cfg: Config, lm: Any, texts: Sequence[str], progress: bool = True) -> Path:
-    """Train one GSAE per `cfg.sae.hooks` on `texts` (general text; at most `pretrain_tokens`
-    tokens, cached). Returns a folder with one sae-lens SAE folder per hook, named by the hook,
+    """Train one GSAE of architecture `cfg.sae.arch` per `cfg.sae.hooks` on `texts` (general
+    text; at most `pretrain_tokens` tokens, cached; `pretrain_lam` is the L1 or L0 coefficient). Returns a folder with one sae-lens SAE folder per hook, named by the hook,
     plus `history.json`; reused when its inputs are unchanged."""
     hooks = list(cfg.sae.hooks)
     tc = with_train(
@@ -48,10 +51,14 @@ def pretrain_gsaes(cfg: Config, lm: Any, texts: Sequence[str], progress: bool = 
         info = open_cache(cache)
         saes = {}
         for i, h in enumerate(hooks):
-            sae = make_random_sae(info.d[h], cfg.sae.d_sae, h, seed=cfg.seed + 1000 * tc.seed + i)
+            c = math.sqrt(info.d[h] / info.mean_sq_norm[h]) if tc.scale_activations else 1.0
+            # JumpReLU starts at sae-lens' jumprelu_init_threshold (0.01 in the scaled space)
+            sae = make_random_sae(info.d[h], cfg.sae.d_sae, h, seed=cfg.seed + 1000 * tc.seed + i,
+                                  arch=cfg.sae.arch, k=cfg.sae.k, threshold=0.01 / c)  # fmt: skip
             sae.cfg.metadata.model_name = cfg.model.source
+            sae.cfg.metadata.prepend_bos = cfg.model.prepend_bos
             if tc.scale_activations:
-                sae.cfg.metadata.act_scale = math.sqrt(info.d[h] / info.mean_sq_norm[h])
+                sae.cfg.metadata.act_scale = c
             saes[h] = sae
         batches = iter_cache_batches(cache, hooks, tc.batch_tokens, seed=tc.seed)
         first = next(iter_cache_batches(cache, hooks, tc.batch_tokens, seed=tc.seed))
