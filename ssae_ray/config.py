@@ -702,6 +702,8 @@ CHECKS: dict[str, Check] = {
     "model.context_len": at_least(2),
     "model.batch_size": positive,
     "model.device": matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:<index>"),
+    "model.precision": one_of("auto", "fp32", "bf16"),
+    "train.precision": one_of("auto", "fp32", "bf16"),
     "sae.hooks": all_of(each(hook_name), unique),
     "sae.d_sae": positive,
     "sae.slice_to": positive,
