@@ -422,3 +422,45 @@ def test_bos_tokenisation_and_gsaes_refused_where_they_enter(tmp_path):
     assert set(
         load_gsaes(cfg.replace(sae={"source": str(with_bos)}, model={"prepend_bos": True}), lm)
     ) == set(hooks)
+
+
+@pytest.mark.slow
+def test_gemma_scope_preset_loads_checks_and_finetunes_through_the_local_hub(
+    local_hub, monkeypatch, tmp_path
+):
+    """`gemma-scope-physics`: gated google/gemma-2-2b and Gemma Scope's canonical 16k layer-12 JumpReLU
+    SAE from the (local) Hub through the product's loaders; BOS, hook and exact-import checks, the fit
+    check on the model's activations, two finetune steps, and the JumpReLU SSAE saved back."""
+    from ssae_ray.config import load_config
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import fit_check, load_gsaes
+    from ssae_ray.testing.hub_server import DEFAULT_TOKEN, go_online
+    from ssae_ray.training.cache import lm_activations
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
+    cfg = load_config("gemma-scope-physics", overrides=[f"workdir={tmp_path}", "model.dtype=float32",
+                                                        "model.device=cpu", "model.context_len=16"])  # fmt: skip
+    assert cfg.model.prepend_bos and cfg.sae.hooks == ("blocks.12.hook_resid_post",)
+    lm = load_lm(cfg.model, tmp_path / "models")
+    saes = load_gsaes(cfg, lm)
+    sae = saes["blocks.12.hook_resid_post"]
+    assert type(sae) is JumpReLUSAE and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
+    assert sae.cfg.metadata.prepend_bos is True and arch_of(sae) == "jumprelu"
+    texts = ["Energy and momentum are conserved in every collision of particles."] * 4
+    assert fit_check(cfg, lm, saes, texts)["blocks.12.hook_resid_post"] > 0.9
+    with pytest.raises(SAEMismatchError, match="set model.prepend_bos=true"):
+        load_gsaes(cfg.replace(model={"prepend_bos": False}), lm)
+    x = torch.cat(
+        [b["blocks.12.hook_resid_post"] for b, _ in lm_activations(cfg, lm, texts * 24, list(cfg.sae.hooks))]
+    )
+    assert x.shape[0] >= 256
+    x = x[:256]
+    tc = TrainConfig(lr=1e-3, lam=2.0, batch_tokens=128)
+    tr = HookTrainer(tc, sae, "blocks.12.hook_resid_post", 1.0)
+    before = tr.form.threshold.clone()
+    for s in range(2):
+        m = tr.apply(tr.step(x[128 * s : 128 * (s + 1)], 1e-3, s))
+    assert m["blocks.12.hook_resid_post/l0"] > 0
+    out = load_sae(save_sae(tr.export(), tmp_path / "ssae"))
+    assert type(out) is JumpReLUSAE and out.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
+    assert not torch.equal(tr.form.threshold, before) or not torch.equal(out.W_enc, sae.W_enc)
