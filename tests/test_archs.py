@@ -464,3 +464,32 @@ def test_gemma_scope_preset_loads_checks_and_finetunes_through_the_local_hub(
     out = load_sae(save_sae(tr.export(), tmp_path / "ssae"))
     assert type(out) is JumpReLUSAE and out.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
     assert not torch.equal(tr.form.threshold, before) or not torch.equal(out.W_enc, sae.W_enc)
+
+
+def test_example_finetunes_a_sparsify_checkpoint_from_disk(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from ssae_ray.models import make_tiny_model
+
+    spec = importlib.util.spec_from_file_location(
+        "ex", Path(__file__).parents[1] / "examples" / "finetune_sparsify_topk.py"
+    )
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    g = torch.Generator().manual_seed(0)
+    layer = tmp_path / "ckpt" / "layers.1"
+    layer.mkdir(parents=True)
+    (layer / "cfg.json").write_text(json.dumps({"d_in": 64, "num_latents": 128, "k": 8}))
+    W_dec = torch.nn.functional.normalize(torch.randn(128, 64, generator=g), dim=1)
+    save_file({"encoder.weight": W_dec.clone(), "encoder.bias": torch.zeros(128), "W_dec": W_dec,
+               "b_dec": torch.zeros(64)}, str(layer / "sae.safetensors"))  # fmt: skip
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["Energy and momentum are conserved in every collision of particles."] * 40))
+    model = make_tiny_model(tmp_path / "m")
+    out = ex.main([str(tmp_path / "ckpt"), "--texts", str(texts), "--out", str(tmp_path / "ssae"), "--preset", "tiny",
+                   f"workdir={tmp_path / 'w'}", f"model.source={model}", "sae.min_explained_variance=-1e9",
+                   "train.steps=3", "train.batch_tokens=64"])  # fmt: skip
+    sae = load_sae(out / "blocks.1.hook_resid_post")
+    assert type(sae) is TopKSAE and sae.cfg.k == 8 and sae.cfg.metadata.prepend_bos is True
+    assert not torch.equal(sae.W_dec, W_dec)  # it was trained
