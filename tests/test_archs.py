@@ -493,3 +493,24 @@ def test_example_finetunes_a_sparsify_checkpoint_from_disk(tmp_path):
     sae = load_sae(out / "blocks.1.hook_resid_post")
     assert type(sae) is TopKSAE and sae.cfg.k == 8 and sae.cfg.metadata.prepend_bos is True
     assert not torch.equal(sae.W_dec, W_dec)  # it was trained
+
+
+def test_evaluation_and_autointerp_take_every_architecture(tmp_path):
+    from ssae_ray.autointerp.examples import scan
+    from ssae_ray.config import ModelConfig
+    from ssae_ray.eval.evaluate import evaluate_sae, prepare_test_set
+    from ssae_ray.models import load_lm, make_tiny_model, tokenize_docs
+
+    lm = load_lm(ModelConfig(source=str(make_tiny_model(tmp_path / "m"))))
+    hook = "blocks.1.hook_resid_post"
+    texts = ["the quantum field of the electron interacts with the photon in a box " * 2] * 6
+    ts = prepare_test_set(lm, "test", texts, [hook], context_len=16, batch_size=4)
+    ctx = tokenize_docs(lm.tokenizer, texts, 16)
+    for arch in ARCHS:
+        sae = make_random_sae(lm.d_model, 96, hook, arch=arch, k=4, threshold=0.01)
+        ev = evaluate_sae(lm, sae, hook, ts)
+        assert ev.l0 > 0 and ev.ce_spliced > 0 and ev.fvu > 0, arch
+        if arch == "topk":
+            assert ev.l0 <= 4
+        idx = scan(lm, sae, hook, ctx, k_top=3, k_sample=2, batch_size=4, progress=False)
+        assert idx is not None
