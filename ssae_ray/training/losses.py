@@ -276,8 +276,8 @@ def jumprelu_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tens
     dW_dec = f.T @ de
     db_dec = de.sum(0)
     dfeat = de @ W_dec.T  # d obj / d f
-    window = (pre - threshold).abs_() < bandwidth / 2
-    dthreshold = -(threshold * (dfeat * window).sum(0) + lam * (g * window).sum(0)) / bandwidth
+    window = ((pre - threshold).abs_() < bandwidth / 2).to(x.dtype)
+    dthreshold = (threshold * (dfeat * window).sum(0)).add_(g[:, 0] @ window, alpha=lam).div_(-bandwidth)
     dpre = dfeat.mul_(gate)
     dW_enc, db_enc, db_dec = _encoder_grads(xc, dpre, W_enc, db_dec)
     return SAEStep(TokenLosses(loss, sse, l0), obj, (dW_enc, db_enc, dW_dec, db_dec, dthreshold), f, g[:, 0])
