@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--l0-band", type=float, nargs=2, default=(20.0, 28.0))
+    ap.add_argument("--pretrain-only", action="store_true", help="stop after pretraining the GSAE")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,6 +91,8 @@ def main() -> None:
         )
     lam = float((gdir / "final.txt").read_text().split("lam")[1])
     print(f"GSAE ({a.arch}): {(gdir / 'final.txt').read_text().strip()}", flush=True)
+    if a.pretrain_only:
+        return
     if a.arch == "jumprelu":
         grid = [f"sweep.lams=[{0.6 * lam:.4g},{1.6 * lam:.4g}]"]
     else:
