@@ -101,6 +101,12 @@ class TrainForm:
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    def latent_scale(self) -> Tensor:
+        """[d_sae] the factor between this form's activations and its GSAE's (or export's): c·n_j,
+        or c for a TopK GSAE that rescales by decoder norm (its activations already carry n_j)."""
+        rescaled = self.arch == "topk" and bool(getattr(self.like.cfg, "rescale_acts_by_decoder_norm", False))
+        return self.act_scale * (torch.ones_like(self.row_norms) if rescaled else self.row_norms)
+
     def params(self) -> list[Tensor]:
         """The tensors Adam trains (θ for `jumprelu`; `batchtopk`'s θ is a running statistic)."""
         ps = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
@@ -140,6 +146,8 @@ def _fold_input_scale(sae: SAE, norm_scaling_factor: float | None) -> SAE:
             f"(normalize_activations={mode!r}); that cannot be folded into its weights, so it cannot be "
             "finetuned here"
         )
+    if norm_scaling_factor is None:
+        norm_scaling_factor = getattr(sae.cfg.metadata, "norm_scaling_factor", None)
     if mode == "expected_average_only_in" and norm_scaling_factor is not None:
         out = copy.deepcopy(sae)
         out.fold_activation_norm_scaling_factor(norm_scaling_factor)
@@ -160,7 +168,10 @@ def _fold_input_scale(sae: SAE, norm_scaling_factor: float | None) -> SAE:
 def import_gsae(sae: SAE, act_scale: float = 1.0, device: str | torch.device = "cpu",
                 norm_scaling_factor: float | None = None, check: bool = True) -> TrainForm:  # fmt: skip
     """The trainable form of `sae` (any `arch_of` SAE) at activation scale `act_scale`, checked
-    (`check_form`) against `sae` on a probe batch built from its own weights."""
+    (`check_form`) against `sae` on a probe batch built from its own weights. An unfolded
+    `expected_average_only_in` input scale (`norm_scaling_factor`, else `metadata.norm_scaling_factor`)
+    is folded first, as sae-lens' `fold_activation_norm_scaling_factor` does, and the check is
+    against that folded GSAE."""
     arch = arch_of(sae)
     src = _fold_input_scale(sae, norm_scaling_factor)
     c = float(act_scale)
@@ -213,7 +224,7 @@ def probe_inputs(sae: SAE, n: int = 256, seed: int = 0) -> Tensor:
 
 @torch.no_grad()
 def check_form(form: TrainForm, sae: SAE, x: Tensor, rtol: float = IMPORT_RTOL) -> None:
-    """Refuse a trainable form whose reconstructions or activations (times c·n_j, the fold) on raw
+    """Refuse a trainable form whose reconstructions or activations (times `latent_scale`) on raw
     inputs `x` [N, d_in] differ from `sae`'s by more than `rtol` (relative, over the batch). Both
     sides run in float64, so what is compared is the fold itself (and the weights' rounding)."""
     ref = copy.deepcopy(sae).to(dtype=torch.float64, device="cpu")
@@ -223,7 +234,7 @@ def check_form(form: TrainForm, sae: SAE, x: Tensor, rtol: float = IMPORT_RTOL) 
     fd = _as64(form)
     f = fd.encode(x * form.act_scale)
     xh = fd.decode(f) / form.act_scale
-    f = f / (form.act_scale * fd.row_norms)
+    f = f / fd.latent_scale()
     err_x = float((xh - xh_ref).norm() / xh_ref.norm().clamp_min(1e-300))
     err_f = float((f - f_ref).norm() / f_ref.norm().clamp_min(1e-300))
     if not (err_x <= rtol and err_f <= rtol):

@@ -140,6 +140,7 @@ def cache_key(cfg: Config, texts: Sequence[str], hooks: Sequence[str], max_token
         "activations-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         sorted(hooks), h.hexdigest(), max_tokens, cfg.train.cache_dtype, cfg.train.cache_shard_tokens,
         *key_part(cfg.model.precision, pick_device(cfg.model.device)),
+        *(("bos",) if cfg.model.prepend_bos else ()),  # contexts start with BOS: other tokens
     )  # fmt: skip
 
 

@@ -293,7 +293,7 @@ class HookTrainer:
                          (self.form.b_dec, form.b_dec), (self.form.threshold, form.threshold)):  # fmt: skip
             if dst is not None and src is not None:
                 dst.copy_(src)
-        self.form.k = form.k
+        self.form.k, self.form.row_norms, self.form.select = form.k, form.row_norms, form.select
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (those go in sae-lens format beside it)."""
