@@ -207,3 +207,40 @@ def test_pretrain_key_unchanged_for_fixed_runs_and_changed_by_convergence_settin
         cfg.replace(train={"pretrain_converge": True, "pretrain_val_tokens": 100}), ["a b c"]
     )
     assert base != pretrain_key(cfg.replace(train={"pretrain_warmup_steps": 10}), ["a b c"])
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def test_pretrain_gsaes_to_convergence_records_the_curve_in_its_manifest(tmp_path):
+    import json
+
+    from ssae_ray.models import load_lm
+    from ssae_ray.training.pretrain import pretrain_gsaes
+
+    texts = [f"Document {i} talks about energy, rivers and music number {i % 7}. " * 4 for i in range(20)]
+    cfg = load_config("tiny", overrides=[f"workdir={tmp_path / 'work'}"]).replace(
+        sae={"hooks": ["blocks.1.hook_resid_post"], "d_sae": 64},
+        train={"pretrain_steps": 40, "pretrain_tokens": None, "pretrain_converge": True, "pretrain_val_tokens": 400,
+               "pretrain_val_every": 5, "pretrain_ce_every": 2, "pretrain_ce_tokens": 200,
+               "pretrain_converge_window_tokens": 2560, "pretrain_converge_rel_tol": 0.5,
+               "pretrain_warmup_steps": 3, "pretrain_resample_every": 10, "dead_window_tokens": 1024},
+    )  # fmt: skip
+    lm = load_lm(cfg.model, cache_dir=tmp_path / "models")
+    out = pretrain_gsaes(cfg, lm, texts, progress=False)
+    man = json.loads((out / "manifest.json").read_text())
+    h = "blocks.1.hook_resid_post"
+    curve = man["validation_curve"]
+    assert man["stop_reason"] in ("converged", "step_cap") and man["steps"] <= 40
+    assert man["tokens_seen"] == man["steps"] * cfg.train.batch_tokens
+    assert man["epochs"] == pytest.approx(man["tokens_seen"] / man["corpus_tokens"]) and man["epochs"] > 1
+    assert curve == json.loads((out / "validation.json").read_text())
+    assert [p["step"] for p in curve][:3] == [5, 10, 15] and curve[-1]["step"] == man["steps"]
+    assert "ce" in curve[0][h] and "ce" not in curve[1][h] and "ce" in curve[2][h]  # every 2nd validation
+    assert set(man["final_validation"][h]) >= {"fvu", "l0", "dead", "loss", "mse"}
+    assert curve[-1][h]["fvu"] < curve[0][h]["fvu"]
+    # the held-out documents are not trained on
+    act = json.loads((__import__("pathlib").Path(man["activations"]) / "manifest.json").read_text())
+    val = json.loads((__import__("pathlib").Path(man["validation"]) / "manifest.json").read_text())
+    assert act["n_texts"] + val["n_texts"] == len(texts) and val["n_texts"] >= 1
+    assert pretrain_gsaes(cfg, lm, texts, progress=False) == out  # cached
