@@ -462,7 +462,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-PRESETS = ("tiny", "local", "local-converged", "paper-physics", "paper-toxicity", "pythia-70m-bib", "gemma-scope-physics")
+PRESETS = ("tiny", "local", "local-converged", "paper-physics", "paper-toxicity", "pythia-70m-bib", "gemma-scope-physics")  # fmt: skip
 
 
 def preset_names() -> list[str]:

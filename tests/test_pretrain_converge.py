@@ -237,6 +237,7 @@ def test_pretrain_gsaes_to_convergence_records_the_curve_in_its_manifest(tmp_pat
     assert curve == json.loads((out / "validation.json").read_text())
     assert [p["step"] for p in curve][:3] == [5, 10, 15] and curve[-1]["step"] == man["steps"]
     assert "ce" in curve[0][h] and "ce" not in curve[1][h] and "ce" in curve[2][h]  # every 2nd validation
+    assert "ce" in curve[-1][h] and man["final_validation"][h]["ce"] == curve[-1][h]["ce"]  # and the last
     assert set(man["final_validation"][h]) >= {"fvu", "l0", "dead", "loss", "mse"}
     assert curve[-1][h]["fvu"] < curve[0][h]["fvu"]
     # the held-out documents are not trained on

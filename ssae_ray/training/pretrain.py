@@ -183,10 +183,10 @@ def train_gsaes(
     stop_reason = "fixed" if not plan.converge else "step_cap"
     bar = tqdm(total=end, desc="pretrain GSAEs", unit="step", disable=not progress, dynamic_ncols=True)
 
-    def do_validate(step_done: int, lr: float, phase: str) -> None:
+    def do_validate(step_done: int, lr: float, phase: str, last: bool = False) -> None:
         nonlocal n_val
         assert validate is not None
-        with_ce = plan.ce_every > 0 and n_val % plan.ce_every == 0
+        with_ce = plan.ce_every > 0 and (n_val % plan.ce_every == 0 or last)  # the final SAE always
         vals = validate(trainers, with_ce)
         n_val += 1
         curve.append({"step": step_done, "tokens": tokens, "lr": lr, "phase": phase, **vals})
@@ -240,7 +240,7 @@ def train_gsaes(
                         conv[h].restart()
                         log.info("pretrain step %d: resampled %d dead latents of %s", step, k, h)
             if validate is not None and (step % plan.val_every == 0 or step == end):
-                do_validate(step, lr, phase)
+                do_validate(step, lr, phase, last=step == end)
                 if stable_end is None and plan.converge and all(c.converged() for c in conv.values()):
                     stop_reason, stable_end = "converged", step
                 elif stable_end is None and step >= cap:
@@ -254,7 +254,7 @@ def train_gsaes(
                 log.info("pretrain: %s at step %d; lr decays over %d more steps",
                          stop_reason.replace("_", " "), stable_end, end - stable_end)  # fmt: skip
         if validate is not None and (not curve or curve[-1]["step"] != step):
-            do_validate(step, history[-1]["lr"] if history else plan.lr, "final")
+            do_validate(step, history[-1]["lr"] if history else plan.lr, "final", last=True)
     finally:
         bar.close()
     return PretrainResult(history, curve, step, tokens, stop_reason, stable_end or step, resamples)
