@@ -1,11 +1,13 @@
 """Issue 17's measurement tables: the converged GSAE and what finetuning does to it.
 
-    python benchmarks/bench_gsae_convergence.py [--preset local-converged] [--eval DIR] [overrides...]
+    python benchmarks/bench_gsae_convergence.py [--preset local-converged] [--eval DIR] [--lams 2,2.5,3] [overrides...]
 
 It runs `ssae-ray pretrain` for the preset (the corpus, the activation cache of the whole general
 corpus, then training to convergence; stages already built are reused, so after a run of the job
 it only loads the LM to find the GSAE folder) and prints its wall time, then:
 
+0. with `--lams`: one converged GSAE per pretrain λ (cached), their validation L0 / FVU / CE, to
+   choose `train.pretrain_lam` so the GSAE's L0 falls in the range the sweep compares at;
 1. the GSAE: tokens seen, passes over the corpus, why training stopped, final validation FVU / L0 /
    dead share / CE, capture and training seconds;
 2. the validation curve (every validation; CE where it was scored);
@@ -47,11 +49,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="local-converged")
     ap.add_argument("--eval", type=Path, help="an evaluation folder (default: the newest under the work dir)")
+    ap.add_argument(
+        "--lams", help="comma-separated pretrain λ to scan first (one converged GSAE each, cached)"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.preset, overrides=a.overrides)
     from ssae_ray import pipeline
 
+    if a.lams:
+        scan = []
+        for lam in (float(v) for v in a.lams.split(",")):
+            c = load_config(a.preset, overrides=[*a.overrides, f"train.pretrain_lam={lam}"])
+            t0 = time.perf_counter()
+            m = json.loads((pipeline.stage_pretrain(c) / "manifest.json").read_text())
+            for h, v in m.get("final_validation", m["final"]).items():
+                scan.append({"pretrain λ": lam, "hook": h, "val L0": v.get("l0"), "val FVU": v.get("fvu"),
+                             "val CE": v.get("ce"), "dead": v.get("dead"), "stop": m.get("stop_reason"),
+                             "tokens": m.get("tokens_seen"), "wall s": round(time.perf_counter() - t0)})  # fmt: skip
+        print("# Pretrain λ scan (pick the λ whose L0 falls in sweep.l0_range)\n")
+        print(table(scan, list(scan[0])) + "\n")
     t0 = time.perf_counter()
     folder = pipeline.stage_pretrain(cfg)
     wall = time.perf_counter() - t0
