@@ -245,3 +245,23 @@ def test_pretrain_gsaes_to_convergence_records_the_curve_in_its_manifest(tmp_pat
     val = json.loads((__import__("pathlib").Path(man["validation"]) / "manifest.json").read_text())
     assert act["n_texts"] + val["n_texts"] == len(texts) and val["n_texts"] >= 1
     assert pretrain_gsaes(cfg, lm, texts, progress=False) == out  # cached
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk"])
+def test_resampling_works_for_every_architecture(arch):
+    sae = make_random_sae(D, M, "a", seed=1, arch=arch, k=4, threshold=0.01)
+    tc = TrainConfig(lr=1e-3, lam=0.05, batch_tokens=128, dead_window_tokens=256)
+    tr = HookTrainer(tc, sae, "a", 1.0)
+    for s in range(3):
+        tr.apply(tr.step(planted(128, s + 1), 1e-3, s))
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[[1, 4]] = True
+    x = planted(256, 50)
+    assert resample_dead(tr, x, dead, torch.Generator().manual_seed(0)) == 2
+    assert torch.allclose(tr.form.W_dec.norm(dim=1), torch.ones(M), atol=1e-5)
+    assert float(tr.form.b_enc[[1, 4]].abs().sum()) == 0.0
+    if arch == "jumprelu":
+        assert torch.allclose(tr.form.threshold[[1, 4]], torch.full((2,), 0.01))
+        assert float(tr.opt.state[tr.form.threshold]["exp_avg"][[1, 4]].abs().sum()) == 0.0
+    tr.apply(tr.step(x, 1e-3, 3))  # trains on after resampling
+    assert torch.isfinite(tr.form.W_enc).all()
