@@ -250,7 +250,10 @@ def sweep_key(cfg: Config, gsae_dir: Path, caches: dict[str, Path]) -> str:
     so changing them re-evaluates without retraining."""
     grid_keys = ("lams", "tilts", "seeds", "strategies", "hooks", "tilt_strategies", "select_metric")
     sweep = {k: getattr(cfg.sweep, k) for k in grid_keys}
-    val = (cfg.eval.tokens_for("val"), cfg.eval.batch_size, cfg.model.context_len)
+    if cfg.sweep.knob != "lam":
+        sweep["knob"] = cfg.sweep.knob
+    val = (cfg.eval.tokens_for("val"), cfg.eval.batch_size, cfg.model.context_len,
+           *(("bos",) if cfg.model.prepend_bos else ()))  # fmt: skip
     return stage_key("sweep", cfg.train, sweep, val, str(gsae_dir), sorted(map(str, caches.values())))
 
 
@@ -313,7 +316,9 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
     lm = lm or _lm(cfg)
     plan = plan_sweep(cfg, lm, timer)
     out = plan.folder / "eval"
-    ekey = stage_key("eval", cfg.eval, cfg.sweep, cfg.sae.hooks, cfg.corpus)
+    ekey = stage_key(
+        "eval", cfg.eval, cfg.sweep, cfg.sae.hooks, cfg.corpus, *(("bos",) if cfg.model.prepend_bos else ())
+    )
     stamp = out / "eval_key.txt"
     if (out / "report.md").is_file() and stamp.is_file() and stamp.read_text() == ekey and not force:
         log.info("evaluation cached at %s", out)

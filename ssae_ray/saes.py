@@ -142,6 +142,18 @@ def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
     return sae.to(device)
 
 
+def sae_folder(root: str | Path, hook: str) -> Path:
+    """The SAE folder of `hook` under `root`: `<root>/<hook>/`, or sparsify's `<root>/layers.<L>/`
+    for `blocks.<L>.hook_resid_post` (a sparsify run folder can be `sae.source` as it is)."""
+    import re
+
+    root = Path(root)
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    if not (root / hook).exists() and m and (root / f"layers.{m.group(1)}" / "sae.safetensors").is_file():
+        return root / f"layers.{m.group(1)}"
+    return root / hook
+
+
 def load_release(release: str, sae_id: str, device: str = "cpu") -> SAE:
     """`SAE.from_pretrained(release, sae_id)`; needs the Hugging Face hub."""
     try:
@@ -286,7 +298,7 @@ def load_gsaes(cfg: Config, lm: LM, folder: str | Path | None = None) -> dict[st
         if src == "pretrain" and folder is None:
             raise SAEMismatchError("sae.source=pretrain: pass the folder of the pretrained GSAEs")
         for h in hooks:
-            saes[h] = load_sae(root / h, device)
+            saes[h] = load_sae(sae_folder(root, h), device)
     for h, sae in saes.items():
         if sae.cfg.d_in != lm.d_model and not h.endswith("hook_z"):
             raise SAEMismatchError(

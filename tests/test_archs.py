@@ -464,3 +464,53 @@ def test_gemma_scope_preset_loads_checks_and_finetunes_through_the_local_hub(
     out = load_sae(save_sae(tr.export(), tmp_path / "ssae"))
     assert type(out) is JumpReLUSAE and out.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
     assert not torch.equal(tr.form.threshold, before) or not torch.equal(out.W_enc, sae.W_enc)
+
+
+def test_example_finetunes_a_sparsify_checkpoint_from_disk(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from ssae_ray.models import make_tiny_model
+
+    spec = importlib.util.spec_from_file_location(
+        "ex", Path(__file__).parents[1] / "examples" / "finetune_sparsify_topk.py"
+    )
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    g = torch.Generator().manual_seed(0)
+    layer = tmp_path / "ckpt" / "layers.1"
+    layer.mkdir(parents=True)
+    (layer / "cfg.json").write_text(json.dumps({"d_in": 64, "num_latents": 128, "k": 8}))
+    W_dec = torch.nn.functional.normalize(torch.randn(128, 64, generator=g), dim=1)
+    save_file({"encoder.weight": W_dec.clone(), "encoder.bias": torch.zeros(128), "W_dec": W_dec,
+               "b_dec": torch.zeros(64)}, str(layer / "sae.safetensors"))  # fmt: skip
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["Energy and momentum are conserved in every collision of particles."] * 40))
+    model = make_tiny_model(tmp_path / "m")
+    out = ex.main([str(tmp_path / "ckpt"), "--texts", str(texts), "--out", str(tmp_path / "ssae"), "--preset", "tiny",
+                   f"workdir={tmp_path / 'w'}", f"model.source={model}", "sae.min_explained_variance=-1e9",
+                   "train.steps=3", "train.batch_tokens=64"])  # fmt: skip
+    sae = load_sae(out / "blocks.1.hook_resid_post")
+    assert type(sae) is TopKSAE and sae.cfg.k == 8 and sae.cfg.metadata.prepend_bos is True
+    assert not torch.equal(sae.W_dec, W_dec)  # it was trained
+
+
+def test_evaluation_and_autointerp_take_every_architecture(tmp_path):
+    from ssae_ray.autointerp.examples import scan
+    from ssae_ray.config import ModelConfig
+    from ssae_ray.eval.evaluate import evaluate_sae, prepare_test_set
+    from ssae_ray.models import load_lm, make_tiny_model, tokenize_docs
+
+    lm = load_lm(ModelConfig(source=str(make_tiny_model(tmp_path / "m"))))
+    hook = "blocks.1.hook_resid_post"
+    texts = ["the quantum field of the electron interacts with the photon in a box " * 2] * 6
+    ts = prepare_test_set(lm, "test", texts, [hook], context_len=16, batch_size=4)
+    ctx = tokenize_docs(lm.tokenizer, texts, 16)
+    for arch in ARCHS:
+        sae = make_random_sae(lm.d_model, 96, hook, arch=arch, k=4, threshold=0.01)
+        ev = evaluate_sae(lm, sae, hook, ts)
+        assert ev.l0 > 0 and ev.ce_spliced > 0 and ev.fvu > 0, arch
+        if arch == "topk":
+            assert ev.l0 <= 4
+        idx = scan(lm, sae, hook, ctx, k_top=3, k_sample=2, batch_size=4, progress=False)
+        assert idx is not None

@@ -1,6 +1,7 @@
-"""SSAE training: losses (ERM, TERM, adaptive λ), the multi-SAE loop, the activation cache,
-Ray Train wiring and GSAE pretraining."""
+"""SSAE training: losses (ERM, TERM, adaptive λ; per architecture), GSAE architectures (exact
+import and export), the multi-SAE loop, the activation cache, Ray Train wiring and GSAE pretraining."""
 
+from ssae_ray.training.archs import ARCHS, TrainForm, arch_of, export_form, import_gsae
 from ssae_ray.training.cache import (
     cache_activations,
     iter_cache_batches,
@@ -22,11 +23,16 @@ from ssae_ray.training.pretrain import pretrain_gsaes
 from ssae_ray.training.ray_train import run_finetune
 
 __all__ = [
+    "ARCHS",
     "AdaptiveLambda",
     "FinetuneResult",
     "LossScale",
+    "TrainForm",
     "TrainingError",
+    "arch_of",
     "cache_activations",
+    "export_form",
+    "import_gsae",
     "finetune",
     "iter_cache_batches",
     "lm_batches",

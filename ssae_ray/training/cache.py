@@ -137,6 +137,7 @@ def cache_key(cfg: Config, texts: Sequence[str], hooks: Sequence[str], max_token
     return stage_key(
         "activations-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         sorted(hooks), h.hexdigest(), max_tokens, cfg.train.cache_dtype, cfg.train.cache_shard_tokens,
+        *(("bos",) if cfg.model.prepend_bos else ()),  # contexts start with BOS: other tokens
     )  # fmt: skip
 
 

@@ -276,8 +276,8 @@ def jumprelu_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tens
     dW_dec = f.T @ de
     db_dec = de.sum(0)
     dfeat = de @ W_dec.T  # d obj / d f
-    window = (pre - threshold).abs_() < bandwidth / 2
-    dthreshold = -(threshold * (dfeat * window).sum(0) + lam * (g * window).sum(0)) / bandwidth
+    window = ((pre - threshold).abs_() < bandwidth / 2).to(x.dtype)
+    dthreshold = (threshold * (dfeat * window).sum(0)).add_(g[:, 0] @ window, alpha=lam).div_(-bandwidth)
     dpre = dfeat.mul_(gate)
     dW_enc, db_enc, db_dec = _encoder_grads(xc, dpre, W_enc, db_dec)
     return SAEStep(TokenLosses(loss, sse, l0), obj, (dW_enc, db_enc, dW_dec, db_dec, dthreshold), f, g[:, 0])
@@ -325,12 +325,16 @@ def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     n_dead = int(dead.sum()) if dead is not None else 0
     aux_acts = None
     if n_dead > 0 and aux_coefficient > 0:
+        # only the dead latents' columns: D / d_sae of the work of the same loss over all latents
         half = max(x.shape[1] // 2, 1)
         alpha = aux_coefficient * min(n_dead / half, 1.0)
-        top = pre.masked_fill(~dead, float("-inf")).topk(min(half, n_dead), dim=-1, sorted=False)  # type: ignore[operator]
-        aux_acts = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
-        aux_mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top.indices, True)
-        r = (aux_acts @ W_dec).add_(e)  # ê - (x - x_hat)
+        cols = dead.nonzero()[:, 0]  # type: ignore[union-attr]
+        pre_dead = pre[:, cols]
+        top = pre_dead.topk(min(half, n_dead), dim=-1, sorted=False)
+        aux_acts = torch.zeros_like(pre_dead).scatter_(-1, top.indices, top.values)
+        aux_mask = torch.zeros_like(pre_dead, dtype=torch.bool).scatter_(-1, top.indices, True)
+        W_dead = W_dec[cols]
+        r = (aux_acts @ W_dead).add_(e)  # ê - (x - x_hat)
         aux = alpha * r.pow(2).sum(-1)
     else:
         aux = torch.zeros_like(sse)
@@ -342,7 +346,7 @@ def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     dpre = (de @ W_dec.T).mul_(f > 0)
     if aux_acts is not None:
         dr = r.mul_(2 * alpha * g)  # d obj / d ê; the residual is detached
-        dW_dec += aux_acts.T @ dr
-        dpre += (dr @ W_dec.T).mul_(aux_mask)
+        dW_dec.index_add_(0, cols, aux_acts.T @ dr)
+        dpre.index_add_(1, cols, (dr @ W_dead.T).mul_(aux_mask))
     dW_enc, db_enc, db_dec = _encoder_grads(xc, dpre, W_enc, db_dec)
     return SAEStep(TokenLosses(loss, sse, aux), obj, (dW_enc, db_enc, dW_dec, db_dec), f, g[:, 0])
