@@ -158,6 +158,8 @@ class TrainConfig:
     decay_steps: int = 1000
     """Linear lr decay to `lr_end` over the last `decay_steps` steps."""
     lr_end: float = 0.0
+    warmup_steps: int = 0
+    """Linear lr warm-up over the first `warmup_steps` steps of a finetune (0: none)."""
     shuffle_buffer_batches: int = 4
     lam: float = 1.0
     """Sparsity coefficient λ: of the L1 term of Eq. 1 for ReLU GSAEs, of the L0 term (whose
@@ -207,10 +209,43 @@ class TrainConfig:
     """Tokens per activation-cache shard (one `.npy` per hook per shard)."""
     seed: int = 0
     pretrain_steps: int = 200
-    """GSAE pretraining (for `pretrain` GSAE sources)."""
+    """GSAE pretraining (for `pretrain` GSAE sources): its steps, or with `pretrain_converge` the
+    most steps (the token cap is `pretrain_steps × batch_tokens`)."""
     pretrain_lr: float = 1e-3
     pretrain_lam: float = 2.5
-    pretrain_tokens: int = 300_000
+    pretrain_tokens: int | None = 300_000
+    """Tokens of the general corpus whose activations are cached for pretraining (None: all of
+    it); training passes over them as many times (epochs) as its steps need."""
+    pretrain_warmup_steps: int = 0
+    """Linear lr warm-up of pretraining."""
+    pretrain_decay_fraction: float = 0.2
+    """Share of the pretraining steps spent decaying the lr linearly to `lr_end` (at the end of a
+    fixed-length run; after convergence, `training/converge.py`'s warm-up-stable-decay schedule)."""
+    pretrain_converge: bool = False
+    """Stop pretraining when the validation curve has flattened (`pretrain_converge_*`), then decay
+    the lr; False: exactly `pretrain_steps` steps."""
+    pretrain_val_tokens: int = 0
+    """Tokens of held-out general-corpus documents (the last documents of the shuffled corpus,
+    removed from pretraining) for the validation curve; 0: no validation (needed by
+    `pretrain_converge`)."""
+    pretrain_val_every: int = 50
+    """Steps between validations (FVU, L0, loss on the held-out activations)."""
+    pretrain_ce_every: int = 0
+    """Also score the spliced CE on the held-out documents every this many validations (0: never)."""
+    pretrain_ce_tokens: int = 2_500
+    """Held-out tokens the spliced validation CE is scored on."""
+    pretrain_converge_metric: str = "loss"
+    """What the stopping rule watches: `loss` (the training objective on held-out activations),
+    `fvu`, or `ce` (the spliced CE; needs `pretrain_ce_every`)."""
+    pretrain_converge_window_tokens: int = 2_000_000
+    """Converged when the best validation value of the last this many training tokens improved on
+    the best before them by less than `pretrain_converge_rel_tol`."""
+    pretrain_converge_rel_tol: float = 0.01
+    pretrain_resample_every: int = 0
+    """Resample latents dead for `dead_window_tokens` every this many steps of the stable phase
+    (Anthropic's resampling, `training/converge.py`); 0: never."""
+    pretrain_resample_max: int = 4
+    """Resamplings at most (then the curve can settle)."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +295,17 @@ class EvalConfig:
     """Confidence level of the bootstrap intervals over test documents."""
     bootstrap: int = 1000
     """Bootstrap resamples of the test documents for CE-difference CIs."""
+    moved_cosine: float = 0.9
+    """Decoder movement: a finetuned SSAE's row counts as moved when its cosine to the same GSAE
+    row is below this (the report also counts rows with no GSAE row above it)."""
+    control_max_ce_change: float = 0.05
+    """The random-corpus control "changes the GSAE little" when its in-domain CE at the GSAE's L0
+    is within this many nats of the GSAE's ..."""
+    control_min_cosine: float = 0.95
+    """... and its median decoder-row cosine to the GSAE is at least this."""
+    tail_fraction: float = 0.5
+    """Logit-lens tail coverage: the share of the test set's token types, rarest first, that count
+    as the tail (bootstrap CIs over test documents, `eval/tail.py`)."""
     reference: str = "random"
     """Strategy the headline table's CE differences are taken against (the random-corpus finetune;
     falls back to the GSAE when that strategy was not swept)."""
@@ -429,7 +475,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-PRESETS = ("tiny", "local", "paper-physics", "paper-toxicity", "pythia-70m-bib", "gemma-scope-physics")
+PRESETS = ("tiny", "local", "local-converged", "paper-physics", "paper-toxicity", "pythia-70m-bib", "gemma-scope-physics")  # fmt: skip
 
 
 def preset_names() -> list[str]:

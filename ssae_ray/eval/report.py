@@ -126,6 +126,7 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
                      f"{r['pca90']} | {_f(r['cos_mean'])} | {_f(r['err_mean'], 2)} | {_f(r['err_p99'], 2)} | "
                      f"{_f(r['err_max'], 2)} | {_f(r['entropy_mean'])} | {_f(r['max_act_mean'], 2)} | "
                      f"{_f(r['dead'])} |")  # fmt: skip
+    lines += _movement_section(cfg, res) + _control_section(cfg, res) + _tail_section(cfg, res)
     figs = [f for f in res["files"] if f.endswith(".png")]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
     lines += ["", "Tables: " + ", ".join(f"`{f}`" for f in res["files"] if f.endswith(".csv")) + "."]
@@ -138,3 +139,112 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
+
+
+def _ci(r: dict[str, Any], key: str, nd: int = 3) -> str:
+    if key not in r:
+        return "–"
+    return f"{_f(r[key], nd)} [{_f(r.get(key + '_lo'), nd)}, {_f(r.get(key + '_hi'), nd)}]"
+
+
+def _movement_section(cfg: Config, res: dict[str, Any]) -> list[str]:
+    rows = res.get("movement") or []
+    th = cfg.eval.moved_cosine
+    lines = ["", "## Decoder movement from the GSAE", ""]
+    if not rows:
+        return [*lines, "No SSAE of the GSAE's width was evaluated (no decoder movement to show)."]
+    lines += [
+        "Cosine between each SSAE decoder row and the same GSAE row (an SSAE is a finetuned GSAE): the median "
+        f"and 1st percentile over latents, rows below cosine {th:g} (moved), and rows with no GSAE row at all "
+        f"within {th:g} (new directions). A finetune that specialises moves few rows; one that retrains moves most.",
+        "",
+        "| hook | SAE | λ | seed | test L0 | median cos | 1st pct cos | moved | new directions |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| `{r['hook']}` | {_name(r['strategy'], r['tilt'])} | {r['lam']:g} | {r['seed']} | "
+                     f"{_f(r['l0'], 1)} | {_f(r['median_cos'])} | {_f(r['p01_cos'])} | "
+                     f"{r['moved']} / {r['n']} ({_f(r['moved_share'])}) | {r['unmatched']} |")  # fmt: skip
+    return lines
+
+
+def _yes(v: Any) -> str:
+    return "–" if v is None else ("yes" if v else "**no**")
+
+
+def _control_section(cfg: Config, res: dict[str, Any]) -> list[str]:
+    ec = cfg.eval
+    lines = [
+        "",
+        "## Does the random-corpus control change the GSAE little?",
+        "",
+        "The random-corpus finetune sees the distribution the GSAE was trained on, so a converged GSAE should "
+        f"barely change under it. Criterion: its in-domain CE at the GSAE's own L0 within {ec.control_max_ce_change:g} "
+        f"nats of the GSAE's (Δ, with a {ec.ci_level:.0%} bootstrap CI over test documents; *equivalent* when the "
+        f"whole CI is inside ±{ec.control_max_ce_change:g}) and its median decoder-row cosine to the GSAE (trial "
+        f"nearest that L0) at least {ec.control_min_cosine:g}. Beside it: does the dense SSAE still beat the "
+        "random-corpus one in-domain at matched L0, with a CI excluding 0?",
+        "",
+        "| hook | GSAE L0 | GSAE CE | random λ (L0) | Δ CE random − GSAE [CI] | equivalent | median cos | "
+        "criterion met | dense − random [CI] | dense beats random | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res.get("control") or []:
+        lam = f"{r['random_lam']:g} ({_f(r.get('random_l0'), 1)})" if "random_lam" in r else "–"
+        d = (
+            _ci({"d": r.get("d_ce"), "d_lo": r.get("d_ce_lo"), "d_hi": r.get("d_ce_hi")}, "d")
+            if "d_ce" in r
+            else "–"
+        )
+        dr = (_ci({"d": r.get("dense_minus_random"), "d_lo": r.get("dense_lo"), "d_hi": r.get("dense_hi")}, "d")
+              if "dense_minus_random" in r else "–")  # fmt: skip
+        lines.append(f"| `{r['hook']}` | {_f(r['gsae_l0'], 1)} | {_f(r['gsae_ce'])} | {lam} | {d} | "
+                     f"{_yes(r.get('ce_equivalent'))} | {_f(r.get('median_cos'))} | {_yes(r.get('met'))} | {dr} | "
+                     f"{_yes(r.get('dense_beats'))} | {r.get('note', '')} |")  # fmt: skip
+    return lines
+
+
+def tail_findings(rows: list[dict[str, Any]], ref: str = "GSAE") -> list[str]:
+    """One sentence per SSAE: does it cover more tail token types than `ref`, with the CI."""
+    out = []
+    for r in rows:
+        if r["sae"] == ref or not math.isfinite(r.get("d_tail_coverage", float("nan"))):
+            continue
+        lo, hi, d = r["d_tail_coverage_lo"], r["d_tail_coverage_hi"], r["d_tail_coverage"]
+        if lo > 0:
+            verdict = "covers **more** tail token types than"
+        elif hi < 0:
+            verdict = "covers **fewer** tail token types than"
+        else:
+            verdict = "is **not distinguishable** in tail coverage from"
+        out.append(
+            f"`{r['hook']}` {r['sae']} (L0 {_f(r['l0'], 1)}) {verdict} the {ref}: Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}]."
+        )
+    return out
+
+
+def _tail_section(cfg: Config, res: dict[str, Any]) -> list[str]:
+    ec = cfg.eval
+    rows = res.get("tail") or []
+    lines = [
+        "",
+        "## Tail concepts, with confidence intervals",
+        "",
+        f"Logit-lens coverage (Fig. 2, 6): share of the in-domain test set's token types among the top-"
+        f"{ec.logit_lens_topk} tokens of some latent; *tail*: the rarest {ec.tail_fraction:.0%} of the types. "
+        "Activation counts (Fig. 7): share of latents active on the test set, median activation count over latents. "
+        f"{ec.ci_level:.0%} percentile bootstrap CIs over test documents ({ec.bootstrap} resamples; the tail is "
+        "recomputed in each), Δ paired against the GSAE. Same SAEs as the feature table.",
+        "",
+        "| hook | SAE | L0 | coverage [CI] | tail coverage [CI] | Δ tail vs GSAE [CI] | active latents [CI] | "
+        "median count [CI] | Δ median count [CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| `{r['hook']}` | {r['sae']} | {_f(r['l0'], 1)} | {_ci(r, 'coverage')} | "
+                     f"{_ci(r, 'tail_coverage')} | {_ci(r, 'd_tail_coverage')} | {_ci(r, 'active_latents')} | "
+                     f"{_ci(r, 'median_count', 1)} | {_ci(r, 'd_median_count', 1)} |")  # fmt: skip
+    found = tail_findings(rows)
+    if found:
+        lines += ["", "Finding (tail coverage vs the GSAE):", ""] + [f"- {s}" for s in found]
+    return lines

@@ -22,7 +22,8 @@ from ssae_ray.eval import features as F
 from ssae_ray.eval import plots
 from ssae_ray.eval.evaluate import SAEEval, TestSet, evaluate_sae
 from ssae_ray.eval.logit_lens import feature_top_tokens, lm_unembed, tail_coverage, token_counts
-from ssae_ray.eval.metrics import EvalError, pareto_auc, perplexity
+from ssae_ray.eval.metrics import CI, EvalError, pareto_auc, perplexity
+from ssae_ray.eval.movement import Movement, control_check, decoder_movement
 from ssae_ray.stages import atomic_dir
 
 log = logging.getLogger("ssae_ray")
@@ -77,6 +78,7 @@ def evaluate_sweep(
     hooks = list(cfg.sae.hooks)
     bs = cfg.eval.batch_size
     evals: dict[tuple, SAEEval] = {}  # (strategy, tilt, lam, seed, hook, test) -> SAEEval
+    moves: dict[tuple, Movement] = {}  # (strategy, tilt, lam, seed, hook) -> decoder movement from the GSAE
     for name, ts in test_sets.items():
         for h in hooks:
             evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs)
@@ -84,6 +86,10 @@ def evaluate_sweep(
     for t, rec in sweep.best.items():
         for h in hooks:
             sae = load_sae(Path(rec.path) / h, str(lm.device))
+            if sae.W_dec.shape == gsaes[h].W_dec.shape:
+                moves[(t.strategy, t.tilt, t.lam, t.seed, h)] = decoder_movement(
+                    sae.W_dec, gsaes[h].W_dec, cfg.eval.moved_cosine
+                )
             for name, ts in test_sets.items():
                 e = evaluate_sae(lm, sae, h, ts, bs)
                 if name != "test":  # per-token statistics are only used on the in-domain test set
@@ -93,7 +99,7 @@ def evaluate_sweep(
                 bar.update(1)
     bar.close()
     with atomic_dir(Path(out)) as tmp:
-        res = write_tables(cfg, lm, evals, test_sets, gsaes, sweep, tmp)
+        res = write_tables(cfg, lm, evals, test_sets, gsaes, sweep, tmp, moves)
         from ssae_ray.eval.report import write_report
 
         write_report(cfg, res, tmp / "report.md", sweep)
@@ -142,9 +148,10 @@ def _label(strategy: str, tilt: float) -> str:
 
 def write_tables(
     cfg: Config, lm: Any, evals: dict[tuple, SAEEval], test_sets: dict[str, TestSet], gsaes: dict[str, Any],
-    sweep: Any, out: Path,
+    sweep: Any, out: Path, moves: dict[tuple, Movement] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     ec, lo_hi = cfg.eval, cfg.sweep.l0_range
+    moves = moves or {}
     match = cfg.sweep.match_l0 if cfg.sweep.match_l0 is not None else (lo_hi[0] + lo_hi[1]) / 2
     rows = [{"strategy": k[0], "tilt": k[1], "lam": k[2], "seed": k[3], **e.row()} for k, e in evals.items()]
     _csv(out / "metrics.csv", rows)
@@ -191,9 +198,56 @@ def write_tables(
     _csv(out / "auc.csv", auc_rows)
     _csv(out / "headline.csv", headline)
     _csv(out / "term_vs_erm.csv", term_rows)
-    feats = _feature_figures(cfg, lm, evals, gsaes, sweep, test_sets["test"], match, out)
+    move_rows = [{"strategy": k[0], "tilt": k[1], "lam": k[2], "seed": k[3], "hook": k[4],
+                  "l0": evals[(*k, "test")].l0 if (*k, "test") in evals else float("nan"),
+                  "median_cos": m.median_cos, "p01_cos": m.p01_cos, "moved": m.moved, "moved_share": m.moved_share,
+                  "unmatched": m.unmatched, "n": m.n, "threshold": m.threshold} for k, m in moves.items()]  # fmt: skip
+    _csv(out / "movement.csv", move_rows)
+    control = _control_rows(cfg, evals, curves, headline, moves, test_sets["test"], ref)
+    _csv(out / "control.csv", control)
+    feats, tail = _feature_figures(cfg, lm, evals, gsaes, sweep, test_sets["test"], match, out, moves)
     return {"headline": headline, "auc": auc_rows, "term_vs_erm": term_rows, "match_l0": match,
-            "reference": ref, "features": feats, "files": sorted(p.name for p in out.iterdir())}  # fmt: skip
+            "reference": ref, "features": feats, "movement": move_rows, "control": control, "tail": tail,
+            "files": sorted(p.name for p in out.iterdir())}  # fmt: skip
+
+
+def _control_rows(cfg, evals, curves, headline, moves, ts, ref) -> list[dict[str, Any]]:
+    """Per hook, `movement.control_check` of the random-corpus SSAE on the in-domain test set: its CE
+    at the GSAE's own L0 minus the GSAE's (bootstrap CI over documents), the decoder movement of its
+    trial nearest that L0, and dense - random at matched L0 from the headline."""
+    ec, rows = cfg.eval, []
+    for h in cfg.sae.hooks:
+        g = evals[(GSAE, 0.0, 0.0, 0, h, "test")]
+        row: dict[str, Any] = {"hook": h, "gsae_l0": g.l0, "gsae_ce": g.ce_spliced}
+        c = curves.get(("random", 0.0, h, "test"))
+        d_ce = move = dense = None
+        if c is None:
+            rows.append(
+                {**row, "note": "no random-corpus finetune in the sweep (add random to sweep.strategies)"}
+            )
+            continue
+        try:
+            d_ce = C.diff_vs_loss(c, g.l0, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+        except EvalError as e:
+            row["ce_note"] = str(e).split(";")[0]
+        near = [k for k in moves if k[0] == "random" and k[1] == 0.0 and k[4] == h and (*k, "test") in evals]
+        if near:
+            k = min(near, key=lambda k: (abs(evals[(*k, "test")].l0 - g.l0), k[3]))
+            move, row["random_lam"], row["random_l0"] = moves[k], k[2], evals[(*k, "test")].l0
+        for r in headline:
+            if (r["test"], r["hook"], r["strategy"], r["tilt"]) == (
+                "test",
+                h,
+                "dense",
+                0.0,
+            ) and ref == "random":
+                if "d_ce_vs_random" in r:
+                    dense = CI(r["d_ce_vs_random"], r["ci_lo"], r["ci_hi"], ec.ci_level)
+        row.update(control_check(d_ce, move, ec.control_max_ce_change, ec.control_min_cosine, dense))
+        if "ce_note" in row:
+            row["note"] = f"{row.pop('ce_note')}; {row.get('note', '')}".rstrip("; ")
+        rows.append(row)
+    return rows
 
 
 def _shared_span(curves: dict[tuple, Any]) -> tuple[float, float] | None:
@@ -277,16 +331,29 @@ def _pareto_plot(mine, g, lo_hi, path, title, cfg) -> None:
     plots.pareto(series, path, title, l0_range=lo_hi, refs=refs)
 
 
-def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out) -> list[dict[str, Any]]:
-    """Logit-lens coverage, activation counts, log2 ratios and TERM diagnostics on the in-domain test
-    set, for each strategy / tilt at the λ whose test L0 is nearest `match` (first seed) and the GSAE."""
+def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -> tuple[list, list]:
+    """Logit-lens coverage, activation counts, log2 ratios, decoder movement and TERM diagnostics on
+    the in-domain test set, for each strategy / tilt at the λ whose test L0 is nearest `match` (first
+    seed) and the GSAE; and the tail-concept test with bootstrap CIs (`eval/tail.py`) on them."""
+    import torch
+
+    from ssae_ray.eval.evaluate import token_positions
+    from ssae_ray.eval.tail import doc_feature_counts, doc_token_counts, tail_test
     from ssae_ray.saes import load_sae
 
+    moves = moves or {}
     w_u, norm = lm_unembed(lm)
     counts = token_counts(ts.tokens.input_ids[ts.tokens.attention_mask.bool()], w_u.shape[0])
-    rows = []
+    types, doc_counts = doc_token_counts(ts.tokens.input_ids, ts.tokens.attention_mask, ts.tokens.doc_index)
+    pos = token_positions(ts)
+    docs = np.unique(ts.tokens.doc_index.numpy())
+    tok_doc = torch.from_numpy(
+        np.searchsorted(docs, ts.tokens.doc_index[:, None].expand_as(pos)[pos].numpy())
+    )
+    rows, tail_rows = [], []
     for h in cfg.sae.hooks:
         chosen: dict[str, tuple[Any, SAEEval]] = {"GSAE": (gsaes[h], evals[(GSAE, 0.0, 0.0, 0, h, "test")])}
+        keys: dict[str, tuple] = {}
         by: dict[tuple, list] = defaultdict(list)
         for t, rec in sweep.best.items():
             by[(t.strategy, t.tilt)].append((t, rec))
@@ -297,14 +364,19 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out) -> list[dict[
                 return abs(evals[(s, tilt, t.lam, t.seed, h, "test")].l0 - match), t.seed
 
             t, rec = min(items, key=gap)
+            keys[_label(s, tilt)] = (s, tilt, t.lam, t.seed, h)
             chosen[_label(s, tilt)] = (
                 load_sae(Path(rec.path) / h),
                 evals[(s, tilt, t.lam, t.seed, h, "test")],
             )
         cov, cum, rank, ratio, cos, errf, ent, mx, pca = {}, {}, {}, {}, {}, {}, {}, {}, {}
+        tops, fdocs = {}, {}
+        x = ts.acts[h][pos]
         g_counts = chosen["GSAE"][1].feature_counts
         for label, (sae, e) in chosen.items():
             top = feature_top_tokens(sae.W_dec, w_u, norm, cfg.eval.logit_lens_topk)
+            tops[label] = top
+            fdocs[label] = doc_feature_counts(sae, x, tok_doc, len(docs))
             c = tail_coverage(top, counts, cfg.eval.freq_buckets)
             cov[f"{label} (L0 {e.l0:.0f})"] = c.bucket_coverage
             cum[label] = (c.cum_tokens, c.cum_covered)
@@ -321,8 +393,16 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out) -> list[dict[
             n90, cumvar = F.pca_components(sae.W_dec)
             pca[label] = (np.arange(1, len(cumvar) + 1), cumvar)
             d = F.diagnostics(sae.W_dec, e.feature_counts, e.sse, e.entropy, e.max_act)
+            mv = moves.get(keys.get(label, ()))
+            move = {} if mv is None else {"median_cos": mv.median_cos, "p01_cos": mv.p01_cos, "moved": mv.moved,
+                                          "moved_share": mv.moved_share, "unmatched": mv.unmatched}  # fmt: skip
             rows.append({"hook": h, "sae": label, "l0": e.l0, "ce": e.ce_spliced, "coverage": c.covered_share,
-                         **{f"coverage_b{i}": v for i, v in enumerate(c.bucket_coverage)}, **d._asdict()})  # fmt: skip
+                         **{f"coverage_b{i}": v for i, v in enumerate(c.bucket_coverage)}, **d._asdict(), **move})  # fmt: skip
+        ec = cfg.eval
+        for r in tail_test(
+            types, doc_counts, tops, fdocs, "GSAE", ec.tail_fraction, ec.bootstrap, ec.ci_level
+        ):
+            tail_rows.append({"hook": h, "l0": chosen[r["sae"]][1].l0, **r})
         tag = _safe(h)
         plots.coverage_buckets(
             cov, out / f"coverage_{tag}.png", f"logit-lens coverage per frequency bucket · {h}"
@@ -347,4 +427,5 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out) -> list[dict[
         plots.histograms(mx, out / f"max_act_{tag}.png", f"max latent activation per token (Fig. 5) · {h}",
                          "max activation", logy=True)  # fmt: skip
     _csv(out / "features.csv", rows)
-    return rows
+    _csv(out / "tail.csv", tail_rows)
+    return rows, tail_rows

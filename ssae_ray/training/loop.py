@@ -72,8 +72,8 @@ def check_train_config(tc: TrainConfig) -> None:
     for name in ("lr", "batch_tokens", "steps"):
         if not getattr(tc, name) > 0:
             raise TrainingError(f"train.{name} must be > 0, got {getattr(tc, name)}")
-    if tc.decay_steps < 0 or tc.lr_end < 0:
-        raise TrainingError("train.decay_steps and train.lr_end must be >= 0")
+    if tc.decay_steps < 0 or tc.lr_end < 0 or tc.warmup_steps < 0:
+        raise TrainingError("train.decay_steps, train.lr_end and train.warmup_steps must be >= 0")
     if not tc.jumprelu_bandwidth > 0:
         raise TrainingError(f"train.jumprelu_bandwidth must be > 0, got {tc.jumprelu_bandwidth}")
     if tc.aux_coefficient < 0 or not 0 <= tc.topk_threshold_lr <= 1:
@@ -83,12 +83,14 @@ def check_train_config(tc: TrainConfig) -> None:
 
 
 def lr_at(tc: TrainConfig, step: int, steps: int | None = None) -> float:
-    """Constant lr, then linear decay to `lr_end` over the last `decay_steps` steps."""
+    """Linear warm-up over `warmup_steps`, constant lr, then linear decay to `lr_end` over the last
+    `decay_steps` steps."""
     steps = steps or tc.steps
     left = steps - step
+    peak = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
     if tc.decay_steps <= 0 or left > tc.decay_steps:
-        return tc.lr
-    return tc.lr_end + (tc.lr - tc.lr_end) * max(left, 0) / tc.decay_steps
+        return peak
+    return tc.lr_end + (peak - tc.lr_end) * max(left, 0) / tc.decay_steps
 
 
 def estimate_act_scale(x: Tensor) -> float:
