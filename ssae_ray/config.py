@@ -119,6 +119,7 @@ class RetrievalConfig:
     """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
     nlist: int = 1024
     nprobe: int = 32
+    """IVF lists visited per query at search time (`ivf` / `ivfpq`): more is slower and closer to exact."""
     pq_m: int = 16
     shard_size: int = 100_000
     """Vectors per FAISS shard."""
@@ -144,7 +145,6 @@ class TrainConfig:
     decay_steps: int = 1000
     """Linear lr decay to `lr_end` over the last `decay_steps` steps."""
     lr_end: float = 0.0
-    shuffle_buffer_batches: int = 4
     lam: float = 1.0
     """Sparsity coefficient λ of Eq. 1."""
     tilt: float = 0.0
@@ -163,13 +163,11 @@ class TrainConfig:
     l0_band: tuple[float, float] | None = None
     """Adaptive λ: raise λ while L0 is above the band, lower it below (appendix E)."""
     adapt_rate: float = 0.02
-    skip_first_position: bool = True
     checkpoint_every: int = 200
     num_workers: int = 1
     placement: str = "auto"
     """`by_hook` (each worker owns some SAEs), `data_parallel` (replicas) or `auto`."""
     max_failures: int = 2
-    use_activation_cache: bool = True
     cache_dtype: str = "float16"
     """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
     cache_shard_tokens: int = 65_536
@@ -471,6 +469,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    gone = [k for k in unknown if _join(where, k) in REMOVED]
+    if gone:
+        key = _join(where, gone[0])
+        raise ConfigError(f"config key {key!r} was removed: {REMOVED[key]}; delete it from your config")
     if unknown:
         raise ConfigError(
             f"unknown config key {_join(where, unknown[0])!r}; valid keys here: {', '.join(sorted(names))}"
@@ -660,6 +662,15 @@ def increasing_pair(lo_min: float = -math.inf) -> Check:
 positive = at_least(1)
 non_negative = at_least(0)
 
+REMOVED: dict[str, str] = {
+    "train.skip_first_position": "position 0 is always left out of training, caching and scoring "
+    "(its norm is ~7x the median: docs/CALIBRATION.md)",
+    "train.use_activation_cache": "sweeps and finetunes always train from the activation cache",
+    "train.shuffle_buffer_batches": "activation caches are read in a full seeded permutation per epoch; "
+    "in-memory streams take `finetune(..., buffer_batches=N)`",
+}
+"""Keys that did nothing and were removed, with why (a config that still sets one gets this)."""
+
 CHECKS: dict[str, Check] = {
     "name": matches(r"[A-Za-z0-9_.\-]+", "a name of letters, digits, '.', '_' or '-' (e.g. local)"),
     "model.tiny_arch": one_of("gpt_neox", "llama"),
@@ -698,6 +709,7 @@ CHECKS: dict[str, Check] = {
     "train.decay_steps": non_negative,
     "train.lr_end": non_negative,
     "train.lam": non_negative,
+    "train.tilt": non_negative,
     "train.tilt_mode": one_of("raw", "scaled"),
     "train.loss_scale_decay": between(0, 1, open_hi=True),
     "train.dead_window_tokens": positive,
@@ -714,7 +726,7 @@ CHECKS: dict[str, Check] = {
     "train.pretrain_lam": non_negative,
     "train.pretrain_tokens": positive,
     "sweep.lams": each(non_negative),
-    "sweep.tilts": each(lambda v: None),
+    "sweep.tilts": each(non_negative),
     "sweep.seeds": all_of(each(lambda v: None), unique),
     "sweep.strategies": all_of(each(one_of(*STRATEGIES)), unique),
     "sweep.hooks": all_of(each(hook_name), unique),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
+from ssae_ray.config import ConfigError
 from ssae_ray.saes import make_random_sae
 from ssae_ray.training import finetune
 from ssae_ray.training.cache import (
@@ -115,10 +116,13 @@ def test_scaled_tilt_is_scale_free():
 
 def test_negative_lam_and_tilt_are_refused(tiny_cfg):
     saes = {"a": make_random_sae(32, 64, "a")}
+    # refused when the config is loaded, and again by the loop for configs built in code (the sweep's)
+    with pytest.raises(ConfigError, match="train.lam=-1.0: must be >= 0"):
+        tiny_cfg.replace(train={"lam": -1.0})
     with pytest.raises(TrainingError, match="lam .* >= 0"):
-        finetune(tiny_cfg.replace(train={"lam": -1.0}), saes, synthetic(2, hooks=("a",)), progress=False)
+        finetune(with_train(tiny_cfg.train, lam=-1.0), saes, synthetic(2, hooks=("a",)), progress=False)
     with pytest.raises(TrainingError, match="tilt must be >= 0"):
-        finetune(tiny_cfg.replace(train={"tilt": -0.5}), saes, synthetic(2, hooks=("a",)), progress=False)
+        finetune(with_train(tiny_cfg.train, tilt=-0.5), saes, synthetic(2, hooks=("a",)), progress=False)
     with pytest.raises(TrainingError, match="tilt must be >= 0"):
         term_loss(torch.ones(3), -1.0)
 
@@ -187,7 +191,7 @@ def test_nan_batch_is_reported_not_trained_on(tiny_cfg):
     sae = make_random_sae(32, 64, "a")
     batches = synthetic(3, hooks=("a",))
     batches[1]["a"][5, 3] = float("nan")
-    tc = with_train(tiny_cfg.train, batch_tokens=128, shuffle_buffer_batches=1)
+    tc = with_train(tiny_cfg.train, batch_tokens=128)
     tr = HookTrainer(tc, sae, "a", 1.0)
     tr.apply(tr.step(batches[0]["a"], 1e-3, 0))
     before = [p.detach().clone() for p in tr.params]

@@ -334,7 +334,7 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
     index = vec_to_row = seed_emb = None
     if first == "dense":
         seed_emb = embed_seeds(cfg, manifest, seed_texts)
-        index = ShardedIndex(index_dir)
+        index = ShardedIndex(index_dir, nprobe=r.nprobe)  # the selection is keyed on r, nprobe included
         vec_to_row = pc.index_in(pa.array(index.pids()), value_set=passages.meta["pid"]).to_numpy()
     k = pool or min(n, max(100, 2 * math.ceil(r.token_budget / mean_tokens)))
     while True:

@@ -341,12 +341,13 @@ def finetune(
     callback: Callback | None = None,
     progress: bool = True,
     device: str | None = None,
+    buffer_batches: int = 4,
 ) -> FinetuneResult:
     """Finetune every SAE on its hook's activations, in one process (no Ray).
 
-    `batches` is an activation-cache folder (`cache_activations`; read in a seeded order) or an
-    iterable of {hook: [n, d_in]} dicts (re-cut into `batch_tokens` batches through a shuffle
-    buffer of `shuffle_buffer_batches` batches).
+    `batches` is an activation-cache folder (`cache_activations`; read in a seeded permutation per
+    epoch) or an iterable of {hook: [n, d_in]} dicts (re-cut into `batch_tokens` batches through a
+    shuffle buffer of `buffer_batches` batches).
     """
     from ssae_ray.training.cache import iter_cache_batches, shuffle_buffer
 
@@ -358,7 +359,7 @@ def finetune(
     if isinstance(batches, str | Path):
         it = iter_cache_batches(batches, hooks, tc.batch_tokens, seed=tc.seed)
     else:
-        it = shuffle_buffer(iter(batches), tc.batch_tokens, tc.shuffle_buffer_batches, seed=tc.seed)
+        it = shuffle_buffer(iter(batches), tc.batch_tokens, buffer_batches, seed=tc.seed)
     it = _peekable(it)
     dev = device or str(next(iter(saes.values())).W_dec.device)
     trainers = make_trainers(tc, saes, it.peek(), dev)

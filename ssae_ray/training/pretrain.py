@@ -24,10 +24,12 @@ from ssae_ray.training.loop import make_trainers, run_steps, with_train
 def pretrain_key(cfg: Config, texts: Sequence[str]) -> str:
     h = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     t = cfg.train
+    # (the 4 stands where the removed, never-read train.shuffle_buffer_batches was: existing
+    # pretrained GSAEs keep their key)
     return stage_key(
         "gsae-pretrain-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         list(cfg.sae.hooks), cfg.sae.d_sae, h, t.pretrain_steps, t.pretrain_lr, t.pretrain_lam,
-        t.pretrain_tokens, t.batch_tokens, t.shuffle_buffer_batches, t.scale_activations, cfg.seed, t.seed,
+        t.pretrain_tokens, t.batch_tokens, 4, t.scale_activations, cfg.seed, t.seed,
     )  # fmt: skip
 
 
