@@ -279,6 +279,10 @@ class AutoInterpConfig:
     tokens_per_minute: int = 40_000
     max_retries: int = 5
     """Retries of one request on 429, 529, 5xx, timeouts and connection errors."""
+    max_consecutive_failures: int = 8
+    """Stop the run cleanly after this many calls in a row, across all workers, failed on a connection
+    error, a timeout or a 5xx (the API is down or unreachable): finished features are kept, a rerun
+    pays only for the rest. Retries count; any answered call resets the count."""
     retry_base_s: float = 1.0
     """First backoff delay (doubled each retry, jittered) when the server gives no retry-after."""
     max_retry_wait_s: float = 60.0
@@ -762,6 +766,7 @@ CHECKS: dict[str, Check] = {
     "autointerp.requests_per_minute": positive,
     "autointerp.tokens_per_minute": positive,
     "autointerp.max_retries": non_negative,
+    "autointerp.max_consecutive_failures": positive,
     "autointerp.retry_base_s": non_negative,
     "autointerp.max_retry_wait_s": non_negative,
     "autointerp.timeout_s": above(0),

@@ -414,3 +414,71 @@ def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
         run_autointerp(ai_config(tmp_path), lm, wrong, None, texts, tmp_path / "o")
     with pytest.raises(AutoInterpError, match="no test text"):
         run_autointerp(ai_config(tmp_path), lm, saes, HOOK, ["", " "], tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------
+# The API goes down: a circuit breaker, not hours of retries
+
+
+def test_closed_port_stops_within_the_configured_failures(lm, saes, texts, claude_env, tmp_path):
+    """The real SDK against a port nothing listens on: the run stops after
+    `max_consecutive_failures` failed calls (not features × retries), naming the base URL."""
+    from ssae_ray import tracking
+
+    url = f"http://127.0.0.1:{tracking.free_port()}"
+    cfg = ai_config(tmp_path, backend="claude", base_url=url, max_consecutive_failures=4, max_retries=5,
+                    retry_base_s=0.2)  # fmt: skip
+    t0 = time.perf_counter()
+    with pytest.raises(AutoInterpError) as e:
+        run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    seconds = time.perf_counter() - t0
+    msg = str(e.value)
+    assert f"the Messages API at {url} failed 4 calls in a row" in msg and "0 finished features" in msg, msg
+    assert "\n" not in msg
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["complete"] is False and man["usage"]["stop_kind"] == "api_down"
+    # at most the threshold plus the calls already in flight (2 actors x 4) ever failed
+    assert 4 <= man["usage"]["failures"] <= 4 + 2 * 4, man["usage"]
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert set(df.status) == {"api_down"} and len(df) == 8
+    assert seconds < 30, seconds  # 8 features x 6 attempts with backoff would take minutes
+
+
+def test_api_down_midway_keeps_finished_features_and_a_rerun_pays_only_the_rest(
+    lm, saes, texts, server, claude_env, tmp_path
+):
+    """The fake Messages API answers 6 calls (2 features x explain, predict, diversity), then 503 on
+    every call: the run stops cleanly after 3 failures, keeps the 2 features, and a rerun once the
+    API is back pays only for the other 6."""
+    server.fail_from = 6
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url, max_consecutive_failures=3,
+                    num_actors=1, max_concurrency=1)  # fmt: skip
+    with pytest.raises(AutoInterpError, match=f"the Messages API at {server.url} failed 3 calls in a row"):
+        run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    assert server.requests == 6 + 3  # stopped at the third 503, not after 8 features x 6 attempts
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    done = df[df.status == "ok"]
+    assert len(done) == 2 and set(df.status) == {"ok", "api_down"}
+    assert "Stopped early: the Messages API" in (tmp_path / "out" / "report.md").read_text()
+    server.fail_from = None
+    paid = server.requests
+    out2 = run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out2", use_ray=False)
+    df2 = pd.read_parquet(out2 / "results.parquet")
+    assert (df2.status == "ok").all() and json.loads((out2 / "manifest.json").read_text())["complete"]
+    assert server.requests - paid == 3 * 6 and int(df2.cached_calls.sum()) == 3 * 2
+    assert df2.set_index("feature").loc[done.feature, "f1"].tolist() == done.f1.tolist()
+
+
+def test_limiter_breaker_counts_failures_across_workers_and_resets_on_an_answer():
+    lim = RateLimiter(1000, 1e9, max_consecutive_failures=3)
+    assert lim.failure("HTTP 500", "http://x") is None
+    assert lim.failure("APIConnectionError", "http://x") is None
+    lim.settle(0, 0, 10, 10)  # one call answered (any worker): the run of failures is broken
+    assert lim.failure("HTTP 503", "http://x") is None and lim.failure("HTTP 503", "http://x") is None
+    reason = lim.failure("HTTP 503", "http://x")
+    assert (
+        reason
+        == "the Messages API at http://x failed 3 calls in a row (last: HTTP 503); it looks down or unreachable"
+    )
+    g = lim.acquire(10, 10)
+    assert g.stop == reason and g.kind == "api_down"

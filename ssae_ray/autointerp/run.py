@@ -172,9 +172,15 @@ def run_autointerp(
     )
     if logged:
         report.log_mlflow(out, summary, params)
+    for r in summary.itertuples():
+        log.info("autointerp %s [%s]: %d scored, F1 mean %.3f", r.sae, label, r.n_scored, r.f1_mean)
+    if usage.get("stop_kind") == "api_down":
+        n_ok = int((df.status == "ok").sum()) if len(df) else 0
+        raise AutoInterpError(
+            f"stopped: {stopped}. {n_ok} finished features are kept in {out}; rerun when the API answers "
+            "(finished calls are cached and not paid again)"
+        )
     if stopped:
         log.warning("autointerp stopped early: %s. Partial results in %s; rerun with a higher cap to finish "
                     "(finished calls are cached)", stopped, out)  # fmt: skip
-    for r in summary.itertuples():
-        log.info("autointerp %s [%s]: %d scored, F1 mean %.3f", r.sae, label, r.n_scored, r.f1_mean)
     return out
