@@ -16,7 +16,7 @@ from autointerp_fixtures import HOOK, KEY, ai_config, make_texts, sparse_sae, ti
 from fake_anthropic_server import FakeAnthropic
 
 from ssae_ray.autointerp import AutoInterpError, f1_score, mark, render, run_autointerp
-from ssae_ray.autointerp.examples import feature_acts, feature_examples, scan, scan_many
+from ssae_ray.autointerp.examples import escape_delimiters, feature_acts, feature_examples, scan, scan_many
 from ssae_ray.autointerp.prompts import (
     ParseError,
     diversity_prompt,
@@ -68,6 +68,23 @@ def test_mark_hand_made_pattern():
     assert mark(pieces, [False] * 7) == "The quick brown fox jumps over it"
     assert mark(["a", " ", "b"], [False, True, False]) == "a<< >>b"
     assert mark(["a", "\n\n", "b"], [False, True, False]) == "a<<\\n\\n>>b"  # visible after one-lining
+
+
+def test_delimiters_in_corpus_text_are_escaped():
+    """`<<` / `>>` in the text (C++ streams, bit shifts, quotes) never look like activation marks."""
+    import re
+
+    pieces = ["std::cout ", "<<", " x ", ">>", " y; a <<<", "b", ">>> c <", "d", "> e"]
+    active = [False, True, False, False, False, True, False, True, False]
+    out = mark(pieces, active)
+    assert out == "std::cout << < < >> x > > y; a < < < <<b>> > > > c < <<d>> > e", out
+    spans = re.findall(r"<<(.+?)>>", out)
+    assert [s.strip() for s in spans] == ["< <", "b", "d"]  # exactly the three active runs
+    plain = "a << b >> c <<< d"
+    assert escape_delimiters(plain) == "a < < b > > c < < < d"
+    assert "<<" not in escape_delimiters(plain) and ">>" not in escape_delimiters(plain)
+    prompt = interpreter_prompt([out], "physics")
+    assert re.findall(r"<<(.+?)>>", prompt.messages[-1][1]) == spans
 
 
 def test_render_decodes_runs(lm):

@@ -12,6 +12,7 @@ recomputes token activations for the few contexts it shows and marks activating 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -157,24 +158,39 @@ def scan(
     )["sae"]
 
 
+def escape_delimiters(text: str) -> str:
+    """Text from the corpus with no `<<` or `>>` of its own (`a << b` becomes `a < < b`), so the
+    only delimiters a prompt shows are the marks around activating tokens."""
+    return re.sub(r">(?=>)", "> ", re.sub(r"<(?=<)", "< ", text))
+
+
 def mark(pieces: Sequence[str], active: Sequence[bool]) -> str:
     """Join text pieces, wrapping each run of consecutive active pieces in `<<` `>>` (whitespace at
-    a run's edges stays outside the delimiters; a run of only whitespace is shown escaped, `<<\\n>>`)."""
+    a run's edges stays outside the delimiters; a run of only whitespace is shown escaped, `<<\\n>>`).
+    `<<` / `>>` in the text itself are escaped (`escape_delimiters`), and a `<` / `>` touching a mark
+    is kept apart from it by a space, so the marks are never ambiguous."""
     out: list[str] = []
     i = 0
     while i < len(pieces):
         if not active[i]:
-            out.append(pieces[i])
+            text = escape_delimiters(pieces[i])
+            if out and out[-1].endswith(">>") and text.startswith(">"):
+                text = " " + text
+            out.append(text)
             i += 1
             continue
         j = i
         while j < len(pieces) and active[j]:
             j += 1
         run = "".join(pieces[i:j])
-        core = run.strip()
+        core = escape_delimiters(run.strip())
         if core:
             lead = run[: len(run) - len(run.lstrip())]
             trail = run[len(run.rstrip()) :]
+            if not lead and out and out[-1].endswith("<"):
+                lead = " "
+            if core[0] in "<>" or core[-1] in "<>":
+                core = f" {core} "
             out.append(f"{lead}<<{core}>>{trail}")
         else:  # a whitespace token activates: mark it visibly (escaped, so it survives one-lining)
             out.append(f"<<{run.encode('unicode_escape').decode()}>>")
@@ -304,7 +320,7 @@ def _window_text(
     on = (a[s:e] > threshold).tolist()
     ids = contexts.input_ids[c, s:e].tolist()
     if not marked:
-        return tok.decode(ids), []
+        return escape_delimiters(tok.decode(ids)), []
     return render(tok, ids, on), [tok.decode([t]).strip() for t, o in zip(ids, on) if o]
 
 
