@@ -269,9 +269,10 @@ class AutoInterpConfig:
     diversity: bool = True
     """Also ask for a diversity score (appendix N.6, Box 9) of each explanation."""
     diversity_sets: int = 0
-    """Extra Interpreter calls per feature, each on `n_top` examples sampled uniformly from all its
-    activating contexts; their explanations are unified (Box 8) and scored for diversity (Box 9)
-    with the top-example one, as in appendix N.6. 0: diversity of the top-example explanation."""
+    """Extra Interpreter calls per feature, each on `n_top` examples sampled uniformly from the top 50%
+    of its activating contexts (by max activation); their explanations are unified (Box 8) and scored
+    for diversity (Box 9) with the top-example one, as in appendix N.6. 0: diversity of the
+    top-example explanation."""
     num_actors: int = 2
     max_concurrency: int = 8
     """Features in flight per actor (async actor `max_concurrency`)."""

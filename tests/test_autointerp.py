@@ -16,7 +16,14 @@ from autointerp_fixtures import HOOK, KEY, ai_config, make_texts, sparse_sae, ti
 from fake_anthropic_server import FakeAnthropic
 
 from ssae_ray.autointerp import AutoInterpError, f1_score, mark, render, run_autointerp
-from ssae_ray.autointerp.examples import escape_delimiters, feature_acts, feature_examples, scan, scan_many
+from ssae_ray.autointerp.examples import (
+    diversity_pool,
+    escape_delimiters,
+    feature_acts,
+    feature_examples,
+    scan,
+    scan_many,
+)
 from ssae_ray.autointerp.prompts import (
     ParseError,
     diversity_prompt,
@@ -235,6 +242,13 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
         assert torch.allclose(ctx_max[idx.top_ctx[feat, :k], feat], ref, atol=1e-6)
         sample = idx.sample_ctx[feat][idx.sample_ctx[feat] >= 0]
         assert len(sample) == min(6, int(active[:, feat].sum())) and bool(active[sample, feat].all())
+        acts = idx.sample_acts[feat][: len(sample)]  # each sampled context's max activation
+        assert torch.allclose(acts, ctx_max[sample, feat], atol=1e-6)
+        # diversity sets draw from the top half of the activating contexts (appendix N.6)
+        pool = diversity_pool(idx, feat)
+        assert pool and all(
+            ctx_max[c, feat] >= ctx_max[sample, feat].double().quantile(0.5) - 1e-6 for c in pool
+        )
     assert 0 < int((idx.n_active_ctx > 0).sum())
     # Several SAEs in one pass (one LM forward per batch) give each SAE the same index as alone.
     both = scan_many(
@@ -247,10 +261,22 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
     )
 
 
+def test_diversity_pool_is_the_top_half_of_a_uniform_sample():
+    from ssae_ray.autointerp.examples import ActivationIndex
+
+    inf = float("inf")
+    idx = ActivationIndex(
+        None, None, None, torch.tensor([[5, 2, 9, 7, -1]]), torch.tensor([4]), None, None, 0,
+        torch.tensor([[1.0, 4.0, 3.0, 0.5, -inf]]),
+    )  # fmt: skip
+    assert diversity_pool(idx, 0) == [2, 9]  # max acts 4.0 and 3.0: the upper half of {1, 4, 3, 0.5}
+    assert diversity_pool(idx, 0, {2}) == [9]
+
+
 def test_feature_examples_labels_and_seed(lm, saes, texts):
     sae = saes["gsae"]
     ctx = tokenize_docs(lm.tokenizer, texts, 32)
-    idx = scan(lm, sae, HOOK, ctx, k_top=5, k_sample=8, progress=False)
+    idx = scan(lm, sae, HOOK, ctx, k_top=5, k_sample=5 + 3 + 2 * 5, progress=False)  # as build_jobs sizes it
     counts = idx.n_active_ctx
     dead = int((counts == 0).nonzero()[0]) if (counts == 0).any() else None
     alive = [int(f) for f in (counts >= 10).nonzero().flatten()[:4]]
@@ -266,7 +292,13 @@ def test_feature_examples_labels_and_seed(lm, saes, texts):
         assert sorted(ex.predict_labels) == [0, 0, 0, 1, 1, 1]
         assert all("<<" not in t for t in ex.predict_texts)
         assert ex.active_tokens
-        assert len(ex.sample_sets) == 1 and len(ex.sample_sets[0]) == 5  # 8 sampled - 3 Predictor positives
+        # the top half of the sample, minus the Predictor positives, at most n_top
+        pool = diversity_pool(idx, ex.feature)
+        assert (
+            len(ex.sample_sets) == 1
+            and 1 <= len(ex.sample_sets[0]) <= 5
+            and len(pool) >= len(ex.sample_sets[0])
+        )
         assert all("<<" in t for t in ex.sample_sets[0])
     if dead is not None:
         assert exs[-1].status == "dead" and exs[-1].top_texts == []

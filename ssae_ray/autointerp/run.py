@@ -76,7 +76,8 @@ def build_jobs(
                 f"SAE {name!r} has d_in {sae.W_enc.shape[0]} but the LM's d_model is {lm.d_model}"
             )
         targets[name] = (sae, h)
-    k_sample = ai.n_top + ai.n_predict + (ai.diversity_sets * ai.n_top if ai.diversity else 0)
+    # diversity sets come from the top half of a uniform sample of activating contexts: sample twice
+    k_sample = ai.n_top + ai.n_predict + (2 * ai.diversity_sets * ai.n_top if ai.diversity else 0)
     indexes = scan_many(
         lm, targets, contexts, ai.n_top, k_sample, cfg.model.batch_size, ai.act_threshold, cfg.seed
     )
