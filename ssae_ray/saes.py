@@ -46,6 +46,16 @@ def make_random_sae(
     return sae.to(device)
 
 
+def sae_hash(sae: SAE) -> str:
+    """Content hash of an SAE's weights (W_enc, b_enc, W_dec, b_dec): keys stages that depend on it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def hook_of(sae: SAE) -> str | None:
     return getattr(sae.cfg.metadata, "hook_name", None)
 

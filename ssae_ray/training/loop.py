@@ -78,12 +78,16 @@ def lr_at(tc: TrainConfig, step: int, steps: int | None = None) -> float:
     return tc.lr_end + (tc.lr - tc.lr_end) * max(left, 0) / tc.decay_steps
 
 
+def act_scale(d_in: int, mean_sq_norm: float) -> float:
+    """c = sqrt(d_in / E||x||^2), so that E||c·x||^2 = d_in (the one place this is computed)."""
+    if not math.isfinite(mean_sq_norm) or mean_sq_norm <= 0:
+        raise TrainingError(f"cannot scale activations: mean squared norm is {mean_sq_norm}")
+    return math.sqrt(d_in / mean_sq_norm)
+
+
 def estimate_act_scale(x: Tensor) -> float:
-    """c with E||c·x||^2 = d_in."""
-    ms = float(x.double().pow(2).sum(-1).mean())
-    if not math.isfinite(ms) or ms <= 0:
-        raise TrainingError(f"cannot scale activations: mean squared norm is {ms}")
-    return math.sqrt(x.shape[-1] / ms)
+    """`act_scale` of a batch of activations [n, d_in]."""
+    return act_scale(x.shape[-1], float(x.double().pow(2).sum(-1).mean()))
 
 
 def export_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, hook: str, act_scale: float,
