@@ -165,7 +165,7 @@ def test_rate_limiter_buckets_and_cap():
     now = [0.0]
     lim = RateLimiter(60, 1000, spend_cap_tokens=2500, clock=lambda: now[0])
     for _ in range(5):
-        assert lim.acquire(100, 100) == (0.0, None)  # 5 requests, 1000 tokens: the token bucket is empty
+        assert lim.acquire(100, 100) == (0.0, None, None)  # 5 requests, 1000 tokens: the token bucket is empty
     g = lim.acquire(100, 100)
     assert g.stop is None and g.wait_s == pytest.approx(200 * 60 / 1000)
     for _ in range(5):
@@ -175,7 +175,7 @@ def test_rate_limiter_buckets_and_cap():
     lim.settle(100, 100, 2000, 100)  # 2400 spent: the next call could pass the 2500-token cap
     g = lim.acquire(100, 100)
     assert g.stop and "spend cap of 2,500 tokens" in g.stop
-    assert lim.acquire(1, 1).stop == g.stop  # the stop is sticky
+    assert lim.acquire(1, 1).stop == g.stop and g.kind == "spend_cap"  # the stop is sticky
     assert lim.stats()["input_tokens"] == 2250
     rpm = RateLimiter(2, 10**6, clock=lambda: now[0])
     assert rpm.acquire(1, 1).wait_s == 0 and rpm.acquire(1, 1).wait_s == 0
