@@ -34,6 +34,7 @@ from ssae_ray.autointerp.prompts import (
     predictor_prompt,
 )
 from ssae_ray.autointerp.ratelimit import RateLimiter
+from ssae_ray.config import ConfigError
 from ssae_ray.models import tokenize_docs
 
 
@@ -165,7 +166,11 @@ def test_rate_limiter_buckets_and_cap():
     now = [0.0]
     lim = RateLimiter(60, 1000, spend_cap_tokens=2500, clock=lambda: now[0])
     for _ in range(5):
-        assert lim.acquire(100, 100) == (0.0, None, None)  # 5 requests, 1000 tokens: the token bucket is empty
+        assert lim.acquire(100, 100) == (
+            0.0,
+            None,
+            None,
+        )  # 5 requests, 1000 tokens: the token bucket is empty
     g = lim.acquire(100, 100)
     assert g.stop is None and g.wait_s == pytest.approx(200 * 60 / 1000)
     for _ in range(5):
@@ -452,8 +457,8 @@ def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(AutoInterpError, match="ANTHROPIC_API_KEY"):
         run_autointerp(ai_config(tmp_path, backend="claude"), lm, saes, HOOK, texts, tmp_path / "o")
-    with pytest.raises(AutoInterpError, match="backend must be 'claude' or 'offline'"):
-        run_autointerp(ai_config(tmp_path, backend="gpt"), lm, saes, HOOK, texts, tmp_path / "o")
+    with pytest.raises(ConfigError, match="autointerp.backend=gpt: must be one of claude, offline"):
+        ai_config(tmp_path, backend="gpt")  # refused when the config is loaded, before any work
     with pytest.raises(AutoInterpError, match=r"\[999\] are outside SAE 'gsae' \(width 128\)"):
         run_autointerp(ai_config(tmp_path, features=[1, 999]), lm, saes, HOOK, texts, tmp_path / "o")
     from ssae_ray.saes import make_random_sae
