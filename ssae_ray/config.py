@@ -133,6 +133,7 @@ class RetrievalConfig:
     """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
     nlist: int = 1024
     nprobe: int = 32
+    """IVF lists visited per query at search time (`ivf` / `ivfpq`): more is slower and closer to exact."""
     pq_m: int = 16
     shard_size: int = 100_000
     """Vectors per FAISS shard."""
@@ -160,7 +161,6 @@ class TrainConfig:
     lr_end: float = 0.0
     warmup_steps: int = 0
     """Linear lr warm-up over the first `warmup_steps` steps of a finetune (0: none)."""
-    shuffle_buffer_batches: int = 4
     lam: float = 1.0
     """Sparsity coefficient λ: of the L1 term of Eq. 1 for ReLU GSAEs, of the L0 term (whose
     gradient reaches the thresholds by a straight-through estimator) for JumpReLU GSAEs; unused
@@ -193,13 +193,11 @@ class TrainConfig:
     l0_band: tuple[float, float] | None = None
     """Adaptive λ: raise λ while L0 is above the band, lower it below (appendix E)."""
     adapt_rate: float = 0.02
-    skip_first_position: bool = True
     checkpoint_every: int = 200
     num_workers: int = 1
     placement: str = "auto"
     """`by_hook` (each worker owns some SAEs), `data_parallel` (replicas) or `auto`."""
     max_failures: int = 2
-    use_activation_cache: bool = True
     precision: str = "auto"
     """Matmul precision of the SAE step: `auto`, `fp32` or `bf16` (as `model.precision`). Master
     weights, Adam state, per-token losses, TERM weights and metrics stay fp32."""
@@ -352,9 +350,10 @@ class AutoInterpConfig:
     diversity: bool = True
     """Also ask for a diversity score (appendix N.6, Box 9) of each explanation."""
     diversity_sets: int = 0
-    """Extra Interpreter calls per feature, each on `n_top` examples sampled uniformly from all its
-    activating contexts; their explanations are unified (Box 8) and scored for diversity (Box 9)
-    with the top-example one, as in appendix N.6. 0: diversity of the top-example explanation."""
+    """Extra Interpreter calls per feature, each on `n_top` examples sampled uniformly from the top 50%
+    of its activating contexts (by max activation); their explanations are unified (Box 8) and scored
+    for diversity (Box 9) with the top-example one, as in appendix N.6. 0: diversity of the
+    top-example explanation."""
     num_actors: int = 2
     max_concurrency: int = 8
     """Features in flight per actor (async actor `max_concurrency`)."""
@@ -362,6 +361,10 @@ class AutoInterpConfig:
     tokens_per_minute: int = 40_000
     max_retries: int = 5
     """Retries of one request on 429, 529, 5xx, timeouts and connection errors."""
+    max_consecutive_failures: int = 8
+    """Stop the run cleanly after this many calls in a row, across all workers, failed on a connection
+    error, a timeout or a 5xx (the API is down or unreachable): finished features are kept, a rerun
+    pays only for the rest. Retries count; any answered call resets the count."""
     retry_base_s: float = 1.0
     """First backoff delay (doubled each retry, jittered) when the server gives no retry-after."""
     max_retry_wait_s: float = 60.0
@@ -552,6 +555,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    gone = [k for k in unknown if _join(where, k) in REMOVED]
+    if gone:
+        key = _join(where, gone[0])
+        raise ConfigError(f"config key {key!r} was removed: {REMOVED[key]}; delete it from your config")
     if unknown:
         raise ConfigError(
             f"unknown config key {_join(where, unknown[0])!r}; valid keys here: {', '.join(sorted(names))}"
@@ -741,6 +748,15 @@ def increasing_pair(lo_min: float = -math.inf) -> Check:
 positive = at_least(1)
 non_negative = at_least(0)
 
+REMOVED: dict[str, str] = {
+    "train.skip_first_position": "position 0 is always left out of training, caching and scoring "
+    "(its norm is ~7x the median: docs/CALIBRATION.md)",
+    "train.use_activation_cache": "sweeps and finetunes always train from the activation cache",
+    "train.shuffle_buffer_batches": "activation caches are read in a full seeded permutation per epoch; "
+    "in-memory streams take `finetune(..., buffer_batches=N)`",
+}
+"""Keys that did nothing and were removed, with why (a config that still sets one gets this)."""
+
 CHECKS: dict[str, Check] = {
     "name": matches(r"[A-Za-z0-9_.\-]+", "a name of letters, digits, '.', '_' or '-' (e.g. local)"),
     "model.tiny_arch": one_of("gpt_neox", "llama"),
@@ -781,6 +797,7 @@ CHECKS: dict[str, Check] = {
     "train.decay_steps": non_negative,
     "train.lr_end": non_negative,
     "train.lam": non_negative,
+    "train.tilt": non_negative,
     "train.tilt_mode": one_of("raw", "scaled"),
     "train.loss_scale_decay": between(0, 1, open_hi=True),
     "train.dead_window_tokens": positive,
@@ -809,7 +826,7 @@ CHECKS: dict[str, Check] = {
     "train.pretrain_resample_every": non_negative,
     "train.pretrain_resample_max": non_negative,
     "sweep.lams": each(non_negative),
-    "sweep.tilts": each(lambda v: None),
+    "sweep.tilts": each(non_negative),
     "sweep.seeds": all_of(each(lambda v: None), unique),
     "sweep.strategies": all_of(each(one_of(*STRATEGIES)), unique),
     "sweep.hooks": all_of(each(hook_name), unique),
@@ -849,6 +866,7 @@ CHECKS: dict[str, Check] = {
     "autointerp.requests_per_minute": positive,
     "autointerp.tokens_per_minute": positive,
     "autointerp.max_retries": non_negative,
+    "autointerp.max_consecutive_failures": positive,
     "autointerp.retry_base_s": non_negative,
     "autointerp.max_retry_wait_s": non_negative,
     "autointerp.timeout_s": above(0),

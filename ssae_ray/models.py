@@ -299,10 +299,6 @@ def parse_hook(name: str) -> HookPoint:
     return HookPoint(int(m.group(1)), m.group(2))
 
 
-def hook_names(lm: LM) -> list[str]:
-    return [f"blocks.{i}.hook_{k}" for i in range(lm.n_layers) for k in HOOK_KINDS]
-
-
 def validate_hooks(lm: LM, hooks: Sequence[str]) -> None:
     if not hooks:
         raise HookError("no hook points given")

@@ -382,17 +382,26 @@ def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Pat
     sweep_dir = eval_dir.parent
     hook = sweep_config(cfg).sae.hooks[0]
     saes = {"gsae": load_sae(stage_gsaes(cfg, lm, corpus_dir) / hook, str(lm.device))}
+    for name, path in best_ssaes(sweep_dir, hook).items():
+        saes[name] = load_sae(path, str(lm.device))
+    texts = _texts(corpus_dir, "test")
+    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+
+
+def best_ssaes(sweep_dir: Path, hook: str) -> dict[str, Path]:
+    """The best checkpoint of each trial at `hook`, named `<strategy>-tilt<t>-lam<λ>-seed<s>` (the
+    seed is part of the name, so two seeds never overwrite each other's outputs)."""
     best = sweep_dir / "sweep_trials.csv"
+    out: dict[str, Path] = {}
     if best.is_file():
         with open(best) as f:
             rows = [r for r in csv.DictReader(f) if r.get("best_for_lam") in ("True", "1", "true")]
         for r in rows:
-            name = f"{r['strategy']}-tilt{float(r['tilt']):g}-lam{float(r['lam']):g}"
+            name = f"{r['strategy']}-tilt{float(r['tilt']):g}-lam{float(r['lam']):g}-seed{int(r['seed'])}"
             path = Path(r["best_path"]) / hook
             if path.is_dir():
-                saes[name] = load_sae(path, str(lm.device))
-    texts = _texts(corpus_dir, "test")
-    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+                out[name] = path
+    return out
 
 
 def stage_shift(cfg: Config) -> Path:

@@ -21,6 +21,7 @@ import csv
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -81,14 +82,30 @@ def grid(cfg: Config) -> list[Trial]:
 
 def select_best(records: list[CheckpointRecord], metric: str = "val_ce") -> dict[Trial, CheckpointRecord]:
     """Per trial (one λ, tilt, seed and strategy), the checkpoint with the lowest validation
-    `metric`. Only validation metrics are looked at: test numbers are never part of a record."""
+    `metric`. Only validation metrics are looked at: test numbers are never part of a record. A
+    checkpoint whose metric is NaN or infinite is never best; a trial with no finite checkpoint is a
+    `SweepError` naming it."""
     if metric not in SELECT_METRICS:
         raise SweepError(f"sweep.select_metric must be one of {SELECT_METRICS}, got {metric!r}")
     best: dict[Trial, CheckpointRecord] = {}
+    bad: dict[Trial, CheckpointRecord] = {}
     for r in records:
-        if r.trial not in best or r.val[metric] < best[r.trial].val[metric]:
+        if not math.isfinite(r.val[metric]):
+            bad.setdefault(r.trial, r)
+        elif r.trial not in best or r.val[metric] < best[r.trial].val[metric]:
             best[r.trial] = r
+    lost = [t for t in bad if t not in best]
+    if lost:
+        r = bad[lost[0]]
+        raise SweepError(
+            f"trial {r.trial.name}: no checkpoint has a finite {metric} (step {r.step}: "
+            f"{_nonfinite_text(r.val)}); it diverged: lower train.lr or the λ"
+        )
     return best
+
+
+def _nonfinite_text(val: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in val.items() if not math.isfinite(v)) or "all finite"
 
 
 def _check_inputs(cfg: Config, gsae_dir: Path, caches: dict[str, Any], val_set: Any) -> None:
@@ -286,7 +303,11 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
                 val[f"val_{k}"] = sum(val[f"val_{k}/{h}"] for h in hooks) / len(hooks)
             rec = {"step": step, "val": val, "path": None}
             metric = cfg.sweep.select_metric
-            if best is None or val[metric] < best["val"][metric]:
+            finite = all(math.isfinite(v) for v in val.values())
+            if not finite:  # never the best; recorded (done.json, MLflow tag) and warned about
+                log.warning("trial %s, step %d: non-finite validation metrics: %s", trial.name, step,
+                            _nonfinite_text(val))  # fmt: skip
+            if finite and (best is None or val[metric] < best["val"][metric]):
                 path = tdir / "best"
                 for h, sae in saes.items():
                     save_sae(sae, path / h)
@@ -331,7 +352,12 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
             log_train(pending)
             if not checkpoints or checkpoints[-1]["step"] != len(history):
                 score(len(history), {h: tr.export() for h, tr in trainers.items()})
-        assert best is not None
+        if best is None:
+            first = checkpoints[0] if checkpoints else {"step": 0, "val": {}}
+            raise SweepError(
+                f"trial {trial.name}: every checkpoint scored non-finite on validation (step {first['step']}: "
+                f"{_nonfinite_text(first['val'])}); it diverged: lower train.lr or the λ"
+            )
         client.log_artifacts(rid, best["path"], "ssae")
         write_json_atomic(
             tdir / "done.json", {"trial": trial._asdict(), "run_id": rid, "checkpoints": checkpoints}

@@ -265,19 +265,31 @@ def sweep_parent_run(
 
 
 def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log finite numeric metrics (names sanitised for MLflow) at `step`."""
+    """Log numeric metrics (names sanitised for MLflow) at `step`. A NaN or infinite value is not
+    logged as a metric: it is recorded as a run tag `nonfinite.<metric>` (`nan at step 3`) and warned
+    about, so a diverged number is visible in the UI instead of silently missing."""
     import math
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     ts = int(time.time() * 1000)
-    items = [
-        Metric(_metric_name(k), float(v), ts, step or 0)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and math.isfinite(float(v))
-    ]
+    items, bad = [], []
+    for k, v in metrics.items():
+        if not isinstance(v, int | float):
+            continue
+        if math.isfinite(float(v)):
+            items.append(Metric(_metric_name(k), float(v), ts, step or 0))
+        else:
+            bad.append(RunTag(f"nonfinite.{_metric_name(k)}", f"{float(v)} at step {step or 0}"))
+    if bad:
+        log.warning(
+            "MLflow run %s, step %d: non-finite %s (recorded as nonfinite.* tags)",
+            run_id, step or 0, ", ".join(f"{t.key[len('nonfinite.'):]}={t.value.split()[0]}" for t in bad),
+        )  # fmt: skip
     for s in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[s : s + 500])
+    if bad:
+        client.log_batch(run_id, tags=bad)
 
 
 def _metric_name(k: str) -> str:

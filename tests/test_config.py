@@ -132,3 +132,20 @@ def test_malformed_yaml_is_one_line_naming_the_file(tmp_path):
     assert "\n" not in msg and "bad.yaml" in msg and "not valid YAML at line" in msg
     with pytest.raises(ConfigError, match="override 'sweep.lams=\\[1, 2' is not valid YAML"):
         load_config("tiny", overrides=["sweep.lams=[1, 2"])
+
+
+@pytest.mark.parametrize(
+    "key, why",
+    [
+        ("train.skip_first_position=false", "position 0 is always left out"),
+        ("train.use_activation_cache=false", "always train from the activation cache"),
+        ("train.shuffle_buffer_batches=8", "full seeded permutation per epoch"),
+    ],
+)
+def test_settings_that_did_nothing_are_gone_with_a_reason(key, why):
+    from ssae_ray.config import TrainConfig
+
+    name = key.split("=")[0].split(".")[1]
+    assert not hasattr(TrainConfig(), name)
+    with pytest.raises(ConfigError, match=f"config key 'train.{name}' was removed: .*{why}"):
+        load_config("tiny", overrides=[key])

@@ -83,3 +83,29 @@ def test_force_flags_do_what_their_help_says(tmp_path, monkeypatch, capsys):
     done.parent.mkdir(parents=True)
     done.write_text("{}")
     assert pipeline.stage_sweep(cfg, force=False, lm=object(), plan=plan) == "result" and done.is_file()
+
+
+def test_autointerp_sae_names_include_the_seed(tmp_path):
+    """Two seeds of one (strategy, tilt, λ) are two SAEs in the auto-interp outputs, not one name
+    whose files the second seed overwrites."""
+    import csv
+
+    from ssae_ray.pipeline import best_ssaes
+
+    hook = "blocks.1.hook_resid_post"
+    rows = []
+    for seed in (0, 1):
+        path = tmp_path / "trials" / f"dense-lam2-tilt0-seed{seed}" / "best"
+        (path / hook).mkdir(parents=True)
+        rows.append({"strategy": "dense", "lam": 2.0, "tilt": 0.0, "seed": seed, "step": 4,
+                     "best_for_lam": 1, "best_path": str(path)})  # fmt: skip
+    rows.append({**rows[0], "step": 2, "best_for_lam": 0, "best_path": ""})
+    with open(tmp_path / "sweep_trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    got = best_ssaes(tmp_path, hook)
+    assert got == {
+        "dense-tilt0-lam2-seed0": tmp_path / "trials" / "dense-lam2-tilt0-seed0" / "best" / hook,
+        "dense-tilt0-lam2-seed1": tmp_path / "trials" / "dense-lam2-tilt0-seed1" / "best" / hook,
+    }

@@ -81,7 +81,9 @@ def evaluate_sweep(
     moves: dict[tuple, Movement] = {}  # (strategy, tilt, lam, seed, hook) -> decoder movement from the GSAE
     for name, ts in test_sets.items():
         for h in hooks:
-            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs)
+            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs).check_finite(
+                "the GSAE"
+            )
     bar = tqdm(total=len(sweep.best) * len(hooks) * len(test_sets), desc="eval SSAEs", unit="sae")
     for t, rec in sweep.best.items():
         for h in hooks:
@@ -91,7 +93,7 @@ def evaluate_sweep(
                     sae.W_dec, gsaes[h].W_dec, cfg.eval.moved_cosine
                 )
             for name, ts in test_sets.items():
-                e = evaluate_sae(lm, sae, h, ts, bs)
+                e = evaluate_sae(lm, sae, h, ts, bs).check_finite(f"the SSAE of trial {t.name} ({rec.path})")
                 if name != "test":  # per-token statistics are only used on the in-domain test set
                     e = e._replace(token_ids=e.token_ids[:0], sse=e.sse[:0], entropy=e.entropy[:0],
                                    max_act=e.max_act[:0])  # fmt: skip

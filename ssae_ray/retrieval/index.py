@@ -414,7 +414,8 @@ class ShardedIndex:
     """All shards of a built index, checksums verified on open; `search` queries every shard in
     parallel (threads, or one Ray task per shard) and merges exactly."""
 
-    def __init__(self, index_dir: str | Path, verify: bool = True) -> None:
+    def __init__(self, index_dir: str | Path, verify: bool = True, nprobe: int | None = None) -> None:
+        """`nprobe`: IVF lists visited per query (`retrieval.nprobe`); None keeps the build's value."""
         import faiss
 
         self.dir = Path(index_dir)
@@ -428,9 +429,7 @@ class ShardedIndex:
         if verify:
             self.verify()
         self.indexes = [faiss.read_index(str(self.dir / s["index"])) for s in self.shards]
-        for idx in self.indexes:
-            if hasattr(idx, "nprobe"):
-                idx.nprobe = int(manifest.get("nprobe", 1))
+        self.set_nprobe(int(nprobe if nprobe is not None else manifest.get("nprobe", 1)))
         self._pids: np.ndarray | None = None
 
     def verify(self) -> None:

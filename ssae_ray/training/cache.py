@@ -269,11 +269,6 @@ def iter_cache_batches(path: str | Path, hooks: Sequence[str], batch_tokens: int
         step += 1
 
 
-def cache_tokens(path: str | Path) -> np.ndarray:
-    """[n_tokens, 3] int64: token id, doc index, position of each cached row."""
-    return np.load(Path(path) / "tokens.npy")
-
-
 def describe(path: str | Path) -> str:
     info = open_cache(path)
     return json.dumps({"tokens": info.n_tokens, "hooks": info.hooks, "dtype": info.dtype})

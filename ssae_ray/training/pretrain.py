@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from ssae_ray.saes import make_random_sae, save_sae
 from ssae_ray.stages import run_stage, stage_key
 from ssae_ray.training.cache import cache_activations, iter_cache_batches, open_cache
 from ssae_ray.training.converge import METRICS, Convergence, resample_dead, wsd_lr
-from ssae_ray.training.loop import Batch, HookTrainer, make_trainers, summarize, with_train
+from ssae_ray.training.loop import Batch, HookTrainer, act_scale, make_trainers, summarize, with_train
 from ssae_ray.training.losses import TrainingError
 
 log = logging.getLogger("ssae_ray")
@@ -51,10 +50,12 @@ log = logging.getLogger("ssae_ray")
 def pretrain_key(cfg: Config, texts: Sequence[str]) -> str:
     h = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     t = cfg.train
+    # (the 4 stands where the removed, never-read train.shuffle_buffer_batches was: existing
+    # pretrained GSAEs keep their key)
     return stage_key(
         "gsae-pretrain-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         list(cfg.sae.hooks), cfg.sae.d_sae, h, t.pretrain_steps, t.pretrain_lr, t.pretrain_lam,
-        t.pretrain_tokens, t.batch_tokens, t.shuffle_buffer_batches, t.scale_activations, cfg.seed, t.seed,
+        t.pretrain_tokens, t.batch_tokens, 4, t.scale_activations, cfg.seed, t.seed,
         *((cfg.sae.arch, cfg.sae.k, t.jumprelu_bandwidth, t.aux_coefficient, t.topk_threshold_lr)
           if cfg.sae.arch != "relu" else ()),
         *(("bos",) if cfg.model.prepend_bos else ()),
@@ -348,7 +349,7 @@ def pretrain_gsaes(cfg: Config, lm: Any, texts: Sequence[str], progress: bool = 
         t_capture = time.perf_counter() - t0
         saes = {}
         for i, h in enumerate(hooks):
-            c = math.sqrt(info.d[h] / info.mean_sq_norm[h]) if tc.scale_activations else 1.0
+            c = act_scale(info.d[h], info.mean_sq_norm[h]) if tc.scale_activations else 1.0
             # JumpReLU starts at sae-lens' jumprelu_init_threshold (0.01 in the scaled space)
             sae = make_random_sae(info.d[h], cfg.sae.d_sae, h, seed=cfg.seed + 1000 * tc.seed + i,
                                   arch=cfg.sae.arch, k=cfg.sae.k, threshold=0.01 / c)  # fmt: skip
