@@ -17,6 +17,7 @@ from ssae_ray.testing.hub_server import DEFAULT_TOKEN, go_online
 
 def test_resolve_head_get_range_and_errors(hub_online):
     url = hub_online.url
+    hub_online.ensure("EleutherAI/pythia-70m-deduped", "google/gemma-2b")  # built before the timed requests
     f = f"{url}/EleutherAI/pythia-70m-deduped/resolve/main/model.safetensors"
     head = httpx.head(f)
     assert head.status_code == 200
@@ -205,6 +206,7 @@ def test_datasets_streaming(hub_online):
 
 def test_dataset_errors(hub_online):
     import datasets
+    from huggingface_hub import HfApi
 
     with pytest.raises(ValueError, match=r"(?i)split.*nope|nope.*split"):
         next(iter(datasets.load_dataset("LabHC/bias_in_bios", split="nope", streaming=True)))
@@ -212,6 +214,25 @@ def test_dataset_errors(hub_online):
         datasets.load_dataset("Skylion007/openwebtext", split="train", streaming=True)
     with pytest.raises(datasets.exceptions.DatasetNotFoundError):
         datasets.load_dataset("nobody/nothing", split="train", streaming=True)
+    with pytest.raises(RuntimeError, match="Dataset scripts are no longer supported"):
+        datasets.load_dataset("local-hub/script-dataset-without-parquet", split="train", streaming=True)
+    refs = HfApi().list_repo_refs("local-hub/script-dataset-without-parquet", repo_type="dataset")
+    assert refs.converts == []  # nothing to fall back to
+    with pytest.raises(
+        datasets.exceptions.DatasetNotFoundError, match="Revision 'refs/convert/parquet' doesn't"
+    ):
+        datasets.load_dataset("local-hub/script-dataset-without-parquet", revision="refs/convert/parquet",
+                              split="train", streaming=True)  # fmt: skip
+    with pytest.raises(datasets.exceptions.DatasetNotFoundError, match="gated dataset.*authenticated"):
+        datasets.load_dataset("local-hub/gated-dataset", split="train", streaming=True)
+
+
+def test_gated_dataset_with_token(local_hub, monkeypatch, tmp_path):
+    import datasets
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
+    rows = list(datasets.load_dataset("local-hub/gated-dataset", split="train", streaming=True))
+    assert len(rows) == 20
 
 
 # -- sae-lens -------------------------------------------------------------------------------------

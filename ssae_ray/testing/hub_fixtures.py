@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import urllib.parse
@@ -385,7 +386,10 @@ JB_NORM_SCALING_FACTOR = 0.21381938399317255
 def _jbloom_gemma(folder: Path) -> None:
     """jbloom/Gemma-2b-Residual-Stream-SAEs: one folder per release entry, cfg.json in the pre-6.0
     sae-lens format (`hook_point`, `normalize_activations: expected_average_only_in`, no
-    `sae_lens_version`); `from_pretrained` folds the release's norm scaling factor into W_enc / W_dec."""
+    `sae_lens_version`, a `scaling_factor` of ones beside the weights); `from_pretrained` folds the
+    release's norm scaling factor into W_enc / W_dec."""
+    import torch
+
     folders = {0: "gemma_2b_blocks.0.hook_resid_post_16384_anthropic",
                6: "gemma_2b_blocks.6.hook_resid_post_16384_anthropic_fast_lr",
                10: "gemma_2b_blocks.10.hook_resid_post_16384", 12: "gemma_2b_blocks.12.hook_resid_post_16384",
@@ -400,7 +404,11 @@ def _jbloom_gemma(folder: Path) -> None:
             "prepend_bos": True, "device": "cpu", "dtype": "float32", "l1_coefficient": 5,
             "lr": 5e-05, "sae_lens_training_version": "2.1.3",
         }  # fmt: skip
-        _sae_folder(folder / name, cfg, _sae_tensors(GEMMA_2B_D_MODEL, GEMMA_2B_D_SAE, layer))
+        tensors = _sae_tensors(GEMMA_2B_D_MODEL, GEMMA_2B_D_SAE, layer)
+        tensors["scaling_factor"] = torch.ones(
+            GEMMA_2B_D_SAE
+        )  # older sae-lens saved it; loaders drop all-ones
+        _sae_folder(folder / name, cfg, tensors)
     _write(folder, {"README.md": "# Gemma-2b residual stream SAEs (local fixture)\n"})
 
 
@@ -614,17 +622,42 @@ def _openwebtext_parquet(folder: Path) -> None:
 
 
 def _tinystories(folder: Path) -> None:
-    """roneneldan/TinyStories: `text`; train / validation as Parquet under data/ (the Hub's layout
-    beside the original .txt files)."""
+    """roneneldan/TinyStories: `text`; train / validation as Parquet under data/, beside the
+    original .txt files, as on the Hub."""
     rng = random.Random(17)
     files: dict[str, str | bytes] = {}
     for split, n, shards in (("train", 2000, 2), ("validation", 200, 1)):
         for s in range(shards):
             name = f"data/{split}-{s:05d}-of-{shards:05d}.parquet"
             files[name] = _parquet([{"text": _story(rng)} for _ in range(n // shards)])
+    # the original text files beside the Parquet (stories separated by <|endoftext|>); the README's
+    # `configs` block is what makes `datasets` read data/ and not these
+    for name in ("TinyStories-train.txt", "TinyStories-valid.txt", "TinyStoriesV2-GPT4-train.txt",
+                 "TinyStoriesV2-GPT4-valid.txt"):  # fmt: skip
+        files[name] = "\n<|endoftext|>\n".join(_story(rng) for _ in range(20)) + "\n"
     files["README.md"] = _readme(
         _configs({"train": "data/train-*", "validation": "data/validation-*"}, {"text": "string"}),
         "# TinyStories (local fixture: generated stories)",
+    )
+    _write(folder, files)  # fmt: skip
+
+
+def _script_only(folder: Path) -> None:
+    """A loading-script dataset with no Parquet conversion (a test case, not a real id)."""
+    _write(folder, {
+        "script-dataset-without-parquet.py": "import datasets\n\n\nclass D(datasets.GeneratorBasedBuilder):\n    pass\n",
+        "README.md": "# A loading-script dataset without a Parquet conversion (local fixture)\n",
+    })  # fmt: skip
+
+
+def _gated_dataset(folder: Path) -> None:
+    """A gated Parquet dataset (a test case, not a real id)."""
+    rng = random.Random(18)
+    files: dict[str, str | bytes] = {
+        "data/train-00000-of-00001.parquet": _parquet([{"text": _general_doc(rng)} for _ in range(20)])
+    }
+    files["README.md"] = _readme(
+        _configs({"train": "data/train-*"}, {"text": "string"}), "# Gated (local fixture)"
     )
     _write(folder, files)  # fmt: skip
 
@@ -655,6 +688,9 @@ FIXTURES: dict[tuple[str, str, str], tuple[Callable[[Path], None], bool]] = {
     ("dataset", "Skylion007/openwebtext", "main"): (_openwebtext_script, False),
     ("dataset", "Skylion007/openwebtext", "refs/convert/parquet"): (_openwebtext_parquet, False),
     ("dataset", "roneneldan/TinyStories", "main"): (_tinystories, False),
+    # test cases for the errors (not real ids)
+    ("dataset", "local-hub/script-dataset-without-parquet", "main"): (_script_only, False),
+    ("dataset", "local-hub/gated-dataset", "main"): (_gated_dataset, True),
 }
 
 
@@ -666,7 +702,6 @@ def default_root() -> Path:
     """`~/.cache/ssae-ray/local-hub/<hash of this file>`: built once, rebuilt when this file changes
     (`SSAE_LOCAL_HUB_DIR` overrides the folder)."""
     import hashlib
-    import os
 
     env = os.environ.get("SSAE_LOCAL_HUB_DIR")
     if env:
@@ -675,19 +710,35 @@ def default_root() -> Path:
     return Path("~/.cache/ssae-ray/local-hub").expanduser() / f"v{FIXTURE_VERSION}-{digest}"
 
 
+def build_repo(root: str | Path, kind: str, repo_id: str) -> bool:
+    """Write every revision of one fixture repo missing under `root`; False if it is no fixture."""
+    keys = [k for k in FIXTURES if k[:2] == (kind, repo_id)]
+    for key in keys:
+        _build_one(Path(root), key)
+    return bool(keys)
+
+
+def _build_one(root: Path, key: tuple[str, str, str]) -> None:
+    kind, repo_id, rev = key
+    build, gated = FIXTURES[key]
+    out = repo_dir(root, kind, repo_id, rev)
+    if out.is_dir():
+        return
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # another process may build it at the same time
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    if gated:
+        (out.parent / "repo.json").write_text(json.dumps({"gated": True}))
+    try:
+        tmp.rename(out)
+    except OSError:  # built meanwhile by the other process
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_fixture_hub(root: str | Path, only: list[str] | None = None) -> Path:
     """Write the fixture repos (all, or those whose id is in `only`) missing under `root`."""
     root = Path(root)
-    for (kind, repo_id, rev), (build, gated) in FIXTURES.items():
-        if only is not None and repo_id not in only:
-            continue
-        out = repo_dir(root, kind, repo_id, rev)
-        if out.is_dir():
-            continue
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        tmp.rename(out)
-        if gated:
-            (out.parent / "repo.json").write_text(json.dumps({"gated": True}))
+    for key in FIXTURES:
+        if only is None or key[1] in only:
+            _build_one(root, key)
     return root
