@@ -137,17 +137,20 @@ def test_causal_lms_load(hub_online, repo, model_type, layers):
 
 
 def test_gated_gemma_with_token(local_hub, monkeypatch, tmp_path):
+    """With a granted HF_TOKEN the product's loader reads google/gemma-2b: sharded safetensors,
+    Gemma's tokenizer (<bos> first), the hook registry's gemma layout."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssae_ray.models import load_lm
 
     go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
-    tok = AutoTokenizer.from_pretrained("google/gemma-2b")
-    model = AutoModelForCausalLM.from_pretrained("google/gemma-2b")
-    ids = tok("the photon energy", return_tensors="pt").input_ids
-    assert ids[0, 0].item() == tok.bos_token_id == 2  # Gemma prepends <bos>
-    assert model.config.num_hidden_layers == 18 and type(model).__name__ == "GemmaForCausalLM"
+    lm = load_lm(_model_cfg("google/gemma-2b"), cache_dir=tmp_path)
+    assert (lm.arch, lm.n_layers, lm.d_model) == ("gemma", 18, 64)
+    assert type(lm.model).__name__ == "GemmaForCausalLM"
+    ids = lm.tokenizer("the photon energy", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == lm.tokenizer.bos_token_id == 2  # Gemma prepends <bos>
     with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+        assert torch.isfinite(lm.model(ids).logits).all()
     shards = local_hub.fetched("google/gemma-2b/resolve")
     assert sum("model-0000" in p for p in shards) >= 2
 
@@ -260,17 +263,6 @@ def test_sae_lens_releases(hub_online):
     assert any("sparsity.safetensors" in p and s == 404 for _, p, s in hub_online.requests)
 
 
-def test_gemma_scope(hub_online):
-    import torch
-    from sae_lens import SAE
-
-    sae = SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82", device="cpu")
-    assert type(sae).__name__ == "JumpReLUSAE"
-    assert (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
-    x = torch.randn(3, 2304)
-    assert torch.allclose(sae.decode(sae.encode(x)), x, atol=2e-2)
-
-
 # -- the product's errors -------------------------------------------------------------------------
 
 
@@ -301,16 +293,76 @@ def test_gated_model_with_a_token_without_access(local_hub, monkeypatch, tmp_pat
         load_lm(_model_cfg("google/gemma-2b"), cache_dir=tmp_path)
 
 
-def test_gated_model_with_token_loads_through_the_product(local_hub, monkeypatch, tmp_path):
-    from ssae_ray.models import load_lm
-
-    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
-    lm = load_lm(_model_cfg("google/gemma-2b"), cache_dir=tmp_path)
-    assert (lm.arch, lm.n_layers, lm.d_model) == ("gemma", 18, 64)
-
-
 def test_missing_model_repo_is_one_clear_error(hub_online, tmp_path):
     from ssae_ray.models import ModelLoadError, load_lm
 
     with pytest.raises(ModelLoadError, match=r"'EleutherAI/pythia-7b-nope' is not on the Hugging Face hub"):
         load_lm(_model_cfg("EleutherAI/pythia-7b-nope"), cache_dir=tmp_path)
+
+
+def test_hf_file_system_glob_and_parquet_ranges(hub_online):
+    """`HfFileSystem` (what `datasets` and `ray.data.read_parquet(filesystem=...)` read through):
+    glob on a revision with a slash, then a Parquet file's metadata and a row group read in ranges."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    root = "datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet"
+    files = fs.glob(f"{root}/plain_text/train/*.parquet")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["0000.parquet", "0001.parquet"]
+    with fs.open(files[1], "rb", block_size=4096) as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_rows == 1000 and pf.metadata.num_row_groups == 4
+        assert pf.read_row_group(2, columns=["text"]).num_rows == 250
+    gets = [s for m, p, s in hub_online.requests if m == "GET" and "0001.parquet" in p]
+    assert gets and set(gets) == {206}  # read in ranges, never as a whole-file GET
+    assert fs.info(f"{root}/plain_text/train/0000.parquet")["size"] > 0
+    assert not fs.exists(f"{root}/plain_text/validation/0000.parquet")
+
+
+def test_gemma_2_2b_and_gemma_scope_fit(local_hub, monkeypatch, tmp_path):
+    """Gemma Scope through sae-lens' gemma_2 loader (params.npz; d_in 2304 and d_sae 16384 fixed by
+    the loader) and the gated model it reads: 26 layers, d_model 2304; the JumpReLU SAE
+    reconstructs the model's layer-12 residual."""
+    import torch
+    from sae_lens import SAE
+
+    from ssae_ray.config import ModelConfig
+    from ssae_ray.models import capture, load_lm
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
+    lm = load_lm(ModelConfig(source="google/gemma-2-2b", device="cpu", dtype="float32"), cache_dir=tmp_path)
+    assert (lm.arch, lm.n_layers, lm.d_model) == ("gemma", 26, 2304)
+    sae = SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82", device="cpu")
+    assert type(sae).__name__ == "JumpReLUSAE" and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
+    assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
+    batch = lm.tokenizer(["the photon energy is conserved"], return_tensors="pt")
+    acts = capture(lm, batch.input_ids, batch.attention_mask, ["blocks.12.hook_resid_post"])
+    x = acts["blocks.12.hook_resid_post"].reshape(-1, 2304)
+    with torch.no_grad():
+        err = (sae.decode(sae.encode(x)) - x).norm() / x.norm()
+    assert err < 0.05
+
+
+def test_server_runs_standalone(tmp_path):
+    """`python -m ssae_ray.testing.hub_server ROOT` (benchmarks, manual runs) prints its URL and
+    builds a repo on its first request."""
+    import os
+    import subprocess
+    import sys
+
+    from ssae_ray.testing.hub_fixtures import default_root
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "ssae_ray.testing.hub_server", str(default_root())],
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        url = proc.stdout.readline().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        info = httpx.get(f"{url}/api/models/facebook/contriever", timeout=120).json()
+        assert info["id"] == "facebook/contriever" and "pytorch_model.bin" in {
+            s["rfilename"] for s in info["siblings"]
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

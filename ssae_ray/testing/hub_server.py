@@ -189,30 +189,32 @@ class LocalHub:
         self.stop()
 
     def set_root(self, root: str | Path, builder: Builder | None = None) -> LocalHub:
-        """Serve the repo folders under `root` (re-read: call it again after adding a repo). With
+        """Serve the repo folders under `root` (each read on its first request; call it again after
+        changing a repo that was already read). With
         `builder`, a repo asked for and not there yet is built on the spot: `builder(root, kind,
         repo_id)` writes it and returns whether it knows it (`hub_fixtures.build_repo`)."""
-        repos = load_repos(root)
-        with self._lock:
-            self.root, self.repos, self.builder = Path(root), repos, builder
+        with self._lock:  # repos are read (hashed) on their first request
+            self.root, self.repos, self.builder = Path(root), {}, builder
         return self
 
     def ensure(self, *repo_ids: str, kind: str = "model") -> LocalHub:
-        """Build (if needed) and serve these repos now rather than on their first request."""
+        """Build (if needed) and read these repos now rather than on their first request."""
         for repo_id in repo_ids:
-            if (kind, repo_id) not in self.repos and self._build(kind, repo_id) is None:
+            if (kind, repo_id) not in self.repos and (
+                self.root is None or self._build(kind, repo_id) is None
+            ):
                 raise KeyError(f"no fixture {kind} repo {repo_id!r}")
         return self
 
     def _build(self, kind: str, repo_id: str) -> Repo | None:
         assert self.root is not None
         with self._build_lock:  # one build at a time; a second request for it waits, then finds it
-            repo = self.repos.get((kind, repo_id))
+            repo = self.repos.get((kind, repo_id)) or load_repo(self.root, kind, repo_id)
             if repo is None and self.builder is not None and self.builder(self.root, kind, repo_id):
                 repo = load_repo(self.root, kind, repo_id)
-                if repo is not None:
-                    with self._lock:
-                        self.repos[(kind, repo_id)] = repo
+            if repo is not None:
+                with self._lock:
+                    self.repos[(kind, repo_id)] = repo
             return repo
 
     def clear_log(self) -> None:
@@ -228,7 +230,7 @@ class LocalHub:
 
     def _repo(self, kind: str, repo_id: str, authed: bool) -> Repo:
         repo = self.repos.get((kind, repo_id))
-        if repo is None and self.builder is not None and self.root is not None:
+        if repo is None and self.root is not None:
             repo = self._build(kind, repo_id)
         if repo is None:
             # The Hub answers 401 to anonymous users so as not to reveal private repos.
