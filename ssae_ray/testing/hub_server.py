@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("root", nargs="?", default=str(Path("~/.cache/ssae-ray/local-hub").expanduser()))
+    ap.add_argument("root", nargs="?", help="the repo folders (default: hub_fixtures.default_root())")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument(
         "--build-all", action="store_true", help="build every fixture repo first (else on first use)"
@@ -643,9 +643,11 @@ def main(argv: list[str] | None = None) -> None:
         "--token", action="append", help=f"a token that opens gated repos (default {DEFAULT_TOKEN})"
     )
     args = ap.parse_args(argv)
-    from ssae_ray.testing.hub_fixtures import build_fixture_hub, build_repo
+    from ssae_ray.testing.hub_fixtures import build_fixture_hub, build_repo, default_root
 
-    root = build_fixture_hub(args.root) if args.build_all else Path(args.root)
+    root = Path(args.root) if args.root else default_root()
+    if args.build_all:
+        build_fixture_hub(root)
     hub = LocalHub(None, tokens=set(args.token) if args.token else None, port=args.port)
     with hub.set_root(root, builder=build_repo):
         print(hub.url, flush=True)
