@@ -155,25 +155,33 @@ def test_gated_gemma_with_token(local_hub, monkeypatch, tmp_path):
     assert sum("model-0000" in p for p in shards) >= 2
 
 
-def test_contriever_bin_only_and_sentence_transformers(hub_online):
+def test_contriever_bin_only_sentence_transformers_and_the_retriever(hub_online, tmp_path):
+    """facebook/contriever has only `pytorch_model.bin` and no sentence-transformers files:
+    `AutoModel` reads the .bin (no background safetensors conversion), sentence-transformers falls
+    back to mean pooling, and the product's retriever loader builds the same mean pooling."""
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
+
+    from ssae_ray.config import RetrievalConfig
+    from ssae_ray.retrieval.embed import load_encoder, resolve_model
 
     model = AutoModel.from_pretrained("facebook/contriever")
     tok = AutoTokenizer.from_pretrained("facebook/contriever")
     assert type(model).__name__ == "BertModel"
     assert any(p.endswith("pytorch_model.bin") for p in hub_online.fetched("facebook/contriever/resolve"))
-    st = SentenceTransformer("facebook/contriever", device="cpu")
     texts = ["the photon energy", "the team won the match"]
-    emb = st.encode(texts, convert_to_tensor=True)
-    assert emb.shape == (2, model.config.hidden_size)
-    # no modules.json: sentence-transformers mean-pools the last hidden state, as for Contriever
     batch = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         h = model(**batch).last_hidden_state
     m = batch.attention_mask.unsqueeze(-1).float()
-    assert torch.allclose(emb, (h * m).sum(1) / m.sum(1), atol=1e-5)
+    mean = (h * m).sum(1) / m.sum(1)
+    st = SentenceTransformer("facebook/contriever", device="cpu")
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True), mean, atol=1e-5)
+    em = resolve_model(RetrievalConfig(embed_model="facebook/contriever"), tmp_path)
+    assert (em.path, em.pooling) == ("facebook/contriever", "mean")
+    product = load_encoder(em, max_tokens=64).encode(texts, convert_to_tensor=True)
+    assert torch.allclose(product, mean, atol=1e-5)
 
 
 # -- datasets (streaming) -------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def test_sae_lens_releases(hub_online):
     import torch
     from sae_lens import SAE
 
-    from ssae_ray.testing.hub_fixtures import GEMMA_2B_D_MODEL, JB_NORM_SCALING_FACTOR, PYTHIA_D_MODEL
+    from ssae_ray.testing.hub_fixtures import GEMMA_2B_D_MODEL, JB_NORM_SCALING_FACTOR
 
     sae = SAE.from_pretrained("gemma-2b-res-jb", "blocks.12.hook_resid_post", device="cpu")
     assert sae.cfg.d_in == GEMMA_2B_D_MODEL and sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
@@ -254,13 +262,34 @@ def test_sae_lens_releases(hub_online):
     x = torch.randn(5, GEMMA_2B_D_MODEL)
     assert torch.allclose(sae.decode(sae.encode(x)), x, atol=1e-2)
     assert torch.allclose(sae.W_enc[0, 0], torch.tensor(JB_NORM_SCALING_FACTOR))
-    for release, sae_id in [("pythia-70m-deduped-res-sm", "blocks.0.hook_resid_pre"),
-                            ("pythia-70m-deduped-mlp-sm", "blocks.3.hook_mlp_out"),
-                            ("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out")]:  # fmt: skip
-        sae = SAE.from_pretrained(release, sae_id, device="cpu")
-        assert sae.cfg.d_in == PYTHIA_D_MODEL and sae.cfg.metadata.hook_name == sae_id
-    # sparsity.safetensors is optional: a 404 EntryNotFound that sae-lens skips
-    assert any("sparsity.safetensors" in p and s == 404 for _, p, s in hub_online.requests)
+    assert hub_online.fetched("gemma_2b_blocks.12.hook_resid_post_16384/sparsity.safetensors")
+    # sparsity.safetensors is optional: the pythia folders have none, a 404 EntryNotFound sae-lens skips
+    SAE.from_pretrained("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out", device="cpu")
+    assert ("HEAD", "/ctigges/pythia-70m-deduped__att-sm_processed/resolve/main/5-att-sm/sparsity.safetensors",
+            404) in hub_online.requests  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("preset", "token"), [("pythia-70m-bib", None), ("paper-physics", DEFAULT_TOKEN)], ids=["pythia", "gemma"]
+)
+def test_presets_models_and_gsaes_through_the_product(local_hub, monkeypatch, tmp_path, preset, token):
+    """The presets' real ids through the product's loaders: the model, then every GSAE of
+    `sae.sae_ids` from its sae-lens release (19 for pythia-70m-bib), each fitting its hook."""
+    from ssae_ray.config import load_config
+    from ssae_ray.models import capture, load_lm
+    from ssae_ray.saes import check_sae_fits, load_gsaes
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=token)
+    cfg = load_config(
+        preset, overrides=[f"workdir={tmp_path / 'w'}", "model.device=cpu", "model.dtype=float32"]
+    )
+    lm = load_lm(cfg.model, cache_dir=tmp_path)
+    saes = load_gsaes(cfg, lm)
+    assert list(saes) == list(cfg.sae.hooks) and len(saes) == (19 if preset == "pythia-70m-bib" else 1)
+    batch = lm.tokenizer(["the photon energy is conserved in the collision"], return_tensors="pt")
+    acts = capture(lm, batch.input_ids, batch.attention_mask, list(saes))
+    for hook, sae in saes.items():
+        assert check_sae_fits(sae, acts[hook][:, 1:], hook, min_ev=0.95) > 0.95
 
 
 # -- the product's errors -------------------------------------------------------------------------
