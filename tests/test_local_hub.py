@@ -264,7 +264,8 @@ def test_sae_lens_releases(hub_online):
     assert torch.allclose(sae.W_enc[0, 0], torch.tensor(JB_NORM_SCALING_FACTOR))
     assert hub_online.fetched("gemma_2b_blocks.12.hook_resid_post_16384/sparsity.safetensors")
     # sparsity.safetensors is optional: the pythia folders have none, a 404 EntryNotFound sae-lens skips
-    SAE.from_pretrained("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out", device="cpu")
+    pythia = SAE.from_pretrained("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out", device="cpu")
+    assert sae.cfg.metadata.prepend_bos is True and pythia.cfg.metadata.prepend_bos is True  # legacy default
     assert ("HEAD", "/ctigges/pythia-70m-deduped__att-sm_processed/resolve/main/5-att-sm/sparsity.safetensors",
             404) in hub_online.requests  # fmt: skip
 

@@ -424,7 +424,8 @@ def _pythia_saes(kind: str) -> Callable[[Path], None]:
 
     def build(folder: Path) -> None:
         """ctigges/pythia-70m-deduped__<kind>-sm_processed (Marks et al.'s dictionaries converted to
-        sae-lens' pre-6.0 format): one folder per hook, `e-res-sm` the embedding (blocks.0 resid_pre)."""
+        sae-lens' pre-6.0 format): one folder per hook, `e-res-sm` the embedding (blocks.0 resid_pre).
+        No `prepend_bos` key: sae-lens' legacy default (True) applies, as for the real folders."""
         for i, name in enumerate(PYTHIA_SAE_FOLDERS[kind]):
             layer = name.split("-")[0]
             hook_point = "blocks.0.hook_resid_pre" if layer == "e" else f"blocks.{layer}.{hook}"
@@ -433,7 +434,7 @@ def _pythia_saes(kind: str) -> Callable[[Path], None]:
                 "hook_point_layer": 0 if layer == "e" else int(layer), "hook_point_head_index": None,
                 "d_in": PYTHIA_D_MODEL, "d_sae": PYTHIA_D_SAE, "dataset_path": "monology/pile-uncopyrighted",
                 "context_size": 128, "activation_fn": "relu", "apply_b_dec_to_input": True,
-                "normalize_activations": "none", "prepend_bos": False, "device": "cpu", "dtype": "float32",
+                "normalize_activations": "none", "device": "cpu", "dtype": "float32",
                 "finetuning_scaling_factor": False,
             }  # fmt: skip
             _sae_folder(
