@@ -198,7 +198,7 @@ def test_datasets_streaming(hub_online):
     assert len(tox) == 100 and {"text", "score"} <= set(tox[0])
     q = next(iter(datasets.load_dataset("AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k", split="train",
                                         streaming=True)))  # fmt: skip
-    assert set(q) == {"question", "answer"}
+    assert set(q) == {"question", "answer"}  # from the root arxiv_physics_instruct_30k.jsonl
     owt = datasets.load_dataset("Skylion007/openwebtext", revision="refs/convert/parquet", split="train",
                                 streaming=True)  # fmt: skip
     assert sum(1 for _ in owt) == 2000

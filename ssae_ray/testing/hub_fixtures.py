@@ -571,14 +571,17 @@ def _arxiv_physics(folder: Path) -> None:
 
 
 def _physics_instruct(folder: Path) -> None:
-    """AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k: `question`, `answer`; train only."""
+    """AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k (formerly ArtifactAI/...): one JSON
+    lines file at the root, `arxiv_physics_instruct_30k.jsonl`, records `{question, answer}`; datasets
+    reads it as a single `train` split."""
     rng = random.Random(14)
     rows = [{"question": " ".join(rng.choice(_PHYSICS_Q) for _ in range(2)), "answer": _physics_doc(rng, 3)}
             for _ in range(400)]  # fmt: skip
-    files = {"data/train-00000-of-00001.parquet": _parquet(rows)}
-    front = _configs({"train": "data/train-*"}, {"question": "string", "answer": "string"})
-    files["README.md"] = _readme(front, "# arXiv physics instruct 30k (local fixture: generated text)")
-    _write(folder, files)
+    _write(folder, {
+        "arxiv_physics_instruct_30k.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+        "README.md": _readme({"license": "cc-by-4.0", "language": ["en"]},
+                             "# arXiv physics instruct 30k (local fixture: generated text)"),
+    })  # fmt: skip
 
 
 def _pile(folder: Path) -> None:
