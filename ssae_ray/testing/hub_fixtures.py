@@ -211,6 +211,21 @@ def _write(folder: Path, files: dict[str, str | bytes]) -> None:
             p.write_bytes(content)
 
 
+_KNOWN_SHARD_HASHES = {
+    # seen in public code that downloads these files
+    ("bib", "test"): "5598c840ce8de1ee",
+    ("tinystories", "train", 0): "2d5a1467fff1081b",
+    ("tinystories", "validation", 0): "869c898b519ad725",
+}
+
+
+def _shard_hash(*key: Any) -> str:
+    """The 16-hex suffix `push_to_hub` gives Parquet shards (the real one where known)."""
+    import hashlib
+
+    return _KNOWN_SHARD_HASHES.get(key) or hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+
+
 def _parquet(rows: list[dict[str, Any]]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -513,7 +528,7 @@ def _configs(splits: dict[str, str], features: dict[str, Any]) -> dict[str, Any]
 
 def _bias_in_bios(folder: Path) -> None:
     """LabHC/bias_in_bios: `hard_text`, `profession` (int, 28 classes), `gender` (0 male, 1 female);
-    splits train / dev / test as Parquet under data/."""
+    splits train / dev / test as `data/<split>-00000-of-00001-<hash>.parquet`."""
     rng = random.Random(11)
     splits = {"train": 1600, "dev": 400, "test": 600}
     files = {}
@@ -528,7 +543,7 @@ def _bias_in_bios(folder: Path) -> None:
             rows.append(
                 {"hard_text": _bio(rng, PROFESSIONS[prof], gender), "profession": prof, "gender": gender}
             )
-        files[f"data/{split}-00000-of-00001.parquet"] = _parquet(rows)
+        files[f"data/{split}-00000-of-00001-{_shard_hash('bib', split)}.parquet"] = _parquet(rows)
     front = _configs({s: f"data/{s}-*" for s in splits}, {"hard_text": "string", "profession": "int64",
                                                            "gender": "int64"})  # fmt: skip
     files["README.md"] = _readme(front, "# Bias in Bios (local fixture: generated bios)")
@@ -630,9 +645,9 @@ def _tinystories(folder: Path) -> None:
     original .txt files, as on the Hub."""
     rng = random.Random(17)
     files: dict[str, str | bytes] = {}
-    for split, n, shards in (("train", 2000, 2), ("validation", 200, 1)):
+    for split, n, shards in (("train", 2000, 4), ("validation", 200, 1)):
         for s in range(shards):
-            name = f"data/{split}-{s:05d}-of-{shards:05d}.parquet"
+            name = f"data/{split}-{s:05d}-of-{shards:05d}-{_shard_hash('tinystories', split, s)}.parquet"
             files[name] = _parquet([{"text": _story(rng)} for _ in range(n // shards)])
     # the original text files beside the Parquet (stories separated by <|endoftext|>); the README's
     # `configs` block is what makes `datasets` read data/ and not these
