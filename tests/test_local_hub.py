@@ -17,6 +17,7 @@ from ssae_ray.testing.hub_server import DEFAULT_TOKEN, go_online
 
 def test_resolve_head_get_range_and_errors(hub_online):
     url = hub_online.url
+    hub_online.ensure("EleutherAI/pythia-70m-deduped", "google/gemma-2b")  # built before the timed requests
     f = f"{url}/EleutherAI/pythia-70m-deduped/resolve/main/model.safetensors"
     head = httpx.head(f)
     assert head.status_code == 200
@@ -80,8 +81,10 @@ def test_hf_api_info_tree_paths_info_refs(hub_online):
     ]
     assert "e-res-sm/sae_weights.safetensors" in deep
     files = api.list_repo_files("LabHC/bias_in_bios", repo_type="dataset")
-    assert sorted(files) == ["README.md", "data/dev-00000-of-00001.parquet", "data/test-00000-of-00001.parquet",
-                             "data/train-00000-of-00001.parquet"]  # fmt: skip
+    assert [re.sub(r"-[0-9a-f]{16}\.", ".", f) for f in sorted(files)] == [
+        "README.md", "data/dev-00000-of-00001.parquet", "data/test-00000-of-00001.parquet",
+        "data/train-00000-of-00001.parquet"]  # fmt: skip
+    assert "data/test-00000-of-00001-5598c840ce8de1ee.parquet" in files  # the Hub's file name
     got = api.get_paths_info(
         "monology/pile-uncopyrighted", ["train", "val.jsonl.zst", "missing"], repo_type="dataset"
     )
@@ -136,40 +139,51 @@ def test_causal_lms_load(hub_online, repo, model_type, layers):
 
 
 def test_gated_gemma_with_token(local_hub, monkeypatch, tmp_path):
+    """With a granted HF_TOKEN the product's loader reads google/gemma-2b: sharded safetensors,
+    Gemma's tokenizer (<bos> first), the hook registry's gemma layout."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssae_ray.models import load_lm
 
     go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
-    tok = AutoTokenizer.from_pretrained("google/gemma-2b")
-    model = AutoModelForCausalLM.from_pretrained("google/gemma-2b")
-    ids = tok("the photon energy", return_tensors="pt").input_ids
-    assert ids[0, 0].item() == tok.bos_token_id == 2  # Gemma prepends <bos>
-    assert model.config.num_hidden_layers == 18 and type(model).__name__ == "GemmaForCausalLM"
+    lm = load_lm(_model_cfg("google/gemma-2b"), cache_dir=tmp_path)
+    assert (lm.arch, lm.n_layers, lm.d_model) == ("gemma", 18, 64)
+    assert type(lm.model).__name__ == "GemmaForCausalLM"
+    ids = lm.tokenizer("the photon energy", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == lm.tokenizer.bos_token_id == 2  # Gemma prepends <bos>
     with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+        assert torch.isfinite(lm.model(ids).logits).all()
     shards = local_hub.fetched("google/gemma-2b/resolve")
     assert sum("model-0000" in p for p in shards) >= 2
 
 
-def test_contriever_bin_only_and_sentence_transformers(hub_online):
+def test_contriever_bin_only_sentence_transformers_and_the_retriever(hub_online, tmp_path):
+    """facebook/contriever has only `pytorch_model.bin` and no sentence-transformers files:
+    `AutoModel` reads the .bin (no background safetensors conversion), sentence-transformers falls
+    back to mean pooling, and the product's retriever loader builds the same mean pooling."""
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
+
+    from ssae_ray.config import RetrievalConfig
+    from ssae_ray.retrieval.embed import load_encoder, resolve_model
 
     model = AutoModel.from_pretrained("facebook/contriever")
     tok = AutoTokenizer.from_pretrained("facebook/contriever")
     assert type(model).__name__ == "BertModel"
     assert any(p.endswith("pytorch_model.bin") for p in hub_online.fetched("facebook/contriever/resolve"))
-    st = SentenceTransformer("facebook/contriever", device="cpu")
     texts = ["the photon energy", "the team won the match"]
-    emb = st.encode(texts, convert_to_tensor=True)
-    assert emb.shape == (2, model.config.hidden_size)
-    # no modules.json: sentence-transformers mean-pools the last hidden state, as for Contriever
     batch = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         h = model(**batch).last_hidden_state
     m = batch.attention_mask.unsqueeze(-1).float()
-    assert torch.allclose(emb, (h * m).sum(1) / m.sum(1), atol=1e-5)
+    mean = (h * m).sum(1) / m.sum(1)
+    st = SentenceTransformer("facebook/contriever", device="cpu")
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True), mean, atol=1e-5)
+    em = resolve_model(RetrievalConfig(embed_model="facebook/contriever"), tmp_path)
+    assert (em.path, em.pooling) == ("facebook/contriever", "mean")
+    product = load_encoder(em, max_tokens=64).encode(texts, convert_to_tensor=True)
+    assert torch.allclose(product, mean, atol=1e-5)
 
 
 # -- datasets (streaming) -------------------------------------------------------------------------
@@ -186,7 +200,7 @@ def test_datasets_streaming(hub_online):
     assert len(tox) == 100 and {"text", "score"} <= set(tox[0])
     q = next(iter(datasets.load_dataset("AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k", split="train",
                                         streaming=True)))  # fmt: skip
-    assert set(q) == {"question", "answer"}
+    assert set(q) == {"question", "answer"}  # from the root arxiv_physics_instruct_30k.jsonl
     owt = datasets.load_dataset("Skylion007/openwebtext", revision="refs/convert/parquet", split="train",
                                 streaming=True)  # fmt: skip
     assert sum(1 for _ in owt) == 2000
@@ -205,6 +219,7 @@ def test_datasets_streaming(hub_online):
 
 def test_dataset_errors(hub_online):
     import datasets
+    from huggingface_hub import HfApi
 
     with pytest.raises(ValueError, match=r"(?i)split.*nope|nope.*split"):
         next(iter(datasets.load_dataset("LabHC/bias_in_bios", split="nope", streaming=True)))
@@ -212,6 +227,25 @@ def test_dataset_errors(hub_online):
         datasets.load_dataset("Skylion007/openwebtext", split="train", streaming=True)
     with pytest.raises(datasets.exceptions.DatasetNotFoundError):
         datasets.load_dataset("nobody/nothing", split="train", streaming=True)
+    with pytest.raises(RuntimeError, match="Dataset scripts are no longer supported"):
+        datasets.load_dataset("local-hub/script-dataset-without-parquet", split="train", streaming=True)
+    refs = HfApi().list_repo_refs("local-hub/script-dataset-without-parquet", repo_type="dataset")
+    assert refs.converts == []  # nothing to fall back to
+    with pytest.raises(
+        datasets.exceptions.DatasetNotFoundError, match="Revision 'refs/convert/parquet' doesn't"
+    ):
+        datasets.load_dataset("local-hub/script-dataset-without-parquet", revision="refs/convert/parquet",
+                              split="train", streaming=True)  # fmt: skip
+    with pytest.raises(datasets.exceptions.DatasetNotFoundError, match="gated dataset.*authenticated"):
+        datasets.load_dataset("local-hub/gated-dataset", split="train", streaming=True)
+
+
+def test_gated_dataset_with_token(local_hub, monkeypatch, tmp_path):
+    import datasets
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
+    rows = list(datasets.load_dataset("local-hub/gated-dataset", split="train", streaming=True))
+    assert len(rows) == 20
 
 
 # -- sae-lens -------------------------------------------------------------------------------------
@@ -221,7 +255,7 @@ def test_sae_lens_releases(hub_online):
     import torch
     from sae_lens import SAE
 
-    from ssae_ray.testing.hub_fixtures import GEMMA_2B_D_MODEL, JB_NORM_SCALING_FACTOR, PYTHIA_D_MODEL
+    from ssae_ray.testing.hub_fixtures import GEMMA_2B_D_MODEL, JB_NORM_SCALING_FACTOR
 
     sae = SAE.from_pretrained("gemma-2b-res-jb", "blocks.12.hook_resid_post", device="cpu")
     assert sae.cfg.d_in == GEMMA_2B_D_MODEL and sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
@@ -230,24 +264,35 @@ def test_sae_lens_releases(hub_online):
     x = torch.randn(5, GEMMA_2B_D_MODEL)
     assert torch.allclose(sae.decode(sae.encode(x)), x, atol=1e-2)
     assert torch.allclose(sae.W_enc[0, 0], torch.tensor(JB_NORM_SCALING_FACTOR))
-    for release, sae_id in [("pythia-70m-deduped-res-sm", "blocks.0.hook_resid_pre"),
-                            ("pythia-70m-deduped-mlp-sm", "blocks.3.hook_mlp_out"),
-                            ("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out")]:  # fmt: skip
-        sae = SAE.from_pretrained(release, sae_id, device="cpu")
-        assert sae.cfg.d_in == PYTHIA_D_MODEL and sae.cfg.metadata.hook_name == sae_id
-    # sparsity.safetensors is optional: a 404 EntryNotFound that sae-lens skips
-    assert any("sparsity.safetensors" in p and s == 404 for _, p, s in hub_online.requests)
+    assert hub_online.fetched("gemma_2b_blocks.12.hook_resid_post_16384/sparsity.safetensors")
+    # sparsity.safetensors is optional: the pythia folders have none, a 404 EntryNotFound sae-lens skips
+    pythia = SAE.from_pretrained("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out", device="cpu")
+    assert sae.cfg.metadata.prepend_bos is True and pythia.cfg.metadata.prepend_bos is True  # legacy default
+    assert ("HEAD", "/ctigges/pythia-70m-deduped__att-sm_processed/resolve/main/5-att-sm/sparsity.safetensors",
+            404) in hub_online.requests  # fmt: skip
 
 
-def test_gemma_scope(hub_online):
-    import torch
-    from sae_lens import SAE
+@pytest.mark.parametrize(
+    ("preset", "token"), [("pythia-70m-bib", None), ("paper-physics", DEFAULT_TOKEN)], ids=["pythia", "gemma"]
+)
+def test_presets_models_and_gsaes_through_the_product(local_hub, monkeypatch, tmp_path, preset, token):
+    """The presets' real ids through the product's loaders: the model, then every GSAE of
+    `sae.sae_ids` from its sae-lens release (19 for pythia-70m-bib), each fitting its hook."""
+    from ssae_ray.config import load_config
+    from ssae_ray.models import capture, load_lm
+    from ssae_ray.saes import check_sae_fits, load_gsaes
 
-    sae = SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82", device="cpu")
-    assert type(sae).__name__ == "JumpReLUSAE"
-    assert (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
-    x = torch.randn(3, 2304)
-    assert torch.allclose(sae.decode(sae.encode(x)), x, atol=2e-2)
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=token)
+    cfg = load_config(
+        preset, overrides=[f"workdir={tmp_path / 'w'}", "model.device=cpu", "model.dtype=float32"]
+    )
+    lm = load_lm(cfg.model, cache_dir=tmp_path)
+    saes = load_gsaes(cfg, lm)
+    assert list(saes) == list(cfg.sae.hooks) and len(saes) == (19 if preset == "pythia-70m-bib" else 1)
+    batch = lm.tokenizer(["the photon energy is conserved in the collision"], return_tensors="pt")
+    acts = capture(lm, batch.input_ids, batch.attention_mask, list(saes))
+    for hook, sae in saes.items():
+        assert check_sae_fits(sae, acts[hook][:, 1:], hook, min_ev=0.95) > 0.95
 
 
 # -- the product's errors -------------------------------------------------------------------------
@@ -280,16 +325,76 @@ def test_gated_model_with_a_token_without_access(local_hub, monkeypatch, tmp_pat
         load_lm(_model_cfg("google/gemma-2b"), cache_dir=tmp_path)
 
 
-def test_gated_model_with_token_loads_through_the_product(local_hub, monkeypatch, tmp_path):
-    from ssae_ray.models import load_lm
-
-    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
-    lm = load_lm(_model_cfg("google/gemma-2b"), cache_dir=tmp_path)
-    assert (lm.arch, lm.n_layers, lm.d_model) == ("gemma", 18, 64)
-
-
 def test_missing_model_repo_is_one_clear_error(hub_online, tmp_path):
     from ssae_ray.models import ModelLoadError, load_lm
 
     with pytest.raises(ModelLoadError, match=r"'EleutherAI/pythia-7b-nope' is not on the Hugging Face hub"):
         load_lm(_model_cfg("EleutherAI/pythia-7b-nope"), cache_dir=tmp_path)
+
+
+def test_hf_file_system_glob_and_parquet_ranges(hub_online):
+    """`HfFileSystem` (what `datasets` and `ray.data.read_parquet(filesystem=...)` read through):
+    glob on a revision with a slash, then a Parquet file's metadata and a row group read in ranges."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    root = "datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet"
+    files = fs.glob(f"{root}/plain_text/train/*.parquet")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["0000.parquet", "0001.parquet"]
+    with fs.open(files[1], "rb", block_size=4096) as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_rows == 1000 and pf.metadata.num_row_groups == 4
+        assert pf.read_row_group(2, columns=["text"]).num_rows == 250
+    gets = [s for m, p, s in hub_online.requests if m == "GET" and "0001.parquet" in p]
+    assert gets and set(gets) == {206}  # read in ranges, never as a whole-file GET
+    assert fs.info(f"{root}/plain_text/train/0000.parquet")["size"] > 0
+    assert not fs.exists(f"{root}/plain_text/validation/0000.parquet")
+
+
+def test_gemma_2_2b_and_gemma_scope_fit(local_hub, monkeypatch, tmp_path):
+    """Gemma Scope through sae-lens' gemma_2 loader (params.npz; d_in 2304 and d_sae 16384 fixed by
+    the loader) and the gated model it reads: 26 layers, d_model 2304; the JumpReLU SAE
+    reconstructs the model's layer-12 residual."""
+    import torch
+    from sae_lens import SAE
+
+    from ssae_ray.config import ModelConfig
+    from ssae_ray.models import capture, load_lm
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
+    lm = load_lm(ModelConfig(source="google/gemma-2-2b", device="cpu", dtype="float32"), cache_dir=tmp_path)
+    assert (lm.arch, lm.n_layers, lm.d_model) == ("gemma", 26, 2304)
+    sae = SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82", device="cpu")
+    assert type(sae).__name__ == "JumpReLUSAE" and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
+    assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
+    batch = lm.tokenizer(["the photon energy is conserved"], return_tensors="pt")
+    acts = capture(lm, batch.input_ids, batch.attention_mask, ["blocks.12.hook_resid_post"])
+    x = acts["blocks.12.hook_resid_post"].reshape(-1, 2304)
+    with torch.no_grad():
+        err = (sae.decode(sae.encode(x)) - x).norm() / x.norm()
+    assert err < 0.05
+
+
+def test_server_runs_standalone(tmp_path):
+    """`python -m ssae_ray.testing.hub_server ROOT` (benchmarks, manual runs) prints its URL and
+    builds a repo on its first request."""
+    import os
+    import subprocess
+    import sys
+
+    from ssae_ray.testing.hub_fixtures import default_root
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "ssae_ray.testing.hub_server", str(default_root())],
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        url = proc.stdout.readline().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        info = httpx.get(f"{url}/api/models/facebook/contriever", timeout=120).json()
+        assert info["id"] == "facebook/contriever" and "pytorch_model.bin" in {
+            s["rfilename"] for s in info["siblings"]
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

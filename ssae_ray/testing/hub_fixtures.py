@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import urllib.parse
@@ -210,6 +211,21 @@ def _write(folder: Path, files: dict[str, str | bytes]) -> None:
             p.write_bytes(content)
 
 
+_KNOWN_SHARD_HASHES = {
+    # seen in public code that downloads these files
+    ("bib", "test"): "5598c840ce8de1ee",
+    ("tinystories", "train", 0): "2d5a1467fff1081b",
+    ("tinystories", "validation", 0): "869c898b519ad725",
+}
+
+
+def _shard_hash(*key: Any) -> str:
+    """The 16-hex suffix `push_to_hub` gives Parquet shards (the real one where known)."""
+    import hashlib
+
+    return _KNOWN_SHARD_HASHES.get(key) or hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+
+
 def _parquet(rows: list[dict[str, Any]]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -385,7 +401,10 @@ JB_NORM_SCALING_FACTOR = 0.21381938399317255
 def _jbloom_gemma(folder: Path) -> None:
     """jbloom/Gemma-2b-Residual-Stream-SAEs: one folder per release entry, cfg.json in the pre-6.0
     sae-lens format (`hook_point`, `normalize_activations: expected_average_only_in`, no
-    `sae_lens_version`); `from_pretrained` folds the release's norm scaling factor into W_enc / W_dec."""
+    `sae_lens_version`, a `scaling_factor` of ones beside the weights); `from_pretrained` folds the
+    release's norm scaling factor into W_enc / W_dec."""
+    import torch
+
     folders = {0: "gemma_2b_blocks.0.hook_resid_post_16384_anthropic",
                6: "gemma_2b_blocks.6.hook_resid_post_16384_anthropic_fast_lr",
                10: "gemma_2b_blocks.10.hook_resid_post_16384", 12: "gemma_2b_blocks.12.hook_resid_post_16384",
@@ -400,7 +419,11 @@ def _jbloom_gemma(folder: Path) -> None:
             "prepend_bos": True, "device": "cpu", "dtype": "float32", "l1_coefficient": 5,
             "lr": 5e-05, "sae_lens_training_version": "2.1.3",
         }  # fmt: skip
-        _sae_folder(folder / name, cfg, _sae_tensors(GEMMA_2B_D_MODEL, GEMMA_2B_D_SAE, layer))
+        tensors = _sae_tensors(GEMMA_2B_D_MODEL, GEMMA_2B_D_SAE, layer)
+        tensors["scaling_factor"] = torch.ones(
+            GEMMA_2B_D_SAE
+        )  # older sae-lens saved it; loaders drop all-ones
+        _sae_folder(folder / name, cfg, tensors)
     _write(folder, {"README.md": "# Gemma-2b residual stream SAEs (local fixture)\n"})
 
 
@@ -416,7 +439,8 @@ def _pythia_saes(kind: str) -> Callable[[Path], None]:
 
     def build(folder: Path) -> None:
         """ctigges/pythia-70m-deduped__<kind>-sm_processed (Marks et al.'s dictionaries converted to
-        sae-lens' pre-6.0 format): one folder per hook, `e-res-sm` the embedding (blocks.0 resid_pre)."""
+        sae-lens' pre-6.0 format): one folder per hook, `e-res-sm` the embedding (blocks.0 resid_pre).
+        No `prepend_bos` key: sae-lens' legacy default (True) applies, as for the real folders."""
         for i, name in enumerate(PYTHIA_SAE_FOLDERS[kind]):
             layer = name.split("-")[0]
             hook_point = "blocks.0.hook_resid_pre" if layer == "e" else f"blocks.{layer}.{hook}"
@@ -425,7 +449,7 @@ def _pythia_saes(kind: str) -> Callable[[Path], None]:
                 "hook_point_layer": 0 if layer == "e" else int(layer), "hook_point_head_index": None,
                 "d_in": PYTHIA_D_MODEL, "d_sae": PYTHIA_D_SAE, "dataset_path": "monology/pile-uncopyrighted",
                 "context_size": 128, "activation_fn": "relu", "apply_b_dec_to_input": True,
-                "normalize_activations": "none", "prepend_bos": False, "device": "cpu", "dtype": "float32",
+                "normalize_activations": "none", "device": "cpu", "dtype": "float32",
                 "finetuning_scaling_factor": False,
             }  # fmt: skip
             _sae_folder(
@@ -504,7 +528,7 @@ def _configs(splits: dict[str, str], features: dict[str, Any]) -> dict[str, Any]
 
 def _bias_in_bios(folder: Path) -> None:
     """LabHC/bias_in_bios: `hard_text`, `profession` (int, 28 classes), `gender` (0 male, 1 female);
-    splits train / dev / test as Parquet under data/."""
+    splits train / dev / test as `data/<split>-00000-of-00001-<hash>.parquet`."""
     rng = random.Random(11)
     splits = {"train": 1600, "dev": 400, "test": 600}
     files = {}
@@ -519,7 +543,7 @@ def _bias_in_bios(folder: Path) -> None:
             rows.append(
                 {"hard_text": _bio(rng, PROFESSIONS[prof], gender), "profession": prof, "gender": gender}
             )
-        files[f"data/{split}-00000-of-00001.parquet"] = _parquet(rows)
+        files[f"data/{split}-00000-of-00001-{_shard_hash('bib', split)}.parquet"] = _parquet(rows)
     front = _configs({s: f"data/{s}-*" for s in splits}, {"hard_text": "string", "profession": "int64",
                                                            "gender": "int64"})  # fmt: skip
     files["README.md"] = _readme(front, "# Bias in Bios (local fixture: generated bios)")
@@ -562,14 +586,17 @@ def _arxiv_physics(folder: Path) -> None:
 
 
 def _physics_instruct(folder: Path) -> None:
-    """AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k: `question`, `answer`; train only."""
+    """AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k (formerly ArtifactAI/...): one JSON
+    lines file at the root, `arxiv_physics_instruct_30k.jsonl`, records `{question, answer}`; datasets
+    reads it as a single `train` split."""
     rng = random.Random(14)
     rows = [{"question": " ".join(rng.choice(_PHYSICS_Q) for _ in range(2)), "answer": _physics_doc(rng, 3)}
             for _ in range(400)]  # fmt: skip
-    files = {"data/train-00000-of-00001.parquet": _parquet(rows)}
-    front = _configs({"train": "data/train-*"}, {"question": "string", "answer": "string"})
-    files["README.md"] = _readme(front, "# arXiv physics instruct 30k (local fixture: generated text)")
-    _write(folder, files)
+    _write(folder, {
+        "arxiv_physics_instruct_30k.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+        "README.md": _readme({"license": "cc-by-4.0", "language": ["en"]},
+                             "# arXiv physics instruct 30k (local fixture: generated text)"),
+    })  # fmt: skip
 
 
 def _pile(folder: Path) -> None:
@@ -614,17 +641,42 @@ def _openwebtext_parquet(folder: Path) -> None:
 
 
 def _tinystories(folder: Path) -> None:
-    """roneneldan/TinyStories: `text`; train / validation as Parquet under data/ (the Hub's layout
-    beside the original .txt files)."""
+    """roneneldan/TinyStories: `text`; train / validation as Parquet under data/, beside the
+    original .txt files, as on the Hub."""
     rng = random.Random(17)
     files: dict[str, str | bytes] = {}
-    for split, n, shards in (("train", 2000, 2), ("validation", 200, 1)):
+    for split, n, shards in (("train", 2000, 4), ("validation", 200, 1)):
         for s in range(shards):
-            name = f"data/{split}-{s:05d}-of-{shards:05d}.parquet"
+            name = f"data/{split}-{s:05d}-of-{shards:05d}-{_shard_hash('tinystories', split, s)}.parquet"
             files[name] = _parquet([{"text": _story(rng)} for _ in range(n // shards)])
+    # the original text files beside the Parquet (stories separated by <|endoftext|>); the README's
+    # `configs` block is what makes `datasets` read data/ and not these
+    for name in ("TinyStories-train.txt", "TinyStories-valid.txt", "TinyStoriesV2-GPT4-train.txt",
+                 "TinyStoriesV2-GPT4-valid.txt"):  # fmt: skip
+        files[name] = "\n<|endoftext|>\n".join(_story(rng) for _ in range(20)) + "\n"
     files["README.md"] = _readme(
         _configs({"train": "data/train-*", "validation": "data/validation-*"}, {"text": "string"}),
         "# TinyStories (local fixture: generated stories)",
+    )
+    _write(folder, files)  # fmt: skip
+
+
+def _script_only(folder: Path) -> None:
+    """A loading-script dataset with no Parquet conversion (a test case, not a real id)."""
+    _write(folder, {
+        "script-dataset-without-parquet.py": "import datasets\n\n\nclass D(datasets.GeneratorBasedBuilder):\n    pass\n",
+        "README.md": "# A loading-script dataset without a Parquet conversion (local fixture)\n",
+    })  # fmt: skip
+
+
+def _gated_dataset(folder: Path) -> None:
+    """A gated Parquet dataset (a test case, not a real id)."""
+    rng = random.Random(18)
+    files: dict[str, str | bytes] = {
+        "data/train-00000-of-00001.parquet": _parquet([{"text": _general_doc(rng)} for _ in range(20)])
+    }
+    files["README.md"] = _readme(
+        _configs({"train": "data/train-*"}, {"text": "string"}), "# Gated (local fixture)"
     )
     _write(folder, files)  # fmt: skip
 
@@ -655,6 +707,9 @@ FIXTURES: dict[tuple[str, str, str], tuple[Callable[[Path], None], bool]] = {
     ("dataset", "Skylion007/openwebtext", "main"): (_openwebtext_script, False),
     ("dataset", "Skylion007/openwebtext", "refs/convert/parquet"): (_openwebtext_parquet, False),
     ("dataset", "roneneldan/TinyStories", "main"): (_tinystories, False),
+    # test cases for the errors (not real ids)
+    ("dataset", "local-hub/script-dataset-without-parquet", "main"): (_script_only, False),
+    ("dataset", "local-hub/gated-dataset", "main"): (_gated_dataset, True),
 }
 
 
@@ -666,7 +721,6 @@ def default_root() -> Path:
     """`~/.cache/ssae-ray/local-hub/<hash of this file>`: built once, rebuilt when this file changes
     (`SSAE_LOCAL_HUB_DIR` overrides the folder)."""
     import hashlib
-    import os
 
     env = os.environ.get("SSAE_LOCAL_HUB_DIR")
     if env:
@@ -675,19 +729,35 @@ def default_root() -> Path:
     return Path("~/.cache/ssae-ray/local-hub").expanduser() / f"v{FIXTURE_VERSION}-{digest}"
 
 
+def build_repo(root: str | Path, kind: str, repo_id: str) -> bool:
+    """Write every revision of one fixture repo missing under `root`; False if it is no fixture."""
+    keys = [k for k in FIXTURES if k[:2] == (kind, repo_id)]
+    for key in keys:
+        _build_one(Path(root), key)
+    return bool(keys)
+
+
+def _build_one(root: Path, key: tuple[str, str, str]) -> None:
+    kind, repo_id, rev = key
+    build, gated = FIXTURES[key]
+    out = repo_dir(root, kind, repo_id, rev)
+    if out.is_dir():
+        return
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # another process may build it at the same time
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    if gated:
+        (out.parent / "repo.json").write_text(json.dumps({"gated": True}))
+    try:
+        tmp.rename(out)
+    except OSError:  # built meanwhile by the other process
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_fixture_hub(root: str | Path, only: list[str] | None = None) -> Path:
     """Write the fixture repos (all, or those whose id is in `only`) missing under `root`."""
     root = Path(root)
-    for (kind, repo_id, rev), (build, gated) in FIXTURES.items():
-        if only is not None and repo_id not in only:
-            continue
-        out = repo_dir(root, kind, repo_id, rev)
-        if out.is_dir():
-            continue
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        tmp.rename(out)
-        if gated:
-            (out.parent / "repo.json").write_text(json.dumps({"gated": True}))
+    for key in FIXTURES:
+        if only is None or key[1] in only:
+            _build_one(root, key)
     return root

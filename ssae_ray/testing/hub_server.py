@@ -38,6 +38,7 @@ import os
 import re
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -102,37 +103,43 @@ def _hash_file(path: Path) -> tuple[str, str]:
     return blob.hexdigest(), sha.hexdigest()
 
 
+def load_repo(root: str | Path, kind: str, repo_id: str) -> Repo | None:
+    """The repo folder `<root>/<kind>s/<repo_id>` (see the module docstring), or None."""
+    folder = Path(root) / f"{kind}s" / repo_id
+    if not folder.is_dir():
+        return None
+    meta_file = folder / "repo.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    repo = Repo(kind, repo_id, gated=bool(meta.get("gated", False)))
+    for rev_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".tmp")):
+        branch = urllib.parse.unquote(rev_dir.name)
+        entries: dict[str, Entry] = {}
+        for f in sorted(p for p in rev_dir.rglob("*") if p.is_file()):
+            rel = f.relative_to(rev_dir).as_posix()
+            blob, sha = _hash_file(f)
+            entries[rel] = Entry(rel, f, f.stat().st_size, blob, sha, rel.endswith(_LFS_SUFFIXES))
+        digest = hashlib.sha1(f"{kind}/{repo_id}@{branch}".encode())
+        for rel, e in entries.items():
+            digest.update(f"{rel}\0{e.sha256}\n".encode())
+        repo.branches[branch] = digest.hexdigest()
+        repo.commits[digest.hexdigest()] = entries
+    return repo if repo.branches else None
+
+
 def load_repos(root: str | Path) -> dict[tuple[str, str], Repo]:
-    """Every repo folder under `root` (see the module docstring), keyed by (kind, repo id)."""
-    root = Path(root)
+    """Every repo folder under `root`, keyed by (kind, repo id)."""
     repos: dict[tuple[str, str], Repo] = {}
     for plural, kind in KINDS.items():
-        base = root / plural
-        if not base.is_dir():
-            continue
-        for owner in sorted(p for p in base.iterdir() if p.is_dir()):
+        base = Path(root) / plural
+        for owner in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
             for name in sorted(p for p in owner.iterdir() if p.is_dir()):
-                repo_id = f"{owner.name}/{name.name}"
-                meta_file = name / "repo.json"
-                meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-                repo = Repo(kind, repo_id, gated=bool(meta.get("gated", False)))
-                for rev_dir in sorted(
-                    p for p in name.iterdir() if p.is_dir() and not p.name.endswith(".tmp")
-                ):
-                    branch = urllib.parse.unquote(rev_dir.name)
-                    entries: dict[str, Entry] = {}
-                    for f in sorted(p for p in rev_dir.rglob("*") if p.is_file()):
-                        rel = f.relative_to(rev_dir).as_posix()
-                        blob, sha = _hash_file(f)
-                        entries[rel] = Entry(rel, f, f.stat().st_size, blob, sha, rel.endswith(_LFS_SUFFIXES))
-                    digest = hashlib.sha1(f"{kind}/{repo_id}@{branch}".encode())
-                    for rel, e in entries.items():
-                        digest.update(f"{rel}\0{e.sha256}\n".encode())
-                    commit = digest.hexdigest()
-                    repo.branches[branch] = commit
-                    repo.commits[commit] = entries
-                repos[(kind, repo_id)] = repo
+                repo = load_repo(root, kind, f"{owner.name}/{name.name}")
+                if repo is not None:
+                    repos[(kind, repo.repo_id)] = repo
     return repos
+
+
+Builder = Callable[[Path, str, str], bool]
 
 
 class HubError(Exception):
@@ -152,6 +159,8 @@ class LocalHub:
     ):
         self.root = Path(root) if root is not None else None
         self.repos = load_repos(self.root) if self.root is not None else {}
+        self.builder: Builder | None = None
+        self._build_lock = threading.Lock()
         self.tokens = {DEFAULT_TOKEN} if tokens is None else set(tokens)
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
@@ -179,12 +188,34 @@ class LocalHub:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def set_root(self, root: str | Path) -> LocalHub:
-        """Serve the repo folders under `root` (re-read: call it again after adding a repo)."""
-        repos = load_repos(root)
-        with self._lock:
-            self.root, self.repos = Path(root), repos
+    def set_root(self, root: str | Path, builder: Builder | None = None) -> LocalHub:
+        """Serve the repo folders under `root` (each read on its first request; call it again after
+        changing a repo that was already read). With
+        `builder`, a repo asked for and not there yet is built on the spot: `builder(root, kind,
+        repo_id)` writes it and returns whether it knows it (`hub_fixtures.build_repo`)."""
+        with self._lock:  # repos are read (hashed) on their first request
+            self.root, self.repos, self.builder = Path(root), {}, builder
         return self
+
+    def ensure(self, *repo_ids: str, kind: str = "model") -> LocalHub:
+        """Build (if needed) and read these repos now rather than on their first request."""
+        for repo_id in repo_ids:
+            if (kind, repo_id) not in self.repos and (
+                self.root is None or self._build(kind, repo_id) is None
+            ):
+                raise KeyError(f"no fixture {kind} repo {repo_id!r}")
+        return self
+
+    def _build(self, kind: str, repo_id: str) -> Repo | None:
+        assert self.root is not None
+        with self._build_lock:  # one build at a time; a second request for it waits, then finds it
+            repo = self.repos.get((kind, repo_id)) or load_repo(self.root, kind, repo_id)
+            if repo is None and self.builder is not None and self.builder(self.root, kind, repo_id):
+                repo = load_repo(self.root, kind, repo_id)
+            if repo is not None:
+                with self._lock:
+                    self.repos[(kind, repo_id)] = repo
+            return repo
 
     def clear_log(self) -> None:
         with self._lock:
@@ -199,6 +230,8 @@ class LocalHub:
 
     def _repo(self, kind: str, repo_id: str, authed: bool) -> Repo:
         repo = self.repos.get((kind, repo_id))
+        if repo is None and self.root is not None:
+            repo = self._build(kind, repo_id)
         if repo is None:
             # The Hub answers 401 to anonymous users so as not to reveal private repos.
             raise HubError(404 if authed else 401, "RepoNotFound", "Repository not found")
@@ -321,10 +354,7 @@ class LocalHub:
                 )
             else:
                 branches.append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit})
-        out: dict[str, Any] = {"branches": branches, "tags": []}
-        if converts:
-            out["converts"] = converts
-        return out
+        return {"branches": branches, "converts": converts, "tags": [], "pullRequests": []}
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -527,8 +557,9 @@ def hub_env(url: str, token: str | None = None, home: str | Path | None = None) 
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1" if token is None else "0",
         "DISABLE_SAFETENSORS_CONVERSION": "1",
-        "HF_HUB_ETAG_TIMEOUT": "30",
-        "HF_HUB_DOWNLOAD_TIMEOUT": "60",
+        # a fixture repo is built on its first request (seconds; longer on a busy machine)
+        "HF_HUB_ETAG_TIMEOUT": "180",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "180",
     }
     if token is not None:
         env["HF_TOKEN"] = token
@@ -572,6 +603,8 @@ def go_online(monkeypatch: Any, url: str, home: str | Path, token: str | None = 
         "HF_HUB_CACHE": str(home / "hub"),
         "HF_TOKEN_PATH": str(home / "token"),
         "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_ETAG_TIMEOUT": 180,
+        "HF_HUB_DOWNLOAD_TIMEOUT": 180,
     }.items():
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
@@ -596,21 +629,27 @@ def go_online(monkeypatch: Any, url: str, home: str | Path, token: str | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m ssae_ray.testing.hub_server [ROOT] [--port N]`: build the fixture repos into ROOT
-    (if it holds none) and serve them; prints the URL."""
+    """`python -m ssae_ray.testing.hub_server [ROOT] [--port N] [--build-all]`: serve the fixture
+    repos of ROOT, building each on its first request (or all first); prints the URL."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("root", nargs="?", default=str(Path("~/.cache/ssae-ray/local-hub").expanduser()))
+    ap.add_argument("root", nargs="?", help="the repo folders (default: hub_fixtures.default_root())")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument(
+        "--build-all", action="store_true", help="build every fixture repo first (else on first use)"
+    )
     ap.add_argument(
         "--token", action="append", help=f"a token that opens gated repos (default {DEFAULT_TOKEN})"
     )
     args = ap.parse_args(argv)
-    from ssae_ray.testing.hub_fixtures import build_fixture_hub
+    from ssae_ray.testing.hub_fixtures import build_fixture_hub, build_repo, default_root
 
-    root = build_fixture_hub(args.root)
-    with LocalHub(root, tokens=set(args.token) if args.token else None, port=args.port) as hub:
+    root = Path(args.root) if args.root else default_root()
+    if args.build_all:
+        build_fixture_hub(root)
+    hub = LocalHub(None, tokens=set(args.token) if args.token else None, port=args.port)
+    with hub.set_root(root, builder=build_repo):
         print(hub.url, flush=True)
         threading.Event().wait()
 
