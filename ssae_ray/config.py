@@ -170,6 +170,10 @@ class TrainConfig:
     """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
     cache_shard_tokens: int = 65_536
     """Tokens per activation-cache shard (one `.npy` per hook per shard)."""
+    cache_margin: float = 0.1
+    """A sweep's activation cache holds what one trial reads, `steps × batch_tokens` tokens, plus
+    this share (a seeded random subset of the selection's contexts when the selection is larger):
+    each trial then reads every cached token at most once. The whole selection when it is smaller."""
     seed: int = 0
     pretrain_steps: int = 200
     """GSAE pretraining (for `pretrain` GSAE sources)."""

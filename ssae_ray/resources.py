@@ -251,9 +251,14 @@ def check_schedulable(cfg: Any, offer: Offer | None = None,
     reqs = requests_for(cfg, has_gpus, parts)
     for r in reqs:
         if not fits(r, offer):
+            why = (
+                "Ray may place the trials so that this waits forever"
+                if r.held and fits(r._replace(held=None), offer)
+                else "this can never be scheduled"
+            )
             raise ResourceError(
                 f"the config asks Ray for {r.describe()}, but the cluster offers {offer.describe()}: "
-                f"this can never be scheduled; {r.fix or 'lower the request'} or add nodes"
+                f"{why}; {r.fix or 'lower the request'} or add nodes"
             )
     return reqs
 
@@ -302,7 +307,8 @@ def on_gpu_worker(fn: Callable[..., T], *args: Any, name: str | None = None, **k
         return fn(*args, **kwargs)
     import ray
 
-    task = ray.remote(num_gpus=1, num_cpus=1, max_retries=1)(fn)
+    unit = gpu_unit(True)  # the request `check_schedulable` checks ("GPU task")
+    task = ray.remote(num_gpus=unit["GPU"], num_cpus=unit["CPU"], max_retries=1)(fn)
     label = name or getattr(fn, "__name__", "task")
     log.info("running %s on a GPU worker", label)
     return ray.get(task.options(name=label).remote(*args, **kwargs))
@@ -335,3 +341,39 @@ def check_free_space(path: Any, need_bytes: float, what: str) -> None:
 
 def ceil_div(a: float, b: float) -> int:
     return int(math.ceil(a / b))
+
+
+def offer_from_cluster_yaml(path: Any) -> Offer:
+    """The nodes a cluster config can bring up at its maximum: a Ray launcher YAML
+    (`available_node_types`: head + `max_workers` of each type) or a KubeRay RayCluster / RayJob
+    (head + `maxReplicas` of each worker group; CPUs from `num-cpus` or the container's limit,
+    GPUs from `nvidia.com/gpu`). For checking a preset against a cluster before launching it."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text())
+    nodes: list[dict[str, float]] = []
+    if "available_node_types" in doc:
+        head = doc.get("head_node_type")
+        for name, t in doc["available_node_types"].items():
+            res = t.get("resources", {})
+            shape = {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+            count = 1 if name == head else int(t.get("max_workers", 0))
+            nodes += [dict(shape) for _ in range(count)]
+        return Offer(nodes, f"{Path(path).name} at max_workers")
+    spec = doc.get("spec", {})
+    spec = spec.get("rayClusterSpec", spec)
+
+    def shape(group: dict[str, Any]) -> dict[str, float]:
+        params = group.get("rayStartParams") or {}
+        c = group["template"]["spec"]["containers"][0].get("resources", {})
+        lim = {**c.get("requests", {}), **c.get("limits", {})}
+        cpu = params.get("num-cpus", lim.get("cpu", 0))
+        gpu = params.get("num-gpus", lim.get("nvidia.com/gpu", 0))
+        return {"CPU": float(str(cpu).rstrip("m")) / (1000 if str(cpu).endswith("m") else 1), "GPU": float(gpu)}
+
+    nodes.append(shape(spec["headGroupSpec"]))
+    for g in spec.get("workerGroupSpecs", []):
+        nodes += [shape(g) for _ in range(int(g.get("maxReplicas", g.get("replicas", 0))))]
+    return Offer(nodes, f"{Path(path).name} at maxReplicas")

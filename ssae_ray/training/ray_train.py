@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ssae_ray.config import Config, from_dict
-from ssae_ray.resources import cluster_gpus_have_cuda, cluster_has_gpus, process_device
+from ssae_ray.resources import cluster_gpus_have_cuda, cluster_has_gpus, gpu_unit, process_device
 from ssae_ray.stages import atomic_dir, read_manifest, stage_key, write_json_atomic
 from ssae_ray.training.cache import iter_cache_batches, open_cache
 from ssae_ray.training.collective import DistCollective
@@ -234,7 +234,9 @@ def run_finetune(
         train_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=n_workers, use_gpu=use_gpu, resources_per_worker=gpu_unit(use_gpu)
+        ),
         run_config=RunConfig(
             name=f"finetune-{key}",
             storage_path=str(storage),
