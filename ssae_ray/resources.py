@@ -371,7 +371,10 @@ def offer_from_cluster_yaml(path: Any) -> Offer:
         lim = {**c.get("requests", {}), **c.get("limits", {})}
         cpu = params.get("num-cpus", lim.get("cpu", 0))
         gpu = params.get("num-gpus", lim.get("nvidia.com/gpu", 0))
-        return {"CPU": float(str(cpu).rstrip("m")) / (1000 if str(cpu).endswith("m") else 1), "GPU": float(gpu)}
+        return {
+            "CPU": float(str(cpu).rstrip("m")) / (1000 if str(cpu).endswith("m") else 1),
+            "GPU": float(gpu),
+        }
 
     nodes.append(shape(spec["headGroupSpec"]))
     for g in spec.get("workerGroupSpecs", []):
