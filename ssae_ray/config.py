@@ -142,7 +142,21 @@ class TrainConfig:
     lr_end: float = 0.0
     shuffle_buffer_batches: int = 4
     lam: float = 1.0
-    """Sparsity coefficient λ of Eq. 1."""
+    """Sparsity coefficient λ: of the L1 term of Eq. 1 for ReLU GSAEs, of the L0 term (whose
+    gradient reaches the thresholds by a straight-through estimator) for JumpReLU GSAEs; unused
+    by TopK and BatchTopK GSAEs, whose sparsity is fixed by `k`."""
+    k: float | None = None
+    """Latents per token of TopK SAEs (exactly) and BatchTopK SAEs (on average over the batch);
+    None keeps the GSAE's own k. Only valid when the GSAEs are TopK / BatchTopK."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU: width ε of the straight-through estimator's window, in the scaled activation
+    space (sae-lens' default)."""
+    aux_coefficient: float = 1.0
+    """TopK / BatchTopK: weight of the auxiliary loss in which dead latents reconstruct the
+    residual (sae-lens' `aux_loss_coefficient`)."""
+    topk_threshold_lr: float = 0.01
+    """BatchTopK: rate of the running threshold θ <- (1 - r) θ + r·(smallest kept activation),
+    the JumpReLU threshold the SSAE is saved with."""
     tilt: float = 0.0
     """TERM tilt t; 0 is ERM."""
     tilt_mode: str = "scaled"

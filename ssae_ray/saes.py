@@ -26,15 +26,38 @@ def _metadata(hook_name: str, model_name: str | None = None) -> dict:
 
 
 def make_random_sae(
-    d_in: int, d_sae: int, hook_name: str, seed: int = 0, device: str = "cpu", model_name: str | None = None
-) -> StandardSAE:
-    """A StandardSAE with unit-norm decoder rows, W_enc = W_dec^T and zero biases (the sae-lens /
-    Anthropic initialisation), seeded."""
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, device=device)
-    cfg.metadata.hook_name = hook_name
-    cfg.metadata.model_name = model_name
+    d_in: int,
+    d_sae: int,
+    hook_name: str,
+    seed: int = 0,
+    device: str = "cpu",
+    model_name: str | None = None,
+    arch: str = "relu",
+    k: float = 32,
+    threshold: float = 0.0,
+) -> SAE:
+    """A seeded SAE with unit-norm decoder rows, W_enc = W_dec^T and zero biases (the sae-lens /
+    Anthropic initialisation) of architecture `arch` (see `training.archs`): a StandardSAE, a
+    JumpReLUSAE (thresholds `threshold`), a TopKSAE (`k`) or a BatchTopK SAE as sae-lens saves it
+    for inference (a JumpReLUSAE recording `training_architecture="batchtopk"` and k)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    from ssae_ray.training.archs import ARCHS
+
+    if arch not in ARCHS:
+        raise SAEMismatchError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch == "relu":
+        sae: SAE = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, device=device))
+    elif arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=int(k), device=device))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, device=device))
+        if arch == "batchtopk":
+            sae.cfg.metadata.training_architecture = "batchtopk"
+            sae.cfg.metadata.training_architecture_details = {"k": float(k)}
+    sae.cfg.metadata.hook_name = hook_name
+    sae.cfg.metadata.model_name = model_name
     g = torch.Generator().manual_seed(seed)
-    sae = StandardSAE(cfg)
     with torch.no_grad():
         w = torch.randn(d_sae, d_in, generator=g)
         w = w / w.norm(dim=1, keepdim=True)
@@ -42,6 +65,8 @@ def make_random_sae(
         sae.W_enc.copy_(w.T)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
+        if arch in ("jumprelu", "batchtopk"):
+            sae.threshold.fill_(threshold)
     return sae.to(device)
 
 

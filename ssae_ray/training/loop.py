@@ -2,15 +2,16 @@
 SAE; each SAE has its own Adam, λ controller and loss scale, so K SAEs trained together take
 exactly the steps of K single-hook runs.
 
-Written here rather than with sae-lens' `SAETrainer`, which has no TERM objective, clips the
-gradient norm, and uses a decoder-norm-weighted L1 instead of unit-norm decoder rows; the SAEs
-themselves are sae-lens `StandardSAE`s, saved in sae-lens format.
+Written here rather than with sae-lens' `SAETrainer`, which has no TERM objective and clips the
+gradient norm. Every GSAE sae-lens loads as a ReLU, JumpReLU, TopK or BatchTopK SAE is trained in
+one trainable form with unit-norm decoder rows (`archs.py`: its import is exact and checked, its
+export goes back to the GSAE's own sae-lens class), with its architecture's per-token loss
+(`losses.py`: L1, L0 by straight-through estimator, or MSE + auxiliary dead-latent loss).
 
 Activation scale. With `TrainConfig.scale_activations` the loop trains on c·x with
-c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model (shared/CALIBRATION.md).
-The scale lives in the saved SAE: it is folded into its weights (b_enc / c, b_dec / c; W_enc,
-W_dec unchanged, so decoder rows stay unit norm and f_raw = f_scaled / c), the SAE reads raw
-activations, and `cfg.metadata.act_scale` records c, which later finetunes of it reuse.
+c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model. The scale lives in the
+saved SAE: it is folded into its weights (b_enc / c, b_dec / c, θ / c; f_raw = f_scaled / c), the
+SAE reads raw activations, and `cfg.metadata.act_scale` records c, which later finetunes reuse.
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from torch import Tensor
 
 from ssae_ray.config import Config, TrainConfig
+from ssae_ray.training.archs import SPARSITY_KNOB, export_form, import_gsae
 from ssae_ray.training.losses import (
     AdaptiveLambda,
     LossScale,
+    SAEStep,
     TrainingError,
     check_lam_tilt,
+    jumprelu_loss_and_grads,
     normalize_decoder,
     project_decoder_grad,
     sae_loss_and_grads,
     term_weights,
     tilted_loss,
+    topk_loss_and_grads,
 )
 
 log = logging.getLogger("ssae_ray")
@@ -52,8 +57,8 @@ and where this replica's tokens start in it."""
 
 
 class FinetuneResult(NamedTuple):
-    saes: dict[str, StandardSAE]
-    """The trained SAEs, reading raw activations (scale folded in), in sae-lens format."""
+    saes: dict[str, SAE]
+    """The trained SAEs, reading raw activations (scale folded in), each in its GSAE's sae-lens class."""
     history: list[dict[str, float]]
     """One dict of metrics per step (see `HookTrainer.step` for the keys)."""
 
@@ -67,6 +72,12 @@ def check_train_config(tc: TrainConfig) -> None:
             raise TrainingError(f"train.{name} must be > 0, got {getattr(tc, name)}")
     if tc.decay_steps < 0 or tc.lr_end < 0:
         raise TrainingError("train.decay_steps and train.lr_end must be >= 0")
+    if not tc.jumprelu_bandwidth > 0:
+        raise TrainingError(f"train.jumprelu_bandwidth must be > 0, got {tc.jumprelu_bandwidth}")
+    if tc.aux_coefficient < 0 or not 0 <= tc.topk_threshold_lr <= 1:
+        raise TrainingError("train.aux_coefficient must be >= 0 and train.topk_threshold_lr in [0, 1]")
+    if tc.k is not None and not tc.k > 0:
+        raise TrainingError(f"train.k must be > 0 (latents per token of TopK/BatchTopK SAEs), got {tc.k}")
 
 
 def lr_at(tc: TrainConfig, step: int, steps: int | None = None) -> float:
@@ -104,24 +115,25 @@ def export_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, hook:
 
 
 class HookTrainer:
-    """One SAE under training: its weights (in the scaled space), Adam, λ controller, loss scale
-    and dead-latent counters."""
+    """One SAE under training: its trainable form (`archs.TrainForm`, in the scaled space), Adam,
+    λ controller, loss scale and dead-latent counters. Any `archs.arch_of` GSAE: imported exactly
+    (checked), trained with its architecture's per-token loss under TERM, exported in its class."""
 
     def __init__(self, tc: TrainConfig, sae: SAE, hook: str, act_scale: float, device: str = "cpu"):
         check_train_config(tc)
-        if getattr(sae.cfg, "normalize_activations", "none") not in ("none", None):
-            raise TrainingError(
-                f"the SAE for {hook} normalises its input ({sae.cfg.normalize_activations}); fold the "
-                "normalisation into its weights first (sae-lens fold_activation_norm_scaling_factor)"
-            )
         self.tc, self.hook, self.act_scale, self.like = tc, hook, act_scale, sae
-        c = act_scale
-        self.W_enc = sae.W_enc.detach().float().to(device).clone()
-        self.b_enc = sae.b_enc.detach().float().to(device) * c
-        self.W_dec = sae.W_dec.detach().float().to(device).clone()
-        self.b_dec = sae.b_dec.detach().float().to(device) * c
-        normalize_decoder(self.W_dec)
-        self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        self.form = import_gsae(sae, act_scale, device)
+        self.arch = self.form.arch
+        if tc.k is not None:
+            if SPARSITY_KNOB[self.arch] != "k":
+                raise TrainingError(
+                    f"train.k={tc.k:g} sets k of TopK/BatchTopK SAEs, but the GSAE at {hook} is a {self.arch} SAE "
+                    "(its sparsity knob is train.lam)"
+                )
+            if not 0 < tc.k <= self.d_sae:
+                raise TrainingError(f"train.k must be in (0, d_sae={self.d_sae}] for {hook}, got {tc.k:g}")
+            self.form.k = float(int(tc.k)) if self.arch == "topk" else float(tc.k)
+        self.params = self.form.params()
         self.opt = torch.optim.Adam(self.params, lr=tc.lr, fused=True)  # one kernel: 6x faster on CPU
         self.lam = AdaptiveLambda(tc.lam, tc.l0_band, tc.adapt_rate)
         self.scale = LossScale(tc.loss_scale_decay)
@@ -129,7 +141,36 @@ class HookTrainer:
 
     @property
     def d_sae(self) -> int:
-        return self.W_enc.shape[1]
+        return self.form.d_sae
+
+    @property
+    def W_enc(self) -> Tensor:
+        return self.form.W_enc
+
+    @property
+    def b_enc(self) -> Tensor:
+        return self.form.b_enc
+
+    @property
+    def W_dec(self) -> Tensor:
+        return self.form.W_dec
+
+    @property
+    def b_dec(self) -> Tensor:
+        return self.form.b_dec
+
+    def loss_and_grads(self, x: Tensor, lam: float, objective: Callable[[Tensor], Tensor]) -> SAEStep:
+        """The architecture's per-token loss on scaled inputs and the gradient of `objective` of it."""
+        fm, tc = self.form, self.tc
+        w = (fm.W_enc, fm.b_enc, fm.W_dec, fm.b_dec)
+        if self.arch == "relu":
+            return sae_loss_and_grads(x, *w, lam, objective)
+        if self.arch == "jumprelu":
+            assert fm.threshold is not None
+            return jumprelu_loss_and_grads(x, *w, fm.threshold, lam, tc.jumprelu_bandwidth, objective)
+        dead = self.tokens_since_fired >= tc.dead_window_tokens
+        return topk_loss_and_grads(x, *w, float(fm.k or 0), objective, batch=self.arch == "batchtopk",
+                                   select=fm.select, dead=dead, aux_coefficient=tc.aux_coefficient)  # fmt: skip
 
     def step(self, x: Tensor, lr: float, step: int, gather: Gather | None = None) -> dict[str, Any]:
         """Forward and backward on [n, d_in] raw activations; `apply` then takes the step."""
@@ -163,7 +204,7 @@ class HookTrainer:
                 t = tc.tilt / s if tc.tilt_mode == "scaled" else tc.tilt
                 return (term_weights(all_l, t)[off : off + losses.shape[0]] * losses).sum()
 
-        out = sae_loss_and_grads(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam, objective)
+        out = self.loss_and_grads(x, lam, objective)
         if not bool(torch.isfinite(out.objective)):
             raise TrainingError(
                 f"step {step}, hook {h}: the loss became {float(out.objective)} (lr {lr:g}, λ {lam:g}); "
@@ -182,6 +223,14 @@ class HookTrainer:
         self.opt.step()
         normalize_decoder(self.W_dec)
         out, x = pending["out"], pending["x"]
+        th = self.form.threshold
+        if self.arch == "jumprelu" and th is not None:
+            th.clamp_(min=0.0)  # as sae-lens: below 0 the gate would pass negative pre-activations
+        elif self.arch == "batchtopk" and th is not None:
+            kept = out.f[out.f > 0]
+            if kept.numel():  # sae-lens: θ <- (1 - r) θ + r min(kept activation)
+                r = self.tc.topk_threshold_lr
+                th.mul_(1 - r).add_(r * kept.min())
         n = x.shape[0]
         tl = out.losses
         scale = self.scale.value if self.scale.value is not None else float(tl.loss.mean())
@@ -194,11 +243,12 @@ class HookTrainer:
             tl.sse.double().sum(),
             (x - x.mean(0)).pow(2).sum().double().clamp_min(1e-12),
             tl.loss.double().mean(),
+            (tl.l1 if self.arch == "relu" else out.f.sum(-1)).double().mean(),
             tl.l1.double().mean(),
             w.sum().pow(2) / w.pow(2).sum().clamp_min(1e-300) / n,  # effective sample share
             out.objective.double(),
         ]).tolist()  # fmt: skip
-        l0, dead, sse, var, mean_loss, l1, eff, obj = stats
+        l0, dead, sse, var, mean_loss, l1, sparsity, eff, obj = stats
         self.scale.update(mean_loss)
         self.lam.update(l0)
         h = self.hook
@@ -209,15 +259,36 @@ class HookTrainer:
             f"{h}/fvu": sse / var,
             f"{h}/l1": l1,
             f"{h}/l0": l0,
+            f"{h}/sparsity": sparsity,
             f"{h}/dead": dead,
             f"{h}/lam": pending["lam"],
             f"{h}/loss_scale": scale,
             f"{h}/term_eff_share": eff,
         }
 
-    def export(self) -> StandardSAE:
-        return export_sae(self.W_enc.detach(), self.b_enc.detach(), self.W_dec.detach(), self.b_dec.detach(),
-                          self.hook, self.act_scale, self.like)  # fmt: skip
+    def export(self) -> SAE:
+        """The SAE in its GSAE's sae-lens class, reading raw activations (see `archs.export_form`)."""
+        return export_form(self.form, self.hook)
+
+    @torch.no_grad()
+    def load_weights(self, sae: SAE) -> None:
+        """Continue from `sae` (a checkpoint this trainer exported): its trainable form's weights."""
+        if (sae.cfg.d_in, sae.cfg.d_sae) != (self.W_enc.shape[0], self.d_sae):
+            raise TrainingError(
+                f"cannot resume {self.hook}: the checkpoint holds an SAE of width {sae.cfg.d_sae} "
+                f"(d_in {sae.cfg.d_in}) but this run trains width {self.d_sae} (d_in {self.W_enc.shape[0]}); "
+                "use a fresh output folder or the same sae.d_sae / sae.slice_to"
+            )
+        form = import_gsae(sae, self.act_scale, self.W_enc.device)
+        if form.arch != self.arch:
+            raise TrainingError(
+                f"cannot resume {self.hook}: the checkpoint is a {form.arch} SAE, this run trains {self.arch}"
+            )
+        for dst, src in ((self.form.W_enc, form.W_enc), (self.form.b_enc, form.b_enc), (self.form.W_dec, form.W_dec),
+                         (self.form.b_dec, form.b_dec), (self.form.threshold, form.threshold)):  # fmt: skip
+            if dst is not None and src is not None:
+                dst.copy_(src)
+        self.form.k = form.k
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (those go in sae-lens format beside it)."""
@@ -229,6 +300,7 @@ class HookTrainer:
             "act_scale": self.act_scale,
             "d_in": self.W_enc.shape[0],
             "d_sae": self.d_sae,
+            "arch": self.arch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,6 +309,11 @@ class HookTrainer:
                 f"cannot resume {self.hook}: the checkpoint holds an SAE of width {state['d_sae']} "
                 f"(d_in {state['d_in']}) but this run trains width {self.d_sae} (d_in {self.W_enc.shape[0]}); "
                 "use a fresh output folder or the same sae.d_sae / sae.slice_to"
+            )
+        if state.get("arch", "relu") != self.arch:
+            raise TrainingError(
+                f"cannot resume {self.hook}: the checkpoint trained a {state.get('arch', 'relu')} SAE, this run a "
+                f"{self.arch} SAE; use a fresh output folder"
             )
         self.opt.load_state_dict(state["opt"])
         self.lam.load_state_dict(state["lam"])

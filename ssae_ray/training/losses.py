@@ -1,5 +1,6 @@
 """The SSAE objectives as pure functions: Eq. 1 per token, TERM (tilted ERM), the loss scale of
-the `scaled` tilt mode, and the adaptive-λ controller of appendix E.
+the `scaled` tilt mode, the adaptive-λ controller of appendix E, and the per-token loss with its
+hand-written gradient for each architecture (ReLU/L1, JumpReLU/L0, TopK and BatchTopK/aux).
 
 Unit-norm decoder rows are kept by projection (see `project_decoder_grad`, `normalize_decoder`),
 so the L1 term is the plain ||f||_1 of Eq. 1, not a decoder-norm-weighted one.
@@ -31,11 +32,13 @@ class SAEOut(NamedTuple):
 
 class TokenLosses(NamedTuple):
     loss: Tensor
-    """[N] per-token loss L_i = ||x_i - x_hat_i||^2 + lam ||f_i||_1 (Eq. 1)."""
+    """[N] per-token loss L_i = ||x_i - x_hat_i||^2 + the architecture's sparsity term (Eq. 1 for
+    ReLU: lam ||f_i||_1)."""
     sse: Tensor
     """[N] ||x_i - x_hat_i||^2."""
     l1: Tensor
-    """[N] ||f_i||_1."""
+    """[N] the sparsity term before its coefficient: ||f_i||_1 (ReLU), L0_i (JumpReLU), the
+    weighted auxiliary dead-latent loss (TopK, BatchTopK; already in `loss`)."""
 
 
 def check_lam_tilt(lam: float, tilt: float) -> None:
@@ -172,8 +175,8 @@ class SAEStep(NamedTuple):
     """Per-token losses (detached)."""
     objective: Tensor
     """The scalar objective (ERM mean or TERM) whose gradient `grads` holds."""
-    grads: tuple[Tensor, Tensor, Tensor, Tensor]
-    """d objective / d (W_enc, b_enc, W_dec, b_dec)."""
+    grads: tuple[Tensor, ...]
+    """d objective / d (W_enc, b_enc, W_dec, b_dec[, threshold])."""
     f: Tensor
     """[N, d_sae] feature activations."""
     weights: Tensor
@@ -195,6 +198,27 @@ def one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _token_weights(
+    loss: Tensor, objective: Callable[[Tensor], Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(objective value, [N, 1] g_i = d objective / d L_i): autograd on the [N] loss vector only."""
+    with one_thread(loss.device), torch.enable_grad():
+        leaf = loss.detach().requires_grad_()
+        obj = objective(leaf)
+        (g,) = torch.autograd.grad(obj, leaf)
+    # weights below float32's normal range (TERM at large t) would only add denormals
+    g = g.to(dtype)
+    g = g.masked_fill(g.abs() < torch.finfo(g.dtype).tiny, 0.0)[:, None]
+    return obj.detach(), g
+
+
+def _encoder_grads(xc: Tensor, dpre: Tensor, W_enc: Tensor, db_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dW_enc, db_enc and db_dec (the decoder-side part plus the path through the encoder input
+    x - b_dec: -(sum_i dpre_i) W_enc^T, a matrix-vector product)."""
+    db_enc = dpre.sum(0)
+    return xc.T @ dpre, db_enc, db_dec.sub_(W_enc @ db_enc)
+
+
 @torch.no_grad()
 def sae_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, lam: float,
                        objective: Callable[[Tensor], Tensor]) -> SAEStep:  # fmt: skip
@@ -208,19 +232,117 @@ def sae_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     e = torch.addmm(b_dec, f, W_dec).sub_(x)  # x_hat - x
     sse = e.pow(2).sum(-1)
     l1 = f.sum(-1)
-    with one_thread(x.device), torch.enable_grad():
-        loss = sse + lam * l1
-        leaf = loss.detach().requires_grad_()
-        obj = objective(leaf)
-        (g,) = torch.autograd.grad(obj, leaf)
-        # weights below float32's normal range (TERM at large t) would only add denormals
-        g = g.to(x.dtype)
-        g = g.masked_fill(g.abs() < torch.finfo(g.dtype).tiny, 0.0)[:, None]
+    loss = sse + lam * l1
+    obj, g = _token_weights(loss, objective, x.dtype)
     de = e.mul_(2 * g)  # d obj / d x_hat
     dW_dec = f.T @ de
     db_dec = de.sum(0)
     dpre = torch.ops.aten.threshold_backward(torch.addmm(lam * g, de, W_dec.T), f, 0.0)
-    dW_enc = xc.T @ dpre
-    db_enc = dpre.sum(0)
-    db_dec -= W_enc @ db_enc
-    return SAEStep(TokenLosses(loss, sse, l1), obj.detach(), (dW_enc, db_enc, dW_dec, db_dec), f, g[:, 0])
+    dW_enc, db_enc, db_dec = _encoder_grads(xc, dpre, W_enc, db_dec)
+    return SAEStep(TokenLosses(loss, sse, l1), obj, (dW_enc, db_enc, dW_dec, db_dec), f, g[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# JumpReLU (Gemma Scope): L0 through a straight-through estimator
+
+
+def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
+    """f = pre * [pre > θ] (θ >= 0, so f >= 0): sae-lens' JumpReLUSAE activation."""
+    return pre * (pre > threshold)
+
+
+@torch.no_grad()
+def jumprelu_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                            threshold: Tensor, lam: float, bandwidth: float,
+                            objective: Callable[[Tensor], Tensor]) -> SAEStep:  # fmt: skip
+    """Per token L_i = ||x_i - x_hat_i||^2 + lam * L0_i with f = pre [pre > θ] and L0_i = sum_j
+    [pre_ij > θ_j], and the gradient of `objective(L)` w.r.t. (W_enc, b_enc, W_dec, b_dec, θ).
+
+    The step function's derivative is the straight-through estimator of sae-lens' `jumprelu`
+    training ("step" sparsity mode, DeepMind's Gemma Scope recipe, `jumprelu_ste_to_input=False`):
+    with the window K(u) = [|u| < ε/2] / ε, d[pre > θ]/dθ = -K(pre - θ) and dJumpReLU/dθ =
+    -θ K(pre - θ); the L0 term sends no gradient to the pre-activations. Hand-written like
+    `sae_loss_and_grads`; equal to autograd through sae-lens' `JumpReLU` and `Step` functions."""
+    xc = x - b_dec
+    pre = torch.addmm(b_enc, xc, W_enc)
+    gate = pre > threshold
+    f = pre * gate
+    e = torch.addmm(b_dec, f, W_dec).sub_(x)
+    sse = e.pow(2).sum(-1)
+    l0 = gate.sum(-1, dtype=x.dtype)
+    loss = sse + lam * l0
+    obj, g = _token_weights(loss, objective, x.dtype)
+    de = e.mul_(2 * g)
+    dW_dec = f.T @ de
+    db_dec = de.sum(0)
+    dfeat = de @ W_dec.T  # d obj / d f
+    window = (pre - threshold).abs_() < bandwidth / 2
+    dthreshold = -(threshold * (dfeat * window).sum(0) + lam * (g * window).sum(0)) / bandwidth
+    dpre = dfeat.mul_(gate)
+    dW_enc, db_enc, db_dec = _encoder_grads(xc, dpre, W_enc, db_dec)
+    return SAEStep(TokenLosses(loss, sse, l0), obj, (dW_enc, db_enc, dW_dec, db_dec, dthreshold), f, g[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# TopK (sparsify) and BatchTopK: k fixed, MSE plus the auxiliary dead-latent loss
+
+
+def topk_acts(pre: Tensor, k: int, select: Tensor | None = None) -> Tensor:
+    """Per token, the k largest pre-activations (ranked by pre * select when given: sae-lens'
+    `rescale_acts_by_decoder_norm=False` ranking of a folded SAE), ReLU'd; zeros elsewhere."""
+    idx = (pre if select is None else pre * select).topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(pre).scatter_(-1, idx, pre.gather(-1, idx).relu_())
+
+
+def batch_topk_acts(pre: Tensor, k: float) -> Tensor:
+    """BatchTopK: the int(k N) largest ReLU'd pre-activations of the whole [N, d_sae] batch, so
+    k latents fire per token on average (sae-lens' `BatchTopK`)."""
+    acts = pre.relu()
+    flat = acts.flatten()
+    n_keep = min(int(k * pre.shape[0]), flat.numel())
+    top = flat.topk(n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(pre)
+
+
+@torch.no_grad()
+def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: float,
+                        objective: Callable[[Tensor], Tensor], batch: bool = False, select: Tensor | None = None,
+                        dead: Tensor | None = None, aux_coefficient: float = 1.0) -> SAEStep:  # fmt: skip
+    """Per token L_i = ||x_i - x_hat_i||^2 + aux_i for TopK (`batch=False`, exactly k latents per
+    token) or BatchTopK (`batch=True`, k per token on average over the batch), and the gradient of
+    `objective(L)` w.r.t. (W_enc, b_enc, W_dec, b_dec). The selection is piecewise constant:
+    gradients flow through the kept values only.
+
+    aux_i is sae-lens' (and sparsify's) auxiliary loss: with D dead latents (`dead`, [d_sae] bool),
+    the top k_aux = min(d_in / 2, D) dead pre-activations of each token reconstruct the detached
+    residual x - x_hat through the decoder (no bias): aux_i = α min(D / (d_in / 2), 1)
+    ||ê_i - (x_i - x_hat_i)||^2, so dead latents learn to point at what the live ones miss."""
+    xc = x - b_dec
+    pre = torch.addmm(b_enc, xc, W_enc)
+    f = batch_topk_acts(pre, k) if batch else topk_acts(pre, int(k), select)
+    e = torch.addmm(b_dec, f, W_dec).sub_(x)  # x_hat - x
+    sse = e.pow(2).sum(-1)
+    n_dead = int(dead.sum()) if dead is not None else 0
+    aux_acts = None
+    if n_dead > 0 and aux_coefficient > 0:
+        half = max(x.shape[1] // 2, 1)
+        alpha = aux_coefficient * min(n_dead / half, 1.0)
+        top = pre.masked_fill(~dead, float("-inf")).topk(min(half, n_dead), dim=-1, sorted=False)  # type: ignore[operator]
+        aux_acts = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+        aux_mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top.indices, True)
+        r = (aux_acts @ W_dec).add_(e)  # ê - (x - x_hat)
+        aux = alpha * r.pow(2).sum(-1)
+    else:
+        aux = torch.zeros_like(sse)
+    loss = sse + aux
+    obj, g = _token_weights(loss, objective, x.dtype)
+    de = e.mul_(2 * g)
+    dW_dec = f.T @ de
+    db_dec = de.sum(0)
+    dpre = (de @ W_dec.T).mul_(f > 0)
+    if aux_acts is not None:
+        dr = r.mul_(2 * alpha * g)  # d obj / d ê; the residual is detached
+        dW_dec += aux_acts.T @ dr
+        dpre += (dr @ W_dec.T).mul_(aux_mask)
+    dW_enc, db_enc, db_dec = _encoder_grads(xc, dpre, W_enc, db_dec)
+    return SAEStep(TokenLosses(loss, sse, aux), obj, (dW_enc, db_enc, dW_dec, db_dec), f, g[:, 0])

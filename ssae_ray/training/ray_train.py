@@ -86,20 +86,9 @@ def load_checkpoint(folder: Path, trainers: dict[str, HookTrainer]) -> int:
     steps = set()
     for h, tr in trainers.items():
         sae = load_sae(folder / h)
-        if (sae.cfg.d_in, sae.cfg.d_sae) != (tr.W_enc.shape[0], tr.d_sae):
-            raise TrainingError(
-                f"cannot resume {h}: the checkpoint at {folder} holds an SAE of width {sae.cfg.d_sae} "
-                f"(d_in {sae.cfg.d_in}) but this run trains width {tr.d_sae} (d_in {tr.W_enc.shape[0]}); "
-                "use a fresh output folder or the same sae.d_sae / sae.slice_to"
-            )
         state = torch.load(folder / h / STATE, map_location="cpu", weights_only=False)
         tr.load_state_dict(state)
-        c = tr.act_scale
-        with torch.no_grad():
-            tr.W_enc.copy_(sae.W_enc)
-            tr.W_dec.copy_(sae.W_dec)
-            tr.b_enc.copy_(sae.b_enc * c)
-            tr.b_dec.copy_(sae.b_dec * c)
+        tr.load_weights(sae)  # through the exact import: any architecture, width checked
         steps.add(int(state["step"]))
     if len(steps) != 1:
         raise TrainingError(f"the checkpoint at {folder} mixes steps {sorted(steps)} across hooks")
