@@ -123,15 +123,12 @@ def train_worker(config: dict[str, Any]) -> None:
     if config["placement"] == "by_hook":
         mine, dp_rank, dp_world = config["assignment"][rank], 0, 1
         coll = None
-        gather = allreduce = None
-    else:
+    else:  # replicas: gradients and the step's statistics reduced over the global batch
         mine, dp_rank, dp_world = config["hooks"], rank, world
         coll = DistCollective()  # tensors on the backend's device: cuda for NCCL, cpu for gloo
-        gather, allreduce = coll.gather, coll.allreduce
     saes = _load_gsaes(cfg, Path(config["gsae_dir"]), mine)
-    first = next(
-        iter_cache_batches(config["cache_dir"], mine, tc.batch_tokens, tc.seed, 0, dp_rank, dp_world)
-    )
+    # the whole first batch (not this replica's slice): the activation scale is the single process's
+    first = next(iter_cache_batches(config["cache_dir"], mine, tc.batch_tokens, tc.seed, 0, 0, 1))
     trainers = make_trainers(tc, saes, first, str(device))
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -156,7 +153,7 @@ def train_worker(config: dict[str, Any]) -> None:
     while step < tc.steps:
         stop = min((step // tc.checkpoint_every + 1) * tc.checkpoint_every, tc.steps)
         hist = run_steps(trainers, batches, step, tc.steps, None, config["progress"] and rank == 0,
-                         gather, allreduce, maybe_fail, f"finetune[{rank}]", stop)  # fmt: skip
+                         None, None, maybe_fail, f"finetune[{rank}]", stop, collective=coll)  # fmt: skip
         history += [{k: v for k, v in m.items() if k.split("/")[0] in mine or "/" not in k} for m in hist]
         step = stop
         metrics = {k: v for k, v in (history[-1] if history else {}).items()}
