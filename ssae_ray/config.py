@@ -109,8 +109,8 @@ class RetrievalConfig:
     train_sample: int = 100_000
     """Vectors sampled across shards to train an `ivf` / `ivfpq` index."""
     build_bm25: bool = True
-    """Also build the BM25 (bm25s) index of the passages with the dense one (needs all passage
-    texts in memory once; turn off for corpora that do not fit)."""
+    """Also build the BM25 index of the passages with the dense one (streamed from disk a chunk
+    of passages at a time: no corpus-sized memory; see `retrieval/bm25.py`)."""
     index_type: str = "flat"
     """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
     nlist: int = 1024

@@ -369,8 +369,9 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
             val = on_gpu_worker(_score_saes, cfg, ctx["lm_cache"], paths, val_set, name=f"score-{trial.name}")
             record(tc.steps, val, paths)
             attempts.append({"start": 0, "end": tc.steps})
+            trained_on = f"ray-train:{tc.num_workers} workers"
         else:  # in-process loop, scored and checkpointed every `checkpoint_every` steps
-            device = str(process_device(cfg.model.device))
+            device = trained_on = str(process_device(cfg.model.device))
             gsaes = {h: load_sae(Path(ctx["gsae_dir"]) / h, device) for h in hooks}
             first = next(
                 iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed)
@@ -410,6 +411,7 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
         assert best is not None
         client.log_artifacts(rid, best["path"], "ssae")
         write_json_atomic(tdir / "done.json", {"trial": trial._asdict(), "run_id": rid, "checkpoints": checkpoints,
+                                               "device": trained_on,
                                                "attempts": attempts})  # fmt: skip
         shutil.rmtree(tdir / STATE_DIR, ignore_errors=True)  # only the best SAEs stay
         client.log_artifact(rid, str(tdir / "done.json"))
