@@ -145,6 +145,18 @@ except ResourceError as e:
     out["refused"] = str(e)
 out["refused_s"] = time.perf_counter() - t0
 out["offer"] = cluster_offer().describe()
+
+# GPU work off the driver: with GPUs in the cluster and none here, the LM is loaded in a GPU task only
+from ssae_ray import pipeline
+
+def no_lm_here(cfg):
+    raise AssertionError("the driver loaded an LM")
+
+pipeline._lm_here = pipeline._lm
+pipeline._lm = no_lm_here
+tiny = load_config("tiny", overrides=[f"workdir={sys.argv[1]}"])
+out["offload"] = pipeline.offload(tiny)
+out["with_lm"] = pipeline.with_lm(tiny, None, lambda lm: (ray_gpu_ids(), lm.d_model, str(lm.device)))
 print("RESULT " + json.dumps(out))
 """
 
@@ -154,7 +166,7 @@ print("RESULT " + json.dumps(out))
 def test_logical_gpu_ray_places_the_paper_presets_requests(tmp_path):
     """Ray with 4 logical GPUs: every request of the two presets gets placed within a timeout;
     a process holding a GPU id resolves cuda:0 on a GPU machine, cpu here; the driver holds none."""
-    proc = subprocess.run([sys.executable, "-c", PLACE], capture_output=True, text=True, timeout=420,
+    proc = subprocess.run([sys.executable, "-c", PLACE, str(tmp_path / "work")], capture_output=True, text=True, timeout=420,
                           cwd=ROOT, env=_env(tmp_path))  # fmt: skip
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
@@ -171,6 +183,10 @@ def test_logical_gpu_ray_places_the_paper_presets_requests(tmp_path):
     assert bib["trials"] == [[]]  # the trial asks for no GPU: its Train workers hold them
     assert bib["Ray Train workers (train.num_workers=4)"] is True
     assert out["refused"] and "GPU: 5" in out["refused"] and out["refused_s"] < 1.0
+    # the LM work ran in a task holding a GPU; the driver's _lm (which raises) was never called
+    assert out["offload"] is True
+    ids, d_model, device = out["with_lm"]
+    assert len(ids) == 1 and d_model > 0 and device == "cpu"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -182,3 +198,29 @@ def _env(tmp_path: Path) -> dict[str, str]:
     )
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+class _WordTokenizer:
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[hash(w) % 1000 for w in t.split()] for t in texts]}
+
+
+def test_cache_plan_holds_what_trials_read(tiny_cfg):
+    from ssae_ray.training.cache import cache_plan, train_tokens
+
+    tiny_cfg = tiny_cfg.replace(model={"context_len": 128})
+    texts = [" ".join(["word"] * 300) for _ in range(20)]  # 20 docs x 300 tokens, context 128
+    tok = _WordTokenizer()
+    have = train_tokens(tok, texts, tiny_cfg.model.context_len)
+    assert have == 20 * (127 + 127 + 43)  # three contexts per doc, position 0 of each not trained on
+    d_in = {h: 64 for h in tiny_cfg.sae.hooks}
+    cfg = tiny_cfg.replace(
+        train={"steps": 10, "batch_tokens": 256, "cache_margin": 0.1, "cache_dtype": "float16"}
+    )
+    plan = cache_plan(cfg, texts, tiny_cfg.sae.hooks, d_in, tok)
+    assert plan.max_tokens == plan.n_tokens == 2816  # 10 x 256 x 1.1
+    assert plan.bytes == 2816 * (64 * len(d_in) * 2 + 24) and not plan.cached
+    assert sorted(plan.texts) == sorted(texts)
+    # a selection smaller than that is cached whole, in its own order (the same cache key as before)
+    small = cache_plan(cfg.replace(train={"steps": 1000}), texts, tiny_cfg.sae.hooks, d_in, tok)
+    assert small.max_tokens is None and small.n_tokens == have and small.texts == texts
