@@ -34,3 +34,15 @@ def test_streaming_bm25_equals_bm25s(tmp_path):
     assert got.shape == (len(texts),) and np.abs(got - want).max() < 1e-5
     assert got[-1] > 0 and got[-2] == 0
     assert not bm25_scores(tmp_path / "bm25", ["nothing-indexed"]).any()
+
+
+def test_indexes_built_by_bm25s_are_still_read(tmp_path):
+    texts = ["quantum electron photon", "river city bread", "quantum field"]
+    folder = tmp_path / "old"
+    ref = bm25s.BM25()
+    ref.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    ref.save(str(folder))
+    (folder / "done.json").write_text('{"n": 3}')  # what the bm25s-based build wrote
+    build_bm25(iter(texts), tmp_path / "new")
+    old, new = bm25_scores(folder, ["quantum"]), bm25_scores(tmp_path / "new", ["quantum"])
+    assert np.allclose(old, new) and old[0] > 0 and old[1] == 0

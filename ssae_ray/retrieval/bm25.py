@@ -93,6 +93,8 @@ def bm25_scores(folder: Path, query_texts: list[str]) -> np.ndarray:
     """BM25 score of every indexed passage for the query made of all `query_texts` (a term
     repeated in the seed counts once per occurrence)."""
     meta = json.loads((folder / "done.json").read_text())
+    if meta.get("format") != "ssae-bm25-v1":
+        return _bm25s_scores(folder, query_texts)  # an index built by bm25s (before the streaming build)
     n = int(meta["n"])
     scores = np.zeros(n, dtype=np.float32)
     vocab = json.loads((folder / "vocab.json").read_text())
@@ -117,3 +119,15 @@ def bm25_scores(folder: Path, query_texts: list[str]) -> np.ndarray:
             f = tf[lo:hi].astype(np.float64)
             scores[rows] += (m * idf[q] * f / (norm[rows] + f)).astype(np.float32)
     return scores
+
+
+def _bm25s_scores(folder: Path, query_texts: list[str]) -> np.ndarray:
+    """Scores from a bm25s index folder (indexes built before the streaming format)."""
+    import bm25s
+
+    retriever = bm25s.BM25.load(str(folder), mmap=False, show_progress=False)
+    query = _tokenize([" ".join(query_texts)])[0]
+    known = [t for t in query if t in retriever.vocab_dict]
+    if not known:
+        return np.zeros(int(retriever.scores["num_docs"]), dtype=np.float32)
+    return np.asarray(retriever.get_scores(known), dtype=np.float32)
