@@ -291,10 +291,9 @@ def cluster_gpus_have_cuda() -> bool:
 def offload_to_gpu_workers() -> bool:
     """True when this process holds no GPU of its own but the Ray cluster has GPUs: the LM work
     then goes to Ray tasks on GPU workers, and this process (the driver on a CPU head) loads no LM."""
-    if torch.cuda.is_available():
+    if process_device().type == "cuda":  # the driver on a GPU machine, or a worker holding a GPU
         return False
-    ids = ray_gpu_ids()
-    if ids:  # already a worker holding a GPU (logical GPUs in tests included)
+    if ray_gpu_ids():  # a worker holding a logical GPU (tests): it does the work itself
         return False
     return cluster_has_gpus()
 

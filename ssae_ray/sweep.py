@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ssae_ray import tracking
-from ssae_ray.config import Config, from_dict
+from ssae_ray.config import Config, config_hash, from_dict
 from ssae_ray.stages import write_json_atomic
 
 log = logging.getLogger("ssae_ray")
@@ -320,9 +320,18 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
     tc = dataclasses.replace(cfg.train, lam=trial.lam, tilt=trial.tilt, seed=trial.seed)
     hooks = list(cfg.sae.hooks)
     client, _ = tracking.open_experiment(ctx["uri"], cfg.tracking.experiment)
+    state_dir = tdir / STATE_DIR
+    key = config_hash([dataclasses.asdict(tc), hooks, ctx["gsae_dir"], ctx["caches"][trial.strategy]])
+    if (state_dir / "progress.json").is_file() and json.loads((state_dir / "progress.json").read_text()).get(
+        "key"
+    ) != key:  # a checkpoint of other settings (an out dir reused by hand): start afresh
+        log.warning(
+            "trial %s: the checkpoint under %s has other settings; starting from step 0", trial.name, tdir
+        )
+        shutil.rmtree(state_dir)
+        (tdir / "run.json").unlink(missing_ok=True)
     rid = _child_run(client, cfg, trial, tc, ctx, tdir)
     try:
-        state_dir = tdir / STATE_DIR
         progress = (
             json.loads((state_dir / "progress.json").read_text())
             if (state_dir / "progress.json").is_file()
@@ -399,7 +408,7 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
                     record(step + 1, _score_saes_with(lm_holder, cfg, ctx, saes, val_set), saes)
                     with atomic_dir(state_dir) as tmp:
                         save_checkpoint(tmp, trainers, step + 1)
-                        write_json_atomic(tmp / "progress.json", {"step": step + 1, "checkpoints": checkpoints,
+                        write_json_atomic(tmp / "progress.json", {"step": step + 1, "key": key, "checkpoints": checkpoints,
                                                                   "best": best, "attempts": attempts})  # fmt: skip
 
             lm_holder: dict[str, Any] = {}
