@@ -26,7 +26,12 @@ def run_bias_in_bios(
     from tqdm.auto import tqdm
 
     from ssae_ray.models import load_lm
+    from ssae_ray.pipeline import offload
 
+    if offload(cfg):  # a CPU head driving a GPU cluster: the whole experiment runs on one GPU worker
+        from ssae_ray.resources import on_gpu_worker
+
+        return on_gpu_worker(run_bias_in_bios, cfg, out_dir, with_ssae, with_compressed, name="bias-in-bios")
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     bar = tqdm(desc="bias-in-bios", bar_format="{desc}: {elapsed} {postfix}")
