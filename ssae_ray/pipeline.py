@@ -395,15 +395,20 @@ def stage_sweep(
     timer: Timer | None = None,
     plan: SweepPlan | None = None,
 ):
-    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun."""
+    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun. `force` retrains every
+    trial: the previous sweep folder is moved aside (`<folder>.replaced`) and removed only once the new
+    sweep has finished, so a failed or interrupted forced run loses nothing."""
     from ssae_ray.sweep import grid, run_sweep
 
     timer = timer or Timer()
     if lm is None and not offload(cfg):
         lm = _lm(cfg)
     plan = plan or plan_sweep(cfg, lm, timer)
+    aside = plan.folder.with_name(plan.folder.name + ".replaced")
     if force and plan.folder.exists():
-        shutil.rmtree(plan.folder)
+        shutil.rmtree(aside, ignore_errors=True)
+        plan.folder.rename(aside)
+        log.info("--force: the previous sweep is moved to %s until the new one has finished", aside)
     scfg = sweep_config(cfg)
     val = timer(
         "val set",
@@ -413,17 +418,23 @@ def stage_sweep(
     if val is None:
         raise StageError("the corpus has no validation documents; the sweep selects on validation")
     done = all((plan.folder / "trials" / t.name / "done.json").is_file() for t in grid(cfg))
-    return timer(
+    result = timer(
         "sweep",
         lambda: run_sweep(
             sweep_config(cfg), plan.gsae_dir, plan.caches, val, plan.folder, cfg.root / "models"
         ),
         done,
     )
+    if force:
+        shutil.rmtree(aside, ignore_errors=True)
+    return result
 
 
-def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None) -> Path:
-    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report."""
+def stage_eval(
+    cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None, retrain: bool = False
+) -> Path:
+    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report.
+    `force` re-evaluates even when the report is cached; `retrain` also retrains the sweep."""
     from ssae_ray.eval.runner import evaluate_sweep, log_to_mlflow
     from ssae_ray.saes import load_sae
 
@@ -434,12 +445,17 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
     out = plan.folder / "eval"
     ekey = stage_key("eval", cfg.eval, cfg.sweep, cfg.sae.hooks, cfg.corpus)
     stamp = out / "eval_key.txt"
-    if (out / "report.md").is_file() and stamp.is_file() and stamp.read_text() == ekey and not force:
+    if (
+        (out / "report.md").is_file()
+        and stamp.is_file()
+        and stamp.read_text() == ekey
+        and not (force or retrain)
+    ):
         log.info("evaluation cached at %s", out)
         timer("sweep", lambda: plan.folder, True)
         timer("eval", lambda: out, True)
         return out / "report.md"
-    sweep = stage_sweep(cfg, force, lm, timer, plan)
+    sweep = stage_sweep(cfg, retrain, lm, timer, plan)
     scfg = sweep_config(cfg)
 
     def evaluate(lm: Any) -> tuple[Any, list[dict[str, Any]]]:  # here or in a GPU task (test sets stay there)
@@ -487,17 +503,26 @@ def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Pat
     sweep_dir = eval_dir.parent
     hook = sweep_config(cfg).sae.hooks[0]
     saes = {"gsae": load_sae(stage_gsaes(cfg, lm, corpus_dir) / hook, str(lm.device))}
+    for name, path in best_ssaes(sweep_dir, hook).items():
+        saes[name] = load_sae(path, str(lm.device))
+    texts = _texts(corpus_dir, "test")
+    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+
+
+def best_ssaes(sweep_dir: Path, hook: str) -> dict[str, Path]:
+    """The best checkpoint of each trial at `hook`, named `<strategy>-tilt<t>-lam<λ>-seed<s>` (the
+    seed is part of the name, so two seeds never overwrite each other's outputs)."""
     best = sweep_dir / "sweep_trials.csv"
+    out: dict[str, Path] = {}
     if best.is_file():
         with open(best) as f:
             rows = [r for r in csv.DictReader(f) if r.get("best_for_lam") in ("True", "1", "true")]
         for r in rows:
-            name = f"{r['strategy']}-tilt{float(r['tilt']):g}-lam{float(r['lam']):g}"
+            name = f"{r['strategy']}-tilt{float(r['tilt']):g}-lam{float(r['lam']):g}-seed{int(r['seed'])}"
             path = Path(r["best_path"]) / hook
             if path.is_dir():
-                saes[name] = load_sae(path, str(lm.device))
-    texts = _texts(corpus_dir, "test")
-    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+                out[name] = path
+    return out
 
 
 def stage_shift(cfg: Config) -> Path:
@@ -508,7 +533,8 @@ def stage_shift(cfg: Config) -> Path:
 
 
 def run_physics(cfg: Config, force: bool = False) -> Path:
-    """The whole physics pipeline; returns the report. Prints the per-stage wall times."""
+    """The whole physics pipeline; returns the report. Prints the per-stage wall times. `force`
+    retrains the sweep and re-evaluates (upstream stages are reused: they are keyed by their inputs)."""
     timer = Timer()
     t0 = time.perf_counter()
     if os.environ.get("RAY_ADDRESS") or cfg.ray.address:  # a cluster: refuse what can never be placed
@@ -518,12 +544,12 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
         init_ray(cfg.ray)
         check_schedulable(cfg)
     lm = None if offload(cfg) else timer("load LM", lambda: _lm(cfg), False)
-    report = stage_eval(cfg, force, lm, timer)
+    report = stage_eval(cfg, force, lm, timer, retrain=force)
     if cfg.autointerp.enabled:
         from ssae_ray.autointerp import run_autointerp
 
         def autointerp() -> Path:
-            parent = _sweep_run_id(cfg)  # results land in the sweep's parent run
+            parent = _sweep_run_id(cfg, report.parent.parent)  # results land in this sweep's parent run
             corpus_dir = stage_corpus(cfg, lm)
 
             def body(lm: Any) -> Path:  # here, or in a GPU task when the driver holds no LM
@@ -546,19 +572,11 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     return report
 
 
-def _sweep_run_id(cfg: Config) -> str | None:
-    """The newest sweep parent run of this experiment in the tracking store."""
-    from mlflow.tracking import MlflowClient
-
+def _sweep_run_id(cfg: Config, sweep_folder: Path) -> str | None:
+    """The parent run of the sweep in `sweep_folder` (recorded there by the sweep), in this store."""
     from ssae_ray import tracking
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], "tags.`ssae.kind` = 'sweep'", max_results=1,
-                              order_by=["attributes.start_time DESC"])  # fmt: skip
-    return runs[0].info.run_id if runs else None
+    return tracking.recorded_parent_run(sweep_folder, tracking.tracking_uri(cfg))
 
 
 def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
@@ -567,7 +585,7 @@ def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
 
         from ssae_ray import tracking
 
-        run_id = _sweep_run_id(cfg)
+        run_id = _sweep_run_id(cfg, report.parent.parent)
         if run_id:
             MlflowClient(tracking_uri=tracking.tracking_uri(cfg)).log_artifact(run_id, str(timings), "eval")
     except Exception as e:  # timings are a convenience; never fail a finished job over them

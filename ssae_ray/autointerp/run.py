@@ -76,7 +76,8 @@ def build_jobs(
                 f"SAE {name!r} has d_in {sae.W_enc.shape[0]} but the LM's d_model is {lm.d_model}"
             )
         targets[name] = (sae, h)
-    k_sample = ai.n_top + ai.n_predict + (ai.diversity_sets * ai.n_top if ai.diversity else 0)
+    # diversity sets come from the top half of a uniform sample of activating contexts: sample twice
+    k_sample = ai.n_top + ai.n_predict + (2 * ai.diversity_sets * ai.n_top if ai.diversity else 0)
     indexes = scan_many(
         lm, targets, contexts, ai.n_top, k_sample, cfg.model.batch_size, ai.act_threshold, cfg.seed
     )
@@ -172,9 +173,15 @@ def run_autointerp(
     )
     if logged:
         report.log_mlflow(out, summary, params)
+    for r in summary.itertuples():
+        log.info("autointerp %s [%s]: %d scored, F1 mean %.3f", r.sae, label, r.n_scored, r.f1_mean)
+    if usage.get("stop_kind") == "api_down":
+        n_ok = int((df.status == "ok").sum()) if len(df) else 0
+        raise AutoInterpError(
+            f"stopped: {stopped}. {n_ok} finished features are kept in {out}; rerun when the API answers "
+            "(finished calls are cached and not paid again)"
+        )
     if stopped:
         log.warning("autointerp stopped early: %s. Partial results in %s; rerun with a higher cap to finish "
                     "(finished calls are cached)", stopped, out)  # fmt: skip
-    for r in summary.itertuples():
-        log.info("autointerp %s [%s]: %d scored, F1 mean %.3f", r.sae, label, r.n_scored, r.f1_mean)
     return out
