@@ -22,6 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -128,16 +129,34 @@ def cluster_offer() -> Offer:
         config = state.get_cluster_config()
     except Exception:  # noqa: BLE001 - older clusters / no autoscaler: nodes alive only
         config = None
+    groups: list[tuple[dict[str, float], int]] = []
     if config is not None and config.node_group_configs:
-        extra = []
         for group in config.node_group_configs:
             shape = {"CPU": float(group.resources.get("CPU", 0)), "GPU": float(group.resources.get("GPU", 0))}
-            have = sum(1 for n in nodes if n == shape)
-            count = group.max_count if group.max_count >= 0 else 64  # -1: unbounded; 64 is plenty
-            extra += [dict(shape) for _ in range(max(0, count - have))]
+            groups.append((shape, group.max_count if group.max_count >= 0 else 64))  # -1: unbounded
+    elif Path(BOOTSTRAP).expanduser().is_file():  # the cluster launcher's config on the head (v1 autoscaler)
+        try:
+            groups = [
+                (n, 1) for n in offer_from_cluster_yaml(Path(BOOTSTRAP).expanduser(), workers_only=True).nodes
+            ]
+        except Exception as e:  # noqa: BLE001 - an unreadable file: alive nodes only
+            log.warning("cannot read %s (%s); counting the nodes alive now only", BOOTSTRAP, e)
+    if groups:
+        extra = []
+        taken: dict[tuple[float, float], int] = {}
+        for shape, count in groups:
+            key = (shape["CPU"], shape["GPU"])
+            alive = sum(1 for n in nodes if n == shape) - taken.get(key, 0)
+            use = min(max(alive, 0), count)
+            taken[key] = taken.get(key, 0) + use
+            extra += [dict(shape) for _ in range(count - use)]
         nodes += extra
         source = "nodes alive now + the autoscaler's maximum"
     return Offer(nodes, source)
+
+
+BOOTSTRAP = "~/ray_bootstrap_config.yaml"
+"""Where `ray up` leaves the cluster config on the head (read when the autoscaler publishes none)."""
 
 
 def cluster_has_gpus() -> bool:
@@ -342,13 +361,11 @@ def ceil_div(a: float, b: float) -> int:
     return int(math.ceil(a / b))
 
 
-def offer_from_cluster_yaml(path: Any) -> Offer:
+def offer_from_cluster_yaml(path: Any, workers_only: bool = False) -> Offer:
     """The nodes a cluster config can bring up at its maximum: a Ray launcher YAML
     (`available_node_types`: head + `max_workers` of each type) or a KubeRay RayCluster / RayJob
     (head + `maxReplicas` of each worker group; CPUs from `num-cpus` or the container's limit,
     GPUs from `nvidia.com/gpu`). For checking a preset against a cluster before launching it."""
-    from pathlib import Path
-
     import yaml
 
     doc = yaml.safe_load(Path(path).read_text())
@@ -359,7 +376,8 @@ def offer_from_cluster_yaml(path: Any) -> Offer:
             res = t.get("resources", {})
             shape = {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
             count = 1 if name == head else int(t.get("max_workers", 0))
-            nodes += [dict(shape) for _ in range(count)]
+            if not (workers_only and name == head):
+                nodes += [dict(shape) for _ in range(count)]
         return Offer(nodes, f"{Path(path).name} at max_workers")
     spec = doc.get("spec", {})
     spec = spec.get("rayClusterSpec", spec)
@@ -375,7 +393,8 @@ def offer_from_cluster_yaml(path: Any) -> Offer:
             "GPU": float(gpu),
         }
 
-    nodes.append(shape(spec["headGroupSpec"]))
+    if not workers_only:
+        nodes.append(shape(spec["headGroupSpec"]))
     for g in spec.get("workerGroupSpecs", []):
         nodes += [shape(g) for _ in range(int(g.get("maxReplicas", g.get("replicas", 0))))]
     return Offer(nodes, f"{Path(path).name} at maxReplicas")

@@ -224,3 +224,25 @@ def test_cache_plan_holds_what_trials_read(tiny_cfg):
     # a selection smaller than that is cached whole, in its own order (the same cache key as before)
     small = cache_plan(cfg.replace(train={"steps": 1000}), texts, tiny_cfg.sae.hooks, d_in, tok)
     assert small.max_tokens is None and small.n_tokens == have and small.texts == texts
+
+
+def test_offer_counts_the_launcher_config_on_the_head(monkeypatch):
+    """A cluster scaled to its head (no GPU node up yet) whose autoscaler publishes no config: the
+    launcher's bootstrap file on the head supplies the nodes it can still add."""
+    import ray
+    from ray._private import state
+
+    from ssae_ray import resources
+
+    head = {"Alive": True, "Resources": {"CPU": 0.0}}
+    gpu = {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    monkeypatch.setattr(resources, "BOOTSTRAP", str(CLUSTERS[0]))
+    monkeypatch.setattr(ray, "nodes", lambda: [head])
+    offer = resources.cluster_offer()
+    assert offer.total("GPU") == 4 and "autoscaler" in offer.source
+    check_schedulable(load_config("paper-physics"), offer)
+    monkeypatch.setattr(ray, "nodes", lambda: [head, gpu])  # one worker up: still 4 at most
+    assert resources.cluster_offer().total("GPU") == 4
+    monkeypatch.setattr(resources, "BOOTSTRAP", "/nonexistent/bootstrap.yaml")
+    assert resources.cluster_offer().total("GPU") == 1  # alive nodes only
