@@ -122,18 +122,24 @@ def check_dp_nccl(root: Path) -> dict[str, object]:
     return {"seconds": round(secs, 1), "max |dW| vs one process": diff, "backend": "nccl"}
 
 
-def pythia70m_like():
+def pythia70m_like(device: str = "cuda"):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     c = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
                       intermediate_size=2048, max_position_embeddings=2048, rotary_pct=0.25,
                       use_parallel_residual=True)  # fmt: skip
     torch.manual_seed(0)
-    return GPTNeoXForCausalLM(c).to(torch.bfloat16).cuda().eval()
+    return GPTNeoXForCausalLM(c).to(torch.bfloat16).to(device).eval()
 
 
 def throughput(
-    tokens: int, batch_tokens: int, context: int, tf32: bool, peak: float | None
+    tokens: int,
+    batch_tokens: int,
+    context: int,
+    tf32: bool,
+    peak: float | None,
+    d_sae: int = 32768,
+    device: str = "cuda",
 ) -> dict[str, object]:
     from ssae_ray.config import TrainConfig
     from ssae_ray.models import LM, capture
@@ -141,43 +147,49 @@ def throughput(
     from ssae_ray.training.loop import make_trainers, train_step
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    model = pythia70m_like()
-    lm = LM(model, None, "gpt_neox", 6, 512, torch.device("cuda"))
+    model = pythia70m_like(device)
+    lm = LM(model, None, "gpt_neox", 6, 512, torch.device(device))
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     hooks = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_{k}" for k in ("resid_post", "mlp_out", "attn_out")
                                           for i in range(6)]  # fmt: skip
     assert len(hooks) == 19
-    d_in, d_sae = 512, 32768
-    saes = {h: make_random_sae(d_in, d_sae, h, device="cuda") for h in hooks}
+    d_in = 512
+    saes = {h: make_random_sae(d_in, d_sae, h, device=device) for h in hooks}
     steps = tokens // batch_tokens
     tc = TrainConfig(lr=1e-4, batch_tokens=batch_tokens, steps=steps, decay_steps=min(1000, steps), lam=0.1)
     rows = batch_tokens // (context - 1)  # position 0 of each context is not trained on
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def batch():
-        ids = torch.randint(0, 50304, (rows + 1, context), device="cuda", generator=g)
+        ids = torch.randint(0, 50304, (rows + 1, context), device=device, generator=g)
         mask = torch.ones_like(ids)
         acts = capture(lm, ids, mask, hooks)
         return {h: a[:, 1:].reshape(-1, d_in)[:batch_tokens].float() for h, a in acts.items()}
 
-    trainers = make_trainers(tc, saes, batch(), "cuda")
+    trainers = make_trainers(tc, saes, batch(), device)
     for tr in trainers.values():
-        assert all(p.is_cuda for p in tr.params)
+        assert all(p.device.type == torch.device(device).type for p in tr.params)
     lm_s = sae_s = 0.0
-    torch.cuda.synchronize()
+    sync()
     t_all = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
         b = batch()
-        torch.cuda.synchronize()
+        sync()
         t1 = time.perf_counter()
         train_step(trainers, b, step, steps)
-        torch.cuda.synchronize()
+        sync()
         t2 = time.perf_counter()
         lm_s, sae_s = lm_s + t1 - t0, sae_s + t2 - t1
     wall = time.perf_counter() - t_all
     for tr in trainers.values():
         st = tr.opt.state[tr.params[0]]
-        assert tr.W_enc.is_cuda and st["exp_avg"].is_cuda, "optimiser state off CUDA"
+        assert tr.W_enc.device.type == st["exp_avg"].device.type == torch.device(device).type, "state moved"
     flops = 10 * d_in * d_sae * batch_tokens * steps * len(hooks)
     out = {"tokens": steps * batch_tokens, "steps": steps, "wall s": round(wall, 1),
            "tokens/s": round(steps * batch_tokens / wall), "LM share": round(lm_s / wall, 3),
@@ -205,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="bf16 dense peak of this GPU (default: from its name)")
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--skip-dp", action="store_true")
+    p.add_argument("--d-sae", type=int, default=32768)
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="the throughput part alone on cpu (checks the script)"
+    )
     a = p.parse_args(argv)
+    if a.cpu_smoke:
+        print(table("throughput smoke run on cpu", throughput(int(a.tokens), a.batch_tokens, a.context, False, None,
+                                                              a.d_sae, "cpu")))  # fmt: skip
+        return 0
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA GPU here; run it on a GPU machine", file=sys.stderr)
         return 2
@@ -226,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 out.append("\ndata-parallel NCCL check skipped: 1 GPU")
             print(out[-1], flush=True)
-        res = throughput(int(a.tokens), a.batch_tokens, a.context, a.tf32, peak_tflops(name, a.peak_tflops))
-        out.append(table(f"19 Pythia-70M-shaped SAEs (512 -> 32768), one LM forward per batch, {name}", res))
+        res = throughput(
+            int(a.tokens), a.batch_tokens, a.context, a.tf32, peak_tflops(name, a.peak_tflops), a.d_sae
+        )
+        out.append(
+            table(f"19 Pythia-70M-shaped SAEs (512 -> {a.d_sae}), one LM forward per batch, {name}", res)
+        )
         print(out[-1], flush=True)
     return 0
 
