@@ -127,8 +127,8 @@ class RetrievalConfig:
     train_sample: int = 100_000
     """Vectors sampled across shards to train an `ivf` / `ivfpq` index."""
     build_bm25: bool = True
-    """Also build the BM25 (bm25s) index of the passages with the dense one (needs all passage
-    texts in memory once; turn off for corpora that do not fit)."""
+    """Also build the BM25 index of the passages with the dense one (streamed from disk a chunk
+    of passages at a time: no corpus-sized memory; see `retrieval/bm25.py`)."""
     index_type: str = "flat"
     """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
     nlist: int = 1024
@@ -205,6 +205,10 @@ class TrainConfig:
     """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
     cache_shard_tokens: int = 65_536
     """Tokens per activation-cache shard (one `.npy` per hook per shard)."""
+    cache_margin: float = 0.1
+    """A sweep's activation cache holds what one trial reads, `steps × batch_tokens` tokens, plus
+    this share (a seeded random subset of the selection's contexts when the selection is larger):
+    each trial then reads every cached token at most once. The whole selection when it is smaller."""
     seed: int = 0
     pretrain_steps: int = 200
     """GSAE pretraining (for `pretrain` GSAE sources): its steps, or with `pretrain_converge` the
@@ -809,6 +813,7 @@ CHECKS: dict[str, Check] = {
     "train.max_failures": non_negative,
     "train.cache_dtype": one_of("float16", "bfloat16", "float32"),
     "train.cache_shard_tokens": positive,
+    "train.cache_margin": non_negative,
     "train.pretrain_steps": positive,
     "train.pretrain_lr": above(0),
     "train.pretrain_lam": non_negative,

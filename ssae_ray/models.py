@@ -86,9 +86,11 @@ def default_cache_dir() -> Path:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto`: the GPU Ray assigned this process (`cuda:0`), cpu in a Ray worker without one, and
+    cuda-if-present in the driver (`resources.process_device`); else the named device."""
+    from ssae_ray.resources import process_device
+
+    return process_device(name)
 
 
 def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import random
 import shutil
 import time
@@ -85,10 +86,62 @@ def _lm(cfg: Config):
     return load_lm(cfg.model, cfg.root / "models")
 
 
+def offload(cfg: Config) -> bool:
+    """Whether the LM work of this job goes to GPU workers: the driver joined (or was handed) a Ray
+    cluster with GPUs and holds none itself (a CPU head). The driver then loads no LM; caching,
+    the GSAE fit check, TracIn, test-set preparation and evaluation run as Ray tasks holding a GPU
+    (`resources.on_gpu_worker`). A local run (no `ray.address`) keeps everything in this process."""
+    import ray
+
+    if not (os.environ.get("RAY_ADDRESS") or cfg.ray.address or ray.is_initialized()):
+        return False
+    from ssae_ray.resources import offload_to_gpu_workers
+    from ssae_ray.runtime import init_ray
+
+    init_ray(cfg.ray)
+    return offload_to_gpu_workers()
+
+
+def with_lm(cfg: Config, lm: Any, fn: Callable[..., T], *args: Any, name: str = "") -> T:
+    """`fn(lm, *args)` here with the driver's LM (loaded if not given), or, when `offload(cfg)`, in a
+    Ray task holding a GPU that loads the LM on that GPU (`fn` and `args` travel by pickle)."""
+    if lm is not None or not offload(cfg):
+        return fn(lm if lm is not None else _lm(cfg), *args)
+    from ssae_ray.resources import on_gpu_worker
+
+    return on_gpu_worker(_call_with_lm, cfg, fn, *args, name=name or getattr(fn, "__name__", "lm-task"))
+
+
+def _call_with_lm(cfg: Config, fn: Callable[..., T], *args: Any) -> T:
+    from ssae_ray.runtime import setup_logging
+
+    setup_logging()
+    return fn(_lm(cfg), *args)
+
+
+def _tokenizer(cfg: Config) -> Any:
+    """The LM's tokenizer alone (for corpus token counts on a driver that holds no LM); None when
+    it cannot be loaded without the model (GGUF sources)."""
+    try:
+        from transformers import AutoTokenizer
+
+        from ssae_ray.models import _resolve_source
+
+        folder, gguf = _resolve_source(cfg.model, cfg.root / "models")
+        return None if gguf is not None else AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - token counts are a convenience
+        log.warning("no tokenizer on the driver (%s); the corpus manifest gets no LM token counts", e)
+        return None
+
+
 def stage_corpus(cfg: Config, lm: Any = None) -> Path:
     from ssae_ray.data import build_corpus
 
-    return _memo("corpus", cfg, lambda: build_corpus(cfg, tokenizer=lm.tokenizer if lm is not None else None))
+    if lm is None and offload(cfg):
+        tok = _tokenizer(cfg)
+    else:
+        tok = lm.tokenizer if lm is not None else None
+    return _memo("corpus", cfg, lambda: build_corpus(cfg, tokenizer=tok))
 
 
 def _texts(corpus_dir: Path, split: str) -> list[str]:
@@ -101,8 +154,12 @@ def stage_gsaes(cfg: Config, lm: Any = None, corpus_dir: Path | None = None) -> 
     """A folder with one sae-lens GSAE per hook (`<folder>/<hook>/`): pretrained by the pipeline
     (`sae.source=pretrain`), loaded from a release or a folder, or random (tests). Each GSAE is
     checked against the model's activations at its hook before anything is trained on it."""
-    lm = lm or _lm(cfg)
-    return _memo("gsaes", cfg, lambda: _gsaes(cfg, lm, corpus_dir))
+    corpus_dir = corpus_dir or stage_corpus(cfg, lm)
+    return _memo("gsaes", cfg, lambda: with_lm(cfg, lm, _gsaes_with, cfg, corpus_dir, name="gsaes+fit-check"))
+
+
+def _gsaes_with(lm: Any, cfg: Config, corpus_dir: Path | None) -> Path:
+    return _gsaes(cfg, lm, corpus_dir)
 
 
 def _gsaes(cfg: Config, lm: Any, corpus_dir: Path | None) -> Path:
@@ -160,32 +217,62 @@ def stage_retrieve(
     strategy = strategy or cfg.retrieval.strategy
     corpus_dir = corpus_dir or stage_corpus(cfg)
     index_dir = index_dir or stage_index(cfg, corpus_dir)
-    sae = None
     if strategy.endswith("+tracin"):
-        lm = lm or _lm(cfg)
         gsae_dir = gsae_dir or stage_gsaes(cfg, lm, corpus_dir)
-        sae = load_sae(gsae_dir / cfg.sae.hooks[0], str(lm.device))
-    return retrieve(cfg, corpus_dir, index_dir, strategy, lm=lm, sae=sae)
+
+        def tracin(lm: Any) -> Path:
+            sae = load_sae(gsae_dir / cfg.sae.hooks[0], str(lm.device))
+            return retrieve(cfg, corpus_dir, index_dir, strategy, lm=lm, sae=sae)
+
+        return with_lm(cfg, lm, tracin, name=f"retrieve-{strategy}")
+    return retrieve(cfg, corpus_dir, index_dir, strategy)
 
 
 def stage_cache(
-    cfg: Config, strategies: tuple[str, ...] | None = None, lm: Any = None, hooks: Any = None
+    cfg: Config,
+    strategies: tuple[str, ...] | None = None,
+    lm: Any = None,
+    hooks: Any = None,
+    reserve_bytes: int = 0,
 ) -> dict[str, Path]:
-    """Activations of every hook on each selection, captured once and shared by all trials."""
+    """Activations of every hook on each selection, captured once and shared by all trials. Each
+    cache holds what a trial reads (`training.cache.cache_plan`: steps × batch_tokens plus
+    `train.cache_margin`); the sizes are printed, and the work dir's free space is checked for all
+    of them (plus `reserve_bytes`, the sweep's own outputs) before anything is captured."""
+    import json
+
     import pyarrow.parquet as pq
 
-    from ssae_ray.training import cache_activations
+    from ssae_ray.resources import check_free_space, human_bytes
+    from ssae_ray.training.cache import cache_plan
 
-    lm = lm or _lm(cfg)
+    if lm is None and not offload(cfg):
+        lm = _lm(cfg)
     corpus_dir = stage_corpus(cfg, lm)
     index_dir = stage_index(cfg, corpus_dir)
     gsae_dir = stage_gsaes(cfg, lm, corpus_dir)
-    caches = {}
+    hooks = list(hooks or cfg.sae.hooks)
+    d_in = {h: int(json.loads((gsae_dir / h / "cfg.json").read_text())["d_in"]) for h in hooks}
+    tok = lm.tokenizer if lm is not None else _tokenizer(cfg)
+    plans = {}
     for s in strategies or cfg.sweep.strategies:
         sel = stage_retrieve(cfg, s, lm, corpus_dir, index_dir, gsae_dir)
         texts = [str(t) for t in pq.read_table(sel / "selection.parquet", columns=["text"]).column("text")]
-        caches[s] = cache_activations(cfg, lm, texts, list(hooks or cfg.sae.hooks))
-    return caches
+        plans[s] = cache_plan(cfg, texts, hooks, d_in, tok)
+    need = sum(p.bytes for p in plans.values() if not p.cached) + reserve_bytes
+    for s, p in plans.items():
+        print(f"activation cache [{s}]: {p.n_tokens:,} tokens x {len(hooks)} hooks ({cfg.train.cache_dtype}) = "
+              f"{human_bytes(p.bytes)} on disk{' (cached)' if p.cached else ''}")  # fmt: skip
+    if need:
+        check_free_space(cfg.root, need, f"the activation caches ({len(plans)}) and sweep outputs")
+    return {s: with_lm(cfg, lm, _capture, cfg, p.texts, hooks, p.max_tokens, name=f"cache-{s}")
+            for s, p in plans.items()}  # fmt: skip
+
+
+def _capture(lm: Any, cfg: Config, texts: list[str], hooks: list[str], max_tokens: int | None) -> Path:
+    from ssae_ray.training import cache_activations
+
+    return cache_activations(cfg, lm, texts, hooks, max_tokens)
 
 
 def stage_pretrain(cfg: Config) -> Path:
@@ -196,14 +283,16 @@ def stage_pretrain(cfg: Config) -> Path:
 
 def stage_finetune(cfg: Config, strategy: str | None = None) -> Path:
     """One finetune of every GSAE on one selection, distributed with Ray Train."""
+    from ssae_ray.resources import check_schedulable
     from ssae_ray.runtime import init_ray
     from ssae_ray.training.ray_train import run_finetune
 
     strategy = strategy or cfg.retrieval.strategy
-    lm = _lm(cfg)
+    lm = None if offload(cfg) else _lm(cfg)
     gsae_dir = stage_gsaes(cfg, lm)
     cache = stage_cache(cfg, (strategy,), lm)[strategy]
     init_ray(cfg.ray)
+    check_schedulable(cfg, parts=("finetune",))
     out = cfg.root / "finetune" / stage_key("finetune", cfg.train, strategy, str(gsae_dir), str(cache))
     return run_finetune(cfg, gsae_dir, cache, out)
 
@@ -231,6 +320,10 @@ def _test_sets(cfg: Config, lm: Any, corpus_dir: Path, names: tuple[str, ...]) -
             cfg.model.prepend_bos,
         )
     return sets
+
+
+def _test_sets_with(lm: Any, cfg: Config, corpus_dir: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    return _test_sets(cfg, lm, corpus_dir, names)
 
 
 def sweep_config(cfg: Config) -> Config:
@@ -265,6 +358,22 @@ class SweepPlan(NamedTuple):
     """`<workdir>/sweep/<hash of train, sweep, eval configs, GSAEs and caches>`."""
 
 
+def sweep_output_bytes(cfg: Config, gsae_dir: Path) -> int:
+    """Disk a sweep writes: each trial's best SAEs (float32), plus one checkpoint (SAEs and Adam's
+    two moments) per trial running at once."""
+    import json
+
+    from ssae_ray.sweep import grid
+
+    per_trial = 0
+    for h in sweep_config(cfg).sae.hooks:
+        c = json.loads((gsae_dir / h / "cfg.json").read_text())
+        d, width = int(c["d_in"]), cfg.sae.slice_to or int(c["d_sae"])
+        per_trial += 4 * (2 * d * width + width + d)
+    n = len(grid(cfg))
+    return per_trial * n + 3 * per_trial * min(max(1, cfg.sweep.max_concurrent_trials), n)
+
+
 def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
     """Everything a sweep reads (corpus, GSAEs, selections, activation caches), built or found."""
     from ssae_ray import tracking
@@ -272,7 +381,8 @@ def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
     tracking.check_tracking(tracking.tracking_uri(cfg))  # fail before hours of work
     corpus_dir = timer("corpus", lambda: stage_corpus(cfg, lm))
     gsae_dir = timer("gsaes", lambda: stage_gsaes(cfg, lm, corpus_dir))
-    caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm, sweep_config(cfg).sae.hooks))
+    reserve = sweep_output_bytes(cfg, gsae_dir)
+    caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm, sweep_config(cfg).sae.hooks, reserve))
     key = sweep_key(cfg, gsae_dir, caches)
     return SweepPlan(corpus_dir, gsae_dir, caches, cfg.root / "sweep" / key)
 
@@ -290,15 +400,19 @@ def stage_sweep(
     from ssae_ray.sweep import grid, run_sweep
 
     timer = timer or Timer()
-    lm = lm or _lm(cfg)
+    if lm is None and not offload(cfg):
+        lm = _lm(cfg)
     plan = plan or plan_sweep(cfg, lm, timer)
     aside = plan.folder.with_name(plan.folder.name + ".replaced")
     if force and plan.folder.exists():
         shutil.rmtree(aside, ignore_errors=True)
         plan.folder.rename(aside)
         log.info("--force: the previous sweep is moved to %s until the new one has finished", aside)
+    scfg = sweep_config(cfg)
     val = timer(
-        "val set", lambda: _test_sets(sweep_config(cfg), lm, plan.corpus_dir, ("val",)).get("val"), False
+        "val set",
+        lambda: with_lm(cfg, lm, _test_sets_with, scfg, plan.corpus_dir, ("val",), name="val-set").get("val"),
+        False,
     )
     if val is None:
         raise StageError("the corpus has no validation documents; the sweep selects on validation")
@@ -324,7 +438,8 @@ def stage_eval(
     from ssae_ray.saes import load_sae
 
     timer = timer or Timer()
-    lm = lm or _lm(cfg)
+    if lm is None and not offload(cfg):
+        lm = _lm(cfg)
     plan = plan_sweep(cfg, lm, timer)
     out = plan.folder / "eval"
     ekey = stage_key(
@@ -343,11 +458,17 @@ def stage_eval(
         return out / "report.md"
     sweep = stage_sweep(cfg, retrain, lm, timer, plan)
     scfg = sweep_config(cfg)
-    tests = timer(
-        "test sets", lambda: _test_sets(scfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
-    )
-    gsaes = {h: load_sae(plan.gsae_dir / h, str(lm.device)) for h in scfg.sae.hooks}
-    outputs = timer("eval", lambda: evaluate_sweep(scfg, lm, sweep, gsaes, tests, out), False)
+
+    def evaluate(lm: Any) -> tuple[Any, list[dict[str, Any]]]:  # here or in a GPU task (test sets stay there)
+        tt = Timer()
+        tests = tt(
+            "test sets", lambda: _test_sets(scfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
+        )
+        gsaes = {h: load_sae(plan.gsae_dir / h, str(lm.device)) for h in scfg.sae.hooks}
+        return tt("eval", lambda: evaluate_sweep(scfg, lm, sweep, gsaes, tests, out), False), tt.rows
+
+    outputs, rows = with_lm(cfg, lm, evaluate, name="test-sets+eval")
+    timer.rows += rows
     stamp.write_text(ekey)
     extra = {f"retrieval/{s}": c for s, c in _selection_manifests(cfg).items()}
     extra["corpus"] = plan.corpus_dir / "manifest.json"
@@ -369,10 +490,11 @@ def _selection_manifests(cfg: Config) -> dict[str, Path]:
 def stage_autointerp(cfg: Config) -> Path:
     from ssae_ray.autointerp import run_autointerp
 
-    lm = _lm(cfg)
+    lm = None if offload(cfg) else _lm(cfg)
     report = stage_eval(cfg, lm=lm)
     corpus_dir = stage_corpus(cfg, lm)
-    return run_autointerp_on_best(cfg, lm, report.parent, corpus_dir, run_autointerp)
+    return with_lm(cfg, lm, lambda lm: run_autointerp_on_best(cfg, lm, report.parent, corpus_dir, run_autointerp),
+                   name="autointerp")  # fmt: skip
 
 
 def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Path, fn: Callable) -> Path:
@@ -416,20 +538,31 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     retrains the sweep and re-evaluates (upstream stages are reused: they are keyed by their inputs)."""
     timer = Timer()
     t0 = time.perf_counter()
-    lm = timer("load LM", lambda: _lm(cfg), False)
+    if os.environ.get("RAY_ADDRESS") or cfg.ray.address:  # a cluster: refuse what can never be placed
+        from ssae_ray.resources import check_schedulable
+        from ssae_ray.runtime import init_ray
+
+        init_ray(cfg.ray)
+        check_schedulable(cfg)
+    lm = None if offload(cfg) else timer("load LM", lambda: _lm(cfg), False)
     report = stage_eval(cfg, force, lm, timer, retrain=force)
     if cfg.autointerp.enabled:
         from ssae_ray.autointerp import run_autointerp
 
         def autointerp() -> Path:
-            import mlflow
-
-            from ssae_ray import tracking
-
-            mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
             parent = _sweep_run_id(cfg, report.parent.parent)  # results land in this sweep's parent run
-            with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
-                return run_autointerp_on_best(cfg, lm, report.parent, stage_corpus(cfg, lm), run_autointerp)
+            corpus_dir = stage_corpus(cfg, lm)
+
+            def body(lm: Any) -> Path:  # here, or in a GPU task when the driver holds no LM
+                import mlflow
+
+                from ssae_ray import tracking
+
+                mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+                with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
+                    return run_autointerp_on_best(cfg, lm, report.parent, corpus_dir, run_autointerp)
+
+            return with_lm(cfg, lm, body, name="autointerp")
 
         timer("autointerp", autointerp, False)
     timings = timer.write(report.parent / "timings.csv")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ssae_ray import tracking
-from ssae_ray.config import SELECT_METRICS, Config, from_dict
+from ssae_ray.config import SELECT_METRICS, Config, config_hash, from_dict
 from ssae_ray.stages import write_json_atomic
 
 log = logging.getLogger("ssae_ray")
@@ -159,18 +159,20 @@ def run_sweep(
     validation documents. Checks the tracking URI and every input before any trial starts."""
     from ray import tune
 
+    from ssae_ray.resources import check_schedulable
     from ssae_ray.runtime import init_ray
 
     uri = tracking.check_tracking(tracking.tracking_uri(cfg))
     gsae_dir = Path(gsae_dir)
     _check_inputs(cfg, gsae_dir, caches, val_set)
+    init_ray(cfg.ray)
+    check_schedulable(cfg, parts=("sweep", "gpu_tasks"))  # refuse what can never be placed, before any work
     out = Path(out_dir) if out_dir else cfg.root / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     client, exp_id = tracking.open_experiment(
         uri, tracking.experiment_name(cfg), cfg.root / "mlflow" / "mlartifacts"
     )
     parent = _parent_run(client, exp_id, uri, cfg, out)
-    init_ray(cfg.ray)
     ctx = {
         "cfg": cfg.to_dict(), "gsae_dir": str(gsae_dir), "caches": {k: str(v) for k, v in caches.items()},
         "out": str(out), "uri": uri, "exp_id": exp_id, "parent": parent,
@@ -215,9 +217,12 @@ def run_sweep(
 
 
 def _trial_resources(cfg: Config) -> dict[str, float]:
-    """Per-trial resources; a trial that only drives a Ray Train run may ask for 0 CPUs (Tune needs
-    some request, so it then asks for 1 MiB of memory)."""
-    res = {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial}
+    """Per-trial resources (`resources.trial_resources`: no GPU for a trial whose Ray Train workers
+    hold the GPUs); a trial asking for nothing asks Tune for 1 MiB of memory (it needs some request)."""
+    from ssae_ray.resources import trial_resources
+
+    res = trial_resources(cfg, True)
+    res = {"cpu": res["CPU"], "gpu": res["GPU"]}
     return {k: v for k, v in res.items() if v > 0} or {"memory": float(2**20)}
 
 
@@ -260,47 +265,109 @@ def _trial_fn(space: dict[str, Any], ctx: dict[str, Any], val_set: Any) -> None:
         for c in json.loads(done_file.read_text())["checkpoints"]:
             tune.report({**c["val"], "step": c["step"], "cached": 1})
         return
-    shutil.rmtree(tdir, ignore_errors=True)
-    tdir.mkdir(parents=True)
+    tdir.mkdir(parents=True, exist_ok=True)  # an unfinished trial's folder holds its checkpoint
     cfg = from_dict(ctx["cfg"])
     run_trial(cfg, trial, ctx, val_set, tdir, report=lambda m: tune.report(m))
 
 
+STATE_DIR = "state"
+"""`<trial>/state/`: the in-process trial's last checkpoint (SAEs + trainer state per hook, and
+`progress.json`: step, scored checkpoints, best, attempts); removed when the trial finishes."""
+
+
+def _child_run(client: Any, cfg: Config, trial: Trial, tc: Any, ctx: dict[str, Any], tdir: Path) -> str:
+    """The trial's MLflow child run: the one recorded in `<trial>/run.json` by an earlier,
+    interrupted attempt (reopened), else a new one (recorded before any work)."""
+    import dataclasses
+
+    rec = tdir / "run.json"
+    if rec.is_file():
+        rid = json.loads(rec.read_text())["run_id"]
+        try:
+            client.update_run(rid, status="RUNNING")
+            client.set_tag(rid, "ssae.resumed", "true")
+            return rid
+        except Exception as e:  # noqa: BLE001 - a tracking store that lost the run: start afresh
+            log.warning("trial %s: cannot reopen MLflow run %s (%s); starting a new one", trial.name, rid, e)
+    params = {**trial._asdict(), "trial": trial.name, **{f"train.{k}": v for k, v in
+              dataclasses.asdict(tc).items()}}  # fmt: skip
+    rid = tracking.start_run(client, ctx["exp_id"], trial.name, params, parent_run_id=ctx["parent"],
+                             tags={"ssae.kind": "trial", "ssae.strategy": trial.strategy})  # fmt: skip
+    write_json_atomic(rec, {"run_id": rid})
+    return rid
+
+
+def _val_metrics(cfg: Config, lm: Any, saes: dict[str, Any], val_set: Any) -> dict[str, float]:
+    """Validation metrics of `saes` (hook -> SAE): per hook and the means over hooks."""
+    from ssae_ray.eval.evaluate import evaluate_sae
+
+    val: dict[str, float] = {}
+    for h, sae in saes.items():
+        ev = evaluate_sae(lm, sae.to(lm.device), h, val_set, cfg.eval.batch_size)
+        val.update({f"val_ce/{h}": ev.ce_spliced, f"val_l0/{h}": ev.l0, f"val_fvu/{h}": ev.fvu})
+    for k in ("ce", "l0", "fvu"):
+        val[f"val_{k}"] = sum(val[f"val_{k}/{h}"] for h in saes) / len(saes)
+    return val
+
+
+def _score_saes(cfg: Config, lm_cache: str | None, folders: dict[str, str], val_set: Any) -> dict[str, float]:
+    """`_val_metrics` of the SAEs in `folders` (hook -> sae-lens folder) with the LM loaded on this
+    process's device (a GPU task's when run by `resources.on_gpu_worker`)."""
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import load_sae
+
+    lm = load_lm(cfg.model, lm_cache)
+    return _val_metrics(cfg, lm, {h: load_sae(Path(f), str(lm.device)) for h, f in folders.items()}, val_set)
+
+
 def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir: Path, report: Any) -> None:
     """Finetune the GSAEs for one grid point, scoring on validation every `checkpoint_every` steps;
-    keeps the best checkpoint on disk and writes `done.json` last. Logs a child MLflow run."""
+    keeps the best checkpoint on disk and writes `done.json` last. Logs a child MLflow run.
+
+    Preemption: an in-process trial saves its state (`<trial>/state/`) at every scored checkpoint,
+    and a trial that drives Ray Train keeps Train's checkpoints under `<trial>/ray_train/`; rerun
+    after a kill (of the driver, a node, the trial), it resumes from that checkpoint and continues
+    its MLflow child run (`<trial>/run.json`). The data order is a function of (seed, step), so
+    the resumed trial ends with the SAEs an uninterrupted one ends with."""
     import dataclasses
 
     import torch
 
-    from ssae_ray.eval.evaluate import evaluate_sae
-    from ssae_ray.models import load_lm
+    from ssae_ray.resources import on_gpu_worker, process_device
     from ssae_ray.saes import load_sae, save_sae
+    from ssae_ray.stages import atomic_dir
     from ssae_ray.training.cache import iter_cache_batches
     from ssae_ray.training.loop import make_trainers, run_steps
+    from ssae_ray.training.ray_train import load_checkpoint, save_checkpoint
 
     torch.manual_seed(trial.seed)
     knob = {"k": trial.lam} if cfg.sweep.knob == "k" else {"lam": trial.lam}
     tc = dataclasses.replace(cfg.train, **knob, tilt=trial.tilt, seed=trial.seed)
     hooks = list(cfg.sae.hooks)
     client, _ = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))
-    params = {**trial._asdict(), "trial": trial.name, **{f"train.{k}": v for k, v in
-              dataclasses.asdict(tc).items()}}  # fmt: skip
-    rid = tracking.start_run(client, ctx["exp_id"], trial.name, params, parent_run_id=ctx["parent"],
-                             tags={"ssae.kind": "trial", "ssae.strategy": trial.strategy})  # fmt: skip
+    state_dir = tdir / STATE_DIR
+    key = config_hash([dataclasses.asdict(tc), hooks, ctx["gsae_dir"], ctx["caches"][trial.strategy]])
+    if (state_dir / "progress.json").is_file() and json.loads((state_dir / "progress.json").read_text()).get(
+        "key"
+    ) != key:  # a checkpoint of other settings (an out dir reused by hand): start afresh
+        log.warning(
+            "trial %s: the checkpoint under %s has other settings; starting from step 0", trial.name, tdir
+        )
+        shutil.rmtree(state_dir)
+        (tdir / "run.json").unlink(missing_ok=True)
+    rid = _child_run(client, cfg, trial, tc, ctx, tdir)
     try:
-        lm = load_lm(cfg.model, ctx["lm_cache"])
-        checkpoints: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None
+        progress = (
+            json.loads((state_dir / "progress.json").read_text())
+            if (state_dir / "progress.json").is_file()
+            else {}
+        )
+        checkpoints: list[dict[str, Any]] = progress.get("checkpoints", [])
+        best: dict[str, Any] | None = progress.get("best")
+        attempts: list[dict[str, int]] = progress.get("attempts", [])
 
-        def score(step: int, saes: dict[str, Any]) -> None:
+        def record(step: int, val: dict[str, float], saes: dict[str, Any]) -> None:
             nonlocal best
-            val: dict[str, float] = {}
-            for h, sae in saes.items():
-                ev = evaluate_sae(lm, sae, h, val_set, cfg.eval.batch_size)
-                val.update({f"val_ce/{h}": ev.ce_spliced, f"val_l0/{h}": ev.l0, f"val_fvu/{h}": ev.fvu})
-            for k in ("ce", "l0", "fvu"):
-                val[f"val_{k}"] = sum(val[f"val_{k}/{h}"] for h in hooks) / len(hooks)
             rec = {"step": step, "val": val, "path": None}
             metric = cfg.sweep.select_metric
             finite = all(math.isfinite(v) for v in val.values())
@@ -309,10 +376,14 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
                             _nonfinite_text(val))  # fmt: skip
             if finite and (best is None or val[metric] < best["val"][metric]):
                 path = tdir / "best"
-                for h, sae in saes.items():
-                    save_sae(sae, path / h)
-                if best is not None:
-                    best["path"] = None
+                with atomic_dir(path) as tmp:
+                    for h, sae in saes.items():
+                        if isinstance(sae, str | Path):
+                            shutil.copytree(sae, tmp / h)
+                        else:
+                            save_sae(sae.to("cpu"), tmp / h)
+                for c in checkpoints:
+                    c["path"] = None
                 rec["path"] = str(path)
                 best = rec
             checkpoints.append(rec)
@@ -327,31 +398,54 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
             from ssae_ray.training.ray_train import run_finetune
 
             tcfg = cfg.replace(train=dataclasses.asdict(tc))
+            # Same run name and storage on a rerun: Ray Train restores its latest checkpoint.
             final = run_finetune(tcfg, ctx["gsae_dir"], ctx["caches"][trial.strategy], tdir / "finetune",
                                  storage_path=tdir / "ray_train")  # fmt: skip
             log_train(json.loads((final / "history.json").read_text()))
-            score(tc.steps, {h: load_sae(final / h, str(lm.device)) for h in hooks})
-        else:  # in-process loop, scored every `checkpoint_every` steps
-            gsaes = {h: load_sae(Path(ctx["gsae_dir"]) / h, str(lm.device)) for h in hooks}
-            batches = iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed)
-            first = next(batches)
-            trainers = make_trainers(tc, gsaes, first, str(lm.device))
+            # The trial holds no GPU (its Train workers did): score on a GPU worker when there is one.
+            paths = {h: str(final / h) for h in hooks}
+            val = on_gpu_worker(_score_saes, cfg, ctx["lm_cache"], paths, val_set, name=f"score-{trial.name}")
+            record(tc.steps, val, paths)
+            attempts.append({"start": 0, "end": tc.steps})
+            trained_on = f"ray-train:{tc.num_workers} workers"
+        else:  # in-process loop, scored and checkpointed every `checkpoint_every` steps
+            device = trained_on = str(process_device(cfg.model.device))
+            gsaes = {h: load_sae(Path(ctx["gsae_dir"]) / h, device) for h in hooks}
+            first = next(
+                iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed)
+            )
+            trainers = make_trainers(tc, gsaes, first, device)
+            start = load_checkpoint(state_dir, trainers) if progress else 0
+            if start:
+                log.info("trial %s resumes at step %d of %d", trial.name, start, tc.steps)
+            batches = iter_cache_batches(ctx["caches"][trial.strategy], hooks, tc.batch_tokens, seed=tc.seed,
+                                         start_step=start)  # fmt: skip
             pending: list[dict[str, float]] = []
             every = max(1, min(cfg.train.checkpoint_every, tc.steps))
+            attempts.append({"start": start, "end": start})
 
             def on_step(step: int, m: dict[str, float]) -> None:
                 pending.append(m)
+                attempts[-1]["end"] = step + 1
                 if len(pending) >= 20 or step + 1 == tc.steps:
                     log_train(pending)
                     pending.clear()
                 if (step + 1) % every == 0 or step + 1 == tc.steps:
-                    score(step + 1, {h: tr.export() for h, tr in trainers.items()})
+                    log_train(pending)
+                    pending.clear()
+                    saes = {h: tr.export() for h, tr in trainers.items()}
+                    record(step + 1, _score_saes_with(lm_holder, cfg, ctx, saes, val_set), saes)
+                    with atomic_dir(state_dir) as tmp:
+                        save_checkpoint(tmp, trainers, step + 1)
+                        write_json_atomic(tmp / "progress.json", {"step": step + 1, "key": key, "checkpoints": checkpoints,
+                                                                  "best": best, "attempts": attempts})  # fmt: skip
 
-            it = itertools.chain([first], batches)
-            history = run_steps(trainers, it, 0, tc.steps, callback=on_step, progress=False, desc=trial.name)
+            lm_holder: dict[str, Any] = {}
+            run_steps(trainers, batches, start, tc.steps, callback=on_step, progress=False, desc=trial.name)
             log_train(pending)
-            if not checkpoints or checkpoints[-1]["step"] != len(history):
-                score(len(history), {h: tr.export() for h, tr in trainers.items()})
+            if not checkpoints or checkpoints[-1]["step"] != attempts[-1]["end"]:
+                saes = {h: tr.export() for h, tr in trainers.items()}
+                record(attempts[-1]["end"], _score_saes_with(lm_holder, cfg, ctx, saes, val_set), saes)
         if best is None:
             first = checkpoints[0] if checkpoints else {"step": 0, "val": {}}
             raise SweepError(
@@ -359,9 +453,10 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
                 f"{_nonfinite_text(first['val'])}); it diverged: lower train.lr or the λ"
             )
         client.log_artifacts(rid, best["path"], "ssae")
-        write_json_atomic(
-            tdir / "done.json", {"trial": trial._asdict(), "run_id": rid, "checkpoints": checkpoints}
-        )
+        write_json_atomic(tdir / "done.json", {"trial": trial._asdict(), "run_id": rid, "checkpoints": checkpoints,
+                                               "device": trained_on,
+                                               "attempts": attempts})  # fmt: skip
+        shutil.rmtree(tdir / STATE_DIR, ignore_errors=True)  # only the best SAEs stay
         client.log_artifact(rid, str(tdir / "done.json"))
         tracking.log_metrics(
             client, rid, {f"best_{k}": v for k, v in best["val"].items()} | {"best_step": best["step"]}
@@ -370,3 +465,13 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
     except BaseException:
         tracking.end_run(client, rid, "FAILED")
         raise
+
+
+def _score_saes_with(holder: dict[str, Any], cfg: Config, ctx: dict[str, Any], saes: dict[str, Any],
+                     val_set: Any) -> dict[str, float]:  # fmt: skip
+    """`_val_metrics` with the LM loaded once per trial, on the trial's device (kept in `holder`)."""
+    from ssae_ray.models import load_lm
+
+    if "lm" not in holder:
+        holder["lm"] = load_lm(cfg.model, ctx["lm_cache"])
+    return _val_metrics(cfg, holder["lm"], saes, val_set)

@@ -227,10 +227,12 @@ class Embedder:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from ssae_ray.resources import process_device
+
+        device = str(process_device())  # the GPU this actor was given, else cpu
         self.model = load_encoder(EmbedModel(**model), max_tokens, device)
         self.precision = None
-        if device == "cuda" and fp16:
+        if device.startswith("cuda") and fp16:
             self.model.half()
         else:
             self.precision = prec.choose(precision, device, "retriever embedding")

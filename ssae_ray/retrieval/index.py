@@ -244,7 +244,10 @@ def _embed_shards(cfg: Config, work: Path, passages: list[dict[str, Any]], model
         str(work / p["file"]): i for i, p in enumerate(passages) if not (emb_dir / _emb_name(i)).is_file()
     }
     if pending:
-        n_gpus = ray.cluster_resources().get("GPU", 0)
+        from ssae_ray.resources import check_schedulable, cluster_has_gpus
+
+        check_schedulable(cfg, parts=("index",))  # the actor pool must fit at once, or it waits forever
+        n_gpus = 1 if cluster_has_gpus() else 0  # GPUs now or at the autoscaler's maximum
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = r.embed_threads or max(1, cpus // r.num_embed_actors)
         rows = {path: passages[i]["rows"] for path, i in pending.items()}

@@ -28,10 +28,15 @@ def run_bias_in_bios(
 
     from ssae_ray import tracking
     from ssae_ray.models import load_lm
+    from ssae_ray.pipeline import offload
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
     if uri:  # fail before the work, not after it
         tracking.check_tracking(uri)
+    if offload(cfg):  # a CPU head driving a GPU cluster: the whole experiment runs on one GPU worker
+        from ssae_ray.resources import on_gpu_worker
+
+        return on_gpu_worker(run_bias_in_bios, cfg, out_dir, with_ssae, with_compressed, name="bias-in-bios")
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     bar = tqdm(desc="bias-in-bios", bar_format="{desc}: {elapsed} {postfix}")

@@ -272,3 +272,53 @@ def iter_cache_batches(path: str | Path, hooks: Sequence[str], batch_tokens: int
 def describe(path: str | Path) -> str:
     info = open_cache(path)
     return json.dumps({"tokens": info.n_tokens, "hooks": info.hooks, "dtype": info.dtype})
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizing
+
+
+class CachePlan(NamedTuple):
+    texts: list[str]
+    """The texts to capture (seeded-shuffled when the cap binds, so the cap keeps a random subset)."""
+    max_tokens: int | None
+    """Token cap passed to `cache_activations` (None: the whole selection fits under it)."""
+    n_tokens: int
+    """Tokens the cache will hold (exact when the tokenizer was given, else the cap)."""
+    bytes: int
+    """Its size on disk: activations of every hook at `train.cache_dtype` + 24 B/token of ids."""
+    cached: bool
+    """Already built (nothing to capture, no disk needed)."""
+    path: Path
+
+
+def train_tokens(tokenizer: Any, texts: Sequence[str], context_len: int) -> int:
+    """Tokens `lm_activations` yields for `texts`: each context of >= 2 tokens minus its position 0."""
+    n = 0
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        for s in range(0, len(ids), context_len):
+            k = len(ids[s : s + context_len])
+            n += k - 1 if k >= 2 else 0
+    return n
+
+
+def cache_plan(cfg: Config, texts: Sequence[str], hooks: Sequence[str], d_in: dict[str, int],
+               tokenizer: Any = None) -> CachePlan:  # fmt: skip
+    """What to capture for a sweep: `steps × batch_tokens × (1 + cache_margin)` tokens (what one
+    trial reads, plus the margin), or the whole selection when it is smaller; and its disk size."""
+    import math
+    import random
+
+    tc = cfg.train
+    need = math.ceil(tc.steps * tc.batch_tokens * (1 + max(0.0, tc.cache_margin)))
+    have = train_tokens(tokenizer, texts, cfg.model.context_len) if tokenizer is not None else None
+    texts = list(texts)
+    if have is not None and have <= need:
+        max_tokens, n = None, have
+    else:
+        random.Random(cfg.seed).shuffle(texts)  # the cap keeps a random subset, not the top-ranked
+        max_tokens, n = need, need if have is None else min(have, need)
+    item = 4 if tc.cache_dtype == "float32" else 2
+    size = n * (sum(d_in[h] for h in hooks) * item + 24)
+    path = Path(cfg.root).expanduser() / "activations" / cache_key(cfg, texts, hooks, max_tokens)
+    return CachePlan(texts, max_tokens, n, size, read_manifest(path) is not None, path)

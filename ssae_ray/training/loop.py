@@ -200,6 +200,7 @@ class HookTrainer:
             )
         x = x * self.act_scale
         lam = self.lam.lam
+        glob: dict[str, float] = {}
         if gather is None:
             scale = self.scale.value
 
@@ -213,6 +214,7 @@ class HookTrainer:
                 all_l, off = gather(losses.detach())
                 s = self.scale.value if self.scale.value is not None else float(all_l.mean())
                 t = tc.tilt / s if tc.tilt_mode == "scaled" else tc.tilt
+                glob["objective"] = float(tilted_loss(all_l, tc.tilt, tc.tilt_mode, s))  # the global value
                 return (term_weights(all_l, t)[off : off + losses.shape[0]] * losses).sum()
 
         out = self.loss_and_grads(x, lam, objective)
@@ -225,11 +227,14 @@ class HookTrainer:
             group["lr"] = lr
         for p, g in zip(self.params, out.grads, strict=True):
             p.grad = g
-        return {"out": out, "x": x, "lam": lam}
+        return {"out": out, "x": x, "lam": lam, "global": glob}
 
     @torch.no_grad()
-    def apply(self, pending: dict[str, Any]) -> dict[str, float]:
-        """Take the optimizer step (after any gradient all-reduce) and compute the step's metrics."""
+    def apply(self, pending: dict[str, Any], collective: Any = None) -> dict[str, float]:
+        """Take the optimizer step (after any gradient all-reduce) and compute the step's metrics.
+        Data parallel (`collective`, a `training.collective.DistCollective`): the step's statistics,
+        and so the loss scale, the adaptive λ's L0 and the dead-latent counters, are those of the
+        global batch, as in one process."""
         project_decoder_grad(self.W_dec)
         self.opt.step()
         normalize_decoder(self.W_dec)
@@ -239,9 +244,14 @@ class HookTrainer:
             th.clamp_(min=0.0)  # as sae-lens: below 0 the gate would pass negative pre-activations
         elif self.arch == "batchtopk" and th is not None:
             kept = out.f[out.f > 0]
-            if kept.numel():  # sae-lens: θ <- (1 - r) θ + r min(kept activation)
+            low = kept.min() if kept.numel() else torch.tensor(float("inf"), device=th.device)
+            if collective is not None:  # the global batch's minimum
+                low = -collective.max(-low.reshape(1))[0]
+            if bool(torch.isfinite(low)):  # sae-lens: θ <- (1 - r) θ + r min(kept activation)
                 r = self.tc.topk_threshold_lr
-                th.mul_(1 - r).add_(r * kept.min().float())
+                th.mul_(1 - r).add_(r * low.float())
+        if collective is not None:
+            return self._metrics(self._global_stats(pending, collective), pending)
         n = x.shape[0]
         tl = out.losses
         scale = self.scale.value if self.scale.value is not None else float(tl.loss.mean())
@@ -260,6 +270,43 @@ class HookTrainer:
             out.objective.double(),
         ]).tolist()  # fmt: skip
         l0, dead, sse, var, mean_loss, l1, sparsity, eff, obj = stats
+        return self._metrics(dict(n=n, l0=l0, dead=dead, sse=sse, var=var, loss=mean_loss, l1=l1,
+                                  sparsity=sparsity, eff=eff, obj=obj, scale=scale), pending)  # fmt: skip
+
+    def _global_stats(self, pending: dict[str, Any], coll: Any) -> dict[str, float]:
+        """The step's statistics over every replica's tokens (sums all-reduced, fired latents max-reduced)."""
+        out, x = pending["out"], pending["x"]
+        tl, w = out.losses, out.weights.double()
+        local = torch.stack([
+            torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+            torch.sign(out.f).sum(dtype=torch.float64),  # f may be bf16
+            tl.sse.double().sum(),
+            x.double().pow(2).sum(),
+            tl.loss.double().sum(),
+            (tl.l1.double() if self.arch == "relu" else out.f.sum(-1, dtype=torch.float64)).sum(),
+            tl.l1.double().sum(),
+            w.sum(),
+            w.pow(2).sum(),
+        ])  # fmt: skip
+        tot = coll.sum(torch.cat([local, x.double().sum(0)]))
+        n, nnz, sse, x2, loss, l1, sparsity, w1, w2 = tot[:9].tolist()
+        xsum = tot[9:]
+        fired = coll.max((out.f.amax(0) > 0).to(torch.uint8)) > 0
+        scale = self.scale.value if self.scale.value is not None else loss / n
+        self.tokens_since_fired += int(n)
+        self.tokens_since_fired[fired] = 0
+        return dict(
+            n=n, l0=nnz / n, dead=float((self.tokens_since_fired >= self.tc.dead_window_tokens).sum()),
+            sse=sse, var=max(x2 - float(xsum.pow(2).sum()) / n, 1e-12), loss=loss / n, l1=l1 / n,
+            sparsity=sparsity / n, eff=w1**2 / max(w2, 1e-300) / n, obj=pending["global"]["objective"],
+            scale=scale,
+        )  # fmt: skip
+
+    def _metrics(self, st: dict[str, float], pending: dict[str, Any]) -> dict[str, float]:
+        """Update the loss scale and λ controller from the step's statistics; the metrics dict."""
+        l0, dead, sse, var, mean_loss, l1, sparsity, eff, obj, scale, n = (
+            st[k] for k in ("l0", "dead", "sse", "var", "loss", "l1", "sparsity", "eff", "obj", "scale", "n")
+        )
         self.scale.update(mean_loss)
         self.lam.update(l0)
         h = self.hook
@@ -357,15 +404,20 @@ def train_step(
     steps: int,
     gather: Gather | None = None,
     allreduce: Callable[[list[Tensor]], None] | None = None,
+    collective: Any = None,
 ) -> dict[str, float]:
-    """One step of every SAE on one batch (each SAE's graph is freed before the next is built)."""
+    """One step of every SAE on one batch (each SAE's graph is freed before the next is built).
+    Data parallel: pass a `training.collective.DistCollective` (or its `gather` / `allreduce`
+    alone, which leaves the step's statistics per replica)."""
+    if collective is not None:
+        gather, allreduce = collective.gather, collective.allreduce
     metrics: dict[str, float] = {}
     for h, tr in trainers.items():
         lr = lr_at(tr.tc, step, steps)
         pending = tr.step(batch[h], lr, step, gather)
         if allreduce is not None:
             allreduce([p.grad for p in tr.params])
-        metrics.update(tr.apply(pending))
+        metrics.update(tr.apply(pending, collective))
         metrics["lr"] = lr
     return metrics
 
@@ -389,6 +441,7 @@ def run_steps(
     on_step: Callable[[int], None] | None = None,
     desc: str = "finetune",
     stop: int | None = None,
+    collective: Any = None,
 ) -> list[dict[str, float]]:
     """Steps `start .. stop-1` of a `steps`-step run (lr schedule over `steps`); metrics per step
     (tokens/s included) go to `callback` and the returned history."""
@@ -406,7 +459,7 @@ def run_steps(
                 log.warning("%s: the activations ran out after %d of %d steps", desc, step, steps)
                 break
             n = next(iter(batch.values())).shape[0]
-            m = summarize(train_step(trainers, batch, step, steps, gather, allreduce), trainers)
+            m = summarize(train_step(trainers, batch, step, steps, gather, allreduce, collective), trainers)
             dt = time.perf_counter() - t0
             tokens += n
             m.update(step=float(step), tokens=float(tokens), tokens_per_s=n / max(dt, 1e-9))

@@ -33,8 +33,10 @@ from typing import Any
 import torch
 
 from ssae_ray.config import Config, from_dict
+from ssae_ray.resources import cluster_gpus_have_cuda, cluster_has_gpus, gpu_unit, process_device
 from ssae_ray.stages import atomic_dir, read_manifest, stage_key, write_json_atomic
 from ssae_ray.training.cache import iter_cache_batches, open_cache
+from ssae_ray.training.collective import DistCollective
 from ssae_ray.training.loop import HookTrainer, check_train_config, make_trainers, run_steps
 from ssae_ray.training.losses import TrainingError
 
@@ -107,25 +109,6 @@ def _load_gsaes(cfg: Config, gsae_dir: Path, hooks: list[str]) -> dict[str, Any]
     return saes
 
 
-def _dist_ops():  # noqa: ANN202
-    import torch.distributed as dist
-
-    def gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts), dist.get_rank() * x.shape[0]
-
-    def allreduce(grads: list[torch.Tensor]) -> None:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        off = 0
-        for g in grads:
-            g.copy_(flat[off : off + g.numel()].view_as(g))
-            off += g.numel()
-
-    return gather, allreduce
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function of the TorchTrainer."""
     import ray.train
@@ -134,17 +117,19 @@ def train_worker(config: dict[str, Any]) -> None:
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = process_device()  # this worker's GPU (its place in the node's shared list), else cpu
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if config["placement"] == "by_hook":
         mine, dp_rank, dp_world = config["assignment"][rank], 0, 1
-        gather = allreduce = None
-    else:
+        coll = None
+    else:  # replicas: gradients and the step's statistics reduced over the global batch
         mine, dp_rank, dp_world = config["hooks"], rank, world
-        gather, allreduce = _dist_ops()
+        coll = DistCollective()  # tensors on the backend's device: cuda for NCCL, cpu for gloo
     saes = _load_gsaes(cfg, Path(config["gsae_dir"]), mine)
-    first = next(
-        iter_cache_batches(config["cache_dir"], mine, tc.batch_tokens, tc.seed, 0, dp_rank, dp_world)
-    )
-    trainers = make_trainers(tc, saes, first)
+    # the whole first batch (not this replica's slice): the activation scale is the single process's
+    first = next(iter_cache_batches(config["cache_dir"], mine, tc.batch_tokens, tc.seed, 0, 0, 1))
+    trainers = make_trainers(tc, saes, first, str(device))
     start = 0
     ckpt = ray.train.get_checkpoint()
     history: list[dict[str, float]] = []
@@ -168,7 +153,7 @@ def train_worker(config: dict[str, Any]) -> None:
     while step < tc.steps:
         stop = min((step // tc.checkpoint_every + 1) * tc.checkpoint_every, tc.steps)
         hist = run_steps(trainers, batches, step, tc.steps, None, config["progress"] and rank == 0,
-                         gather, allreduce, maybe_fail, f"finetune[{rank}]", stop)  # fmt: skip
+                         None, None, maybe_fail, f"finetune[{rank}]", stop, collective=coll)  # fmt: skip
         history += [{k: v for k, v in m.items() if k.split("/")[0] in mine or "/" not in k} for m in hist]
         step = stop
         metrics = {k: v for k, v in (history[-1] if history else {}).items()}
@@ -198,7 +183,7 @@ def run_finetune(
     An `out_dir` already finished with the same inputs is returned as is. `fail_at_step` kills
     worker 0 once at that step (to test recovery)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.train
     check_train_config(tc)
@@ -227,10 +212,17 @@ def run_finetune(
         "cache_dir": str(cache_dir.resolve()), "assignment": assign_hooks(costs, n_workers),
         "progress": progress, "fail_at_step": fail_at_step, "fail_marker": marker,
     }  # fmt: skip
+    # One GPU per worker when the cluster has GPUs (asked of the cluster, not of this process: the
+    # driver may sit on a CPU head); NCCL when those GPUs are CUDA devices, else gloo.
+    use_gpu = cluster_has_gpus()
+    backend = "nccl" if use_gpu and cluster_gpus_have_cuda() else "gloo"
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=torch.cuda.is_available()),
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(
+            num_workers=n_workers, use_gpu=use_gpu, resources_per_worker=gpu_unit(use_gpu)
+        ),
         run_config=RunConfig(
             name=f"finetune-{key}",
             storage_path=str(storage),
