@@ -216,8 +216,8 @@ def _encoder_grads(xc: Tensor, dpre: Tensor, W_enc: Tensor, db_dec: Tensor) -> t
     """dW_enc, db_enc and db_dec (the decoder-side part plus the path through the encoder input
     x - b_dec: -(sum_i dpre_i) W_enc^T, a matrix-vector product). `xc` and `dpre` may be bf16 (the
     matmul dtype); the gradients come out fp32 and the sum is reduced in fp32."""
-    db_enc = dpre.sum(0, dtype=torch.float32)
-    return (xc.T @ dpre.to(xc.dtype)).float(), db_enc, db_dec.sub_(W_enc @ db_enc)
+    db_enc = dpre.sum(0, dtype=W_enc.dtype)
+    return (xc.T @ dpre.to(xc.dtype)).to(W_enc.dtype), db_enc, db_dec.sub_(W_enc @ db_enc)
 
 
 def _affine(bias: Tensor, a: Tensor, w: Tensor) -> Tensor:
@@ -235,7 +235,7 @@ def _lo(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 @torch.no_grad()
 def sae_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, lam: float,
-                       objective: Callable[[Tensor], Tensor], mm: torch.dtype = torch.float32) -> SAEStep:  # fmt: skip
+                       objective: Callable[[Tensor], Tensor], mm: torch.dtype | None = None) -> SAEStep:  # fmt: skip
     """Eq. 1 per token and the exact gradient of `objective(per-token losses)` (ERM mean, TERM)
     by a hand-written backward: autograd runs only on the [N] loss vector, whose gradient g_i
     (1/N for ERM, softmax(t L)_i for TERM) weights each token. Same values as autograd through
@@ -245,17 +245,18 @@ def sae_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     `mm=torch.bfloat16` runs the five [N, *] matmuls in bf16 (fp32 accumulation) on bf16 copies
     of x - b_dec, the weights and f; the reconstruction error, per-token losses, TERM weights and
     every gradient stay fp32 (the weights passed in are the fp32 masters)."""
+    mm = mm or x.dtype
     xc = x - b_dec
     xl, We, Wd = _lo(xc, mm), _lo(W_enc, mm), _lo(W_dec, mm)
     f = torch.addmm(_lo(b_enc, mm), xl, We).relu_()  # [N, d_sae] in the matmul dtype
     e = _affine(b_dec, f, Wd).sub_(x)  # x_hat - x, fp32
     sse = e.pow(2).sum(-1)
-    l1 = f.sum(-1, dtype=torch.float32)
+    l1 = f.sum(-1, dtype=x.dtype)
     loss = sse + lam * l1
     obj, g = _token_weights(loss, objective, x.dtype)
     de = e.mul_(2 * g)  # d obj / d x_hat
     dl = _lo(de, mm)
-    dW_dec = (f.T @ dl).float()
+    dW_dec = (f.T @ dl).to(x.dtype)
     db_dec = de.sum(0)
     dpre = torch.ops.aten.threshold_backward(torch.addmm(_lo(lam * g, mm), dl, Wd.T), f, 0.0)
     dW_enc, db_enc, db_dec = _encoder_grads(xl, dpre, W_enc, db_dec)
@@ -274,7 +275,7 @@ def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
 @torch.no_grad()
 def jumprelu_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                             threshold: Tensor, lam: float, bandwidth: float,
-                            objective: Callable[[Tensor], Tensor], mm: torch.dtype = torch.float32) -> SAEStep:  # fmt: skip
+                            objective: Callable[[Tensor], Tensor], mm: torch.dtype | None = None) -> SAEStep:  # fmt: skip
     """Per token L_i = ||x_i - x_hat_i||^2 + lam * L0_i with f = pre [pre > θ] and L0_i = sum_j
     [pre_ij > θ_j], and the gradient of `objective(L)` w.r.t. (W_enc, b_enc, W_dec, b_dec, θ).
 
@@ -287,6 +288,7 @@ def jumprelu_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tens
     stays fp32: the threshold's straight-through gradient counts tokens whose pre-activation lies
     within ε/2 of θ, and bf16 pre-activations (3 significant digits) moved it by 20% (measured,
     tests/test_precision.py), where the other gradients moved by under 1%."""
+    mm = mm or x.dtype
     xc = x - b_dec
     xl, Wd = _lo(xc, mm), _lo(W_dec, mm)
     pre = torch.addmm(b_enc, xc, W_enc)
@@ -300,9 +302,9 @@ def jumprelu_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tens
     obj, g = _token_weights(loss, objective, x.dtype)
     de = e.mul_(2 * g)
     dl = _lo(de, mm)
-    dW_dec = (fl.T @ dl).float()
+    dW_dec = (fl.T @ dl).to(x.dtype)
     db_dec = de.sum(0)
-    dfeat = (dl @ Wd.T).float()  # d obj / d f
+    dfeat = (dl @ Wd.T).to(x.dtype)  # d obj / d f
     window = ((pre - threshold).abs_() < bandwidth / 2).to(x.dtype)
     dthreshold = (threshold * (dfeat * window).sum(0)).add_(g[:, 0] @ window, alpha=lam).div_(-bandwidth)
     dpre = dfeat.mul_(gate)
@@ -335,7 +337,7 @@ def batch_topk_acts(pre: Tensor, k: float) -> Tensor:
 def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: float,
                         objective: Callable[[Tensor], Tensor], batch: bool = False, select: Tensor | None = None,
                         dead: Tensor | None = None, aux_coefficient: float = 1.0,
-                        mm: torch.dtype = torch.float32) -> SAEStep:  # fmt: skip
+                        mm: torch.dtype | None = None) -> SAEStep:  # fmt: skip
     """Per token L_i = ||x_i - x_hat_i||^2 + aux_i for TopK (`batch=False`, exactly k latents per
     token) or BatchTopK (`batch=True`, k per token on average over the batch), and the gradient of
     `objective(L)` w.r.t. (W_enc, b_enc, W_dec, b_dec). The selection is piecewise constant:
@@ -348,6 +350,7 @@ def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     With `mm=torch.bfloat16` the decoder and backward matmuls run in bf16; the encoder matmul stays
     fp32, as for JumpReLU: the top-k choice among near-equal bf16 pre-activations flipped latents
     and moved per-token losses by 2% on a random SAE (measured, tests/test_precision.py)."""
+    mm = mm or x.dtype
     xc = x - b_dec
     xl, Wd = _lo(xc, mm), _lo(W_dec, mm)
     pre = torch.addmm(b_enc, xc, W_enc)
@@ -367,7 +370,7 @@ def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
         aux_acts = torch.zeros_like(pre_dead).scatter_(-1, top.indices, top.values)
         aux_mask = torch.zeros_like(pre_dead, dtype=torch.bool).scatter_(-1, top.indices, True)
         W_dead = _lo(W_dec[cols], mm)
-        r = (_lo(aux_acts, mm) @ W_dead).float().add_(e)  # ê - (x - x_hat)
+        r = (_lo(aux_acts, mm) @ W_dead).to(x.dtype).add_(e)  # ê - (x - x_hat)
         aux = alpha * r.pow(2).sum(-1)
     else:
         aux = torch.zeros_like(sse)
@@ -375,13 +378,13 @@ def topk_loss_and_grads(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     obj, g = _token_weights(loss, objective, x.dtype)
     de = e.mul_(2 * g)
     dl = _lo(de, mm)
-    dW_dec = (fl.T @ dl).float()
+    dW_dec = (fl.T @ dl).to(x.dtype)
     db_dec = de.sum(0)
-    dpre = (dl @ Wd.T).float().mul_(f > 0)
+    dpre = (dl @ Wd.T).to(x.dtype).mul_(f > 0)
     if aux_acts is not None:
         dr = r.mul_(2 * alpha * g)  # d obj / d ê; the residual is detached
         drl = _lo(dr, mm)
-        dW_dec.index_add_(0, cols, (_lo(aux_acts, mm).T @ drl).float())
-        dpre.index_add_(1, cols, (drl @ W_dead.T).float().mul_(aux_mask))
+        dW_dec.index_add_(0, cols, (_lo(aux_acts, mm).T @ drl).to(x.dtype))
+        dpre.index_add_(1, cols, (drl @ W_dead.T).to(x.dtype).mul_(aux_mask))
     dW_enc, db_enc, db_dec = _encoder_grads(xl, dpre, W_enc, db_dec)
     return SAEStep(TokenLosses(loss, sse, aux), obj, (dW_enc, db_enc, dW_dec, db_dec), f, g[:, 0])
