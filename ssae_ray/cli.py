@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "sweep": "Ray Tune sweep over lambda x tilt x seed x strategy, logged to MLflow",
     "eval": "evaluate the GSAEs and the best SSAEs on the test sets; write the report",
     "autointerp": "score SSAE features with Claude (or the offline backend)",
+    "dashboard": "build the feature dashboard (HTML site, GSAE->SSAE diff, Neuronpedia export)",
     "shift": "SHIFT on Bias in Bios (or its offline analogue)",
     "physics": "the whole pipeline: corpus -> index -> retrieve -> finetune sweep -> eval -> report",
     "mlflow": "start a local MLflow tracking server (SQLite, 127.0.0.1) and print its URL",
@@ -106,6 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "sweep": lambda c: pipeline.stage_sweep(c, force=args.force),
         "eval": lambda c: pipeline.stage_eval(c, force=args.force),
         "autointerp": pipeline.stage_autointerp,
+        "dashboard": pipeline.stage_dashboard,
         "shift": pipeline.stage_shift,
         "physics": lambda c: pipeline.run_physics(c, force=args.force),
     }

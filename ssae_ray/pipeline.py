@@ -360,6 +360,15 @@ def stage_autointerp(cfg: Config) -> Path:
 
 def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Path, fn: Callable) -> Path:
     """Score the GSAE and the best SSAE of each strategy at the first hook on the in-domain test set."""
+    saes, hook, texts = best_saes(cfg, lm, eval_dir, corpus_dir)
+    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+
+
+def best_saes(
+    cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Path
+) -> tuple[dict[str, Any], str, list[str]]:
+    """(the GSAE and every best-per-λ SSAE by auto-interp name, the first sweep hook, the in-domain
+    test texts)."""
     from ssae_ray.saes import load_sae
 
     sweep_dir = eval_dir.parent
@@ -374,8 +383,43 @@ def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Pat
             path = Path(r["best_path"]) / hook
             if path.is_dir():
                 saes[name] = load_sae(path, str(lm.device))
-    texts = _texts(corpus_dir, "test")
-    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+    return saes, hook, _texts(corpus_dir, "test")
+
+
+def stage_dashboard(
+    cfg: Config, lm: Any = None, report: Path | None = None, autointerp: Callable | None = None
+) -> Path:
+    """The feature dashboard of the sweep (`<sweep>/dashboard`), logged to the sweep's parent run.
+    With `autointerp` (`run_autointerp`), auto-interp runs on the same in-domain LM pass."""
+    from ssae_ray.dashboard import build_sweep_dashboard, log_dashboard
+
+    lm = lm or _lm(cfg)
+    report = report or stage_eval(cfg, lm=lm)
+    corpus_dir = stage_corpus(cfg, lm)
+    gsae_dir = stage_gsaes(cfg, lm, corpus_dir)
+    extra: dict[str, tuple[Any, str]] = {}
+    run_ai = None
+    if autointerp is not None:
+        saes, hook, texts = best_saes(cfg, lm, report.parent, corpus_dir)
+        extra = {n: (s, hook) for n, s in saes.items()}
+
+        def run_ai(indexes: dict[str, Any]) -> Path:
+            return autointerp(
+                cfg, lm, saes, hook, texts, report.parent.parent / "autointerp", indexes=indexes
+            )
+
+    out = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, _texts(corpus_dir, "test"),
+                                _texts(corpus_dir, "general_test"), run_ai, extra)  # fmt: skip
+    try:
+        from ssae_ray import tracking
+
+        run_id = _sweep_run_id(cfg)
+        if run_id:
+            log_dashboard(tracking.tracking_uri(cfg), run_id, out)
+            log.info("dashboard logged to MLflow run %s (artifacts: dashboard/index.html)", run_id)
+    except Exception as e:  # the site is on disk; never fail a finished job over logging it
+        log.warning("could not log the dashboard to MLflow: %s", e)
+    return out / "index.html"
 
 
 def stage_shift(cfg: Config) -> Path:
@@ -391,10 +435,10 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     t0 = time.perf_counter()
     lm = timer("load LM", lambda: _lm(cfg), False)
     report = stage_eval(cfg, force, lm, timer)
-    if cfg.autointerp.enabled:
+    if cfg.autointerp.enabled or cfg.dashboard.enabled:
         from ssae_ray.autointerp import run_autointerp
 
-        def autointerp() -> Path:
+        def features() -> Path:
             import mlflow
 
             from ssae_ray import tracking
@@ -402,9 +446,17 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
             mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
             parent = _sweep_run_id(cfg)  # results land in the sweep's parent run
             with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
+                if cfg.dashboard.enabled:  # one LM pass serves the dashboard and auto-interp
+                    ai = run_autointerp if cfg.autointerp.enabled else None
+                    return stage_dashboard(cfg, lm, report, ai)
                 return run_autointerp_on_best(cfg, lm, report.parent, stage_corpus(cfg, lm), run_autointerp)
 
-        timer("autointerp", autointerp, False)
+        names = [
+            n
+            for n, on in (("autointerp", cfg.autointerp.enabled), ("dashboard", cfg.dashboard.enabled))
+            if on
+        ]
+        timer("+".join(names), features, False)
     timings = timer.write(report.parent / "timings.csv")
     write_json_atomic(report.parent / "timings.json", {"rows": timer.rows, "total": time.perf_counter() - t0})
     _log_timings(cfg, report, timings)
