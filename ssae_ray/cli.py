@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--strategy", help="selection strategy (default: retrieval.strategy)")
         if name == "mlflow":
             s.add_argument("--port", type=int, default=5000)
-        if name in ("physics", "sweep", "eval"):
+        if name in ("physics", "sweep", "eval", "dashboard"):
             s.add_argument("--force", action="store_true", help="rebuild every stage, ignoring caches")
     return p
 
@@ -107,7 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "sweep": lambda c: pipeline.stage_sweep(c, force=args.force),
         "eval": lambda c: pipeline.stage_eval(c, force=args.force),
         "autointerp": pipeline.stage_autointerp,
-        "dashboard": pipeline.stage_dashboard,
+        "dashboard": lambda c: pipeline.stage_dashboard(c, force=args.force),
         "shift": pipeline.stage_shift,
         "physics": lambda c: pipeline.run_physics(c, force=args.force),
     }

@@ -387,7 +387,11 @@ def best_saes(
 
 
 def stage_dashboard(
-    cfg: Config, lm: Any = None, report: Path | None = None, autointerp: Callable | None = None
+    cfg: Config,
+    lm: Any = None,
+    report: Path | None = None,
+    autointerp: Callable | None = None,
+    force: bool = False,
 ) -> Path:
     """The feature dashboard of the sweep (`<sweep>/dashboard`), logged to the sweep's parent run.
     With `autointerp` (`run_autointerp`), auto-interp runs on the same in-domain LM pass."""
@@ -403,13 +407,19 @@ def stage_dashboard(
         saes, hook, texts = best_saes(cfg, lm, report.parent, corpus_dir)
         extra = {n: (s, hook) for n, s in saes.items()}
 
-        def run_ai(indexes: dict[str, Any]) -> Path:
+        def run_ai(indexes: dict[str, Any] | None) -> Path:
             return autointerp(
                 cfg, lm, saes, hook, texts, report.parent.parent / "autointerp", indexes=indexes
             )
 
-    out = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, _texts(corpus_dir, "test"),
-                                _texts(corpus_dir, "general_test"), run_ai, extra)  # fmt: skip
+    general = _texts(corpus_dir, "general_test")
+    if not general:  # a user corpus without a general test split: the retrieval corpus is general text
+        log.warning(
+            "no general_test split; the dashboard's general frequencies use the first corpus documents"
+        )
+        general = _texts(corpus_dir, "corpus")[:2000]
+    out = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, _texts(corpus_dir, "test"), general,
+                                run_ai, extra, force)  # fmt: skip
     try:
         from ssae_ray import tracking
 
@@ -448,7 +458,7 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
             with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
                 if cfg.dashboard.enabled:  # one LM pass serves the dashboard and auto-interp
                     ai = run_autointerp if cfg.autointerp.enabled else None
-                    return stage_dashboard(cfg, lm, report, ai)
+                    return stage_dashboard(cfg, lm, report, ai, force)
                 return run_autointerp_on_best(cfg, lm, report.parent, stage_corpus(cfg, lm), run_autointerp)
 
         names = [

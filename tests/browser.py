@@ -50,8 +50,11 @@ class Browser:
         self.n = 0
         self.errors: list[str] = []
         self.events: list[str] = []
+        self.sessions: list[str] = []
         for m in ("Runtime.enable", "Log.enable", "Page.enable"):
             self.call(m)
+        # Out-of-process frames (a sandboxed iframe) attach paused, so their errors are seen too.
+        self.call("Target.setAutoAttach", autoAttach=True, waitForDebuggerOnStart=True, flatten=True)
 
     def _note(self, msg: dict[str, Any]) -> None:
         method, p = msg.get("method"), msg.get("params", {})
@@ -61,15 +64,25 @@ class Browser:
             self.errors.append(json.dumps(p.get("args"))[:500])
         elif method == "Log.entryAdded" and p["entry"].get("level") == "error":
             self.errors.append(p["entry"].get("text", "")[:500])
+        if method == "Target.attachedToTarget":
+            sid = p["sessionId"]
+            self.sessions.append(sid)
+            for m in ("Runtime.enable", "Log.enable", "Runtime.runIfWaitingForDebugger"):
+                self.n += 1
+                self.ws.send(json.dumps({"id": self.n, "method": m, "params": {}, "sessionId": sid}))
         if method:
             self.events.append(method)
 
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
+    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
         self.n += 1
-        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        n = self.n
+        msg: dict[str, Any] = {"id": n, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
         while True:
             msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.n:
+            if msg.get("id") == n:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
@@ -89,6 +102,24 @@ class Browser:
         if "exceptionDetails" in r:
             raise RuntimeError(f"{expr[:80]}: {r['exceptionDetails']}")
         return r["result"].get("value")
+
+    def frame_js(self, expr: str, wait_for: str | None = None) -> Any:
+        """Evaluate in the newest attached out-of-process frame; `wait_for` polls until truthy first."""
+        deadline = time.time() + self.timeout
+        while True:
+            if self.sessions:
+                sid = self.sessions[-1]
+                probe = self.call(
+                    "Runtime.evaluate", session=sid, expression=wait_for or "true", returnByValue=True
+                )
+                if probe["result"].get("value"):
+                    r = self.call("Runtime.evaluate", session=sid, expression=expr, returnByValue=True)
+                    return r["result"].get("value")
+            else:
+                self.call("Runtime.evaluate", expression="1")  # pump events
+            if time.time() > deadline:
+                raise TimeoutError(f"no frame satisfied {wait_for!r}")
+            time.sleep(0.1)
 
     def close(self) -> None:
         if getattr(self, "ws", None) is not None:

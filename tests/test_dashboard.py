@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import re
 
 import numpy as np
@@ -96,6 +97,21 @@ def test_collector_windows_histogram_and_prefix_property(lm, texts, specs):
     n = int(one.attention_mask.sum()) - s
     torch.testing.assert_close(big.top_win.acts[f, k, : min(n, 12)], acts[s : s + min(n, 12)])
     assert float(big.top_win.acts[f, k].max()) == pytest.approx(float(big.top_acts[f, k]))
+
+
+def test_autointerp_reads_the_shared_scan_with_the_same_examples(cfg, lm, texts, specs, tmp_path):
+    from ssae_ray.autointerp.run import build_jobs
+
+    c = cfg.replace(autointerp={"max_features": 3, "diversity_sets": 1})
+    saes = {s.name: s.sae for s in specs}
+    shared = scan_contexts(
+        c, lm, {n: (s, HOOK) for n, s in saes.items()}, in_domain_contexts(c, lm, texts), {}
+    )
+    assert shared["gsae"].top_acts.shape[1] == max(c.dashboard.n_top, c.autointerp.n_top)
+    alone, _ = build_jobs(c, lm, saes, HOOK, texts, tmp_path / "a")
+    both, _ = build_jobs(c, lm, saes, HOOK, texts, tmp_path / "b", indexes=shared)
+    assert len(alone) == 6 and all(j.examples.status == "ok" and j.examples.top_texts for j in alone)
+    assert [j.examples for j in alone] == [j.examples for j in both]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +222,23 @@ def test_site_in_headless_chromium(built, browser, specs, lm, texts):
     assert by_act == sorted(by_act, reverse=True) and by_act[0] == pytest.approx(1.0, abs=1e-3)
     for page in ("diff.html", f"f/gsae/{int(indexes['gsae'].top_acts[:, 0].argmax())}.html"):
         browser.goto((out / page).as_uri())
+    assert browser.errors == []
+
+
+def test_index_works_as_mlflow_shows_it(built, browser, tmp_path):
+    """MLflow's artifact viewer (ShowArtifactHtmlView in the installed UI bundle) loads an HTML
+    artifact as a blob URL into an iframe with sandbox="allow-scripts": an opaque origin, no storage."""
+    out, _ = built
+    html = json.dumps((out / "index.html").read_text()).replace("</", "<\\/")
+    (tmp_path / "viewer.html").write_text(
+        '<!doctype html><iframe id="v" sandbox="allow-scripts" width="1200" height="800"></iframe><script>'
+        f"document.getElementById('v').src = URL.createObjectURL(new Blob([{html}], {{type: 'text/html'}}));"
+        "</script>"
+    )
+    browser.errors.clear()
+    browser.goto((tmp_path / "viewer.html").as_uri())
+    rows = "document.querySelectorAll('#rows tr').length"
+    assert browser.frame_js(rows, wait_for=rows) == 128
     assert browser.errors == []
 
 

@@ -88,6 +88,7 @@ def build_dashboard(
     explanations: dict[tuple[str, int], tuple[str | None, float | None]] | None = None,
     title: str = "SSAE feature dashboard",
     timings: dict[str, float] | None = None,
+    key: str | None = None,
 ) -> Path:
     """Write the site for `specs` (each with its in-domain scan in `indexes`, made with `window > 0`)
     into `out`, atomically. `general_texts` are scanned once for each feature's general frequency."""
@@ -97,9 +98,11 @@ def build_dashboard(
     targets = {s.name: (s.sae, s.hook) for s in specs}
     gen_ctx = tokenize_docs(lm.tokenizer, general_texts, cfg.model.context_len, d.general_contexts)
     if gen_ctx.input_ids.shape[0] == 0:
-        raise ValueError("the dashboard got no general text to measure feature frequencies on")
+        raise ValueError("the dashboard got no general text to measure feature frequencies on; give the "
+                         "corpus a general test split (corpus.general_test_path)")  # fmt: skip
     general = scan_many(lm, targets, gen_ctx, 1, 1, cfg.model.batch_size, cfg.autointerp.act_threshold,
                         cfg.seed, progress=False, timings=timings)  # fmt: skip
+    t_tab = time.perf_counter()
     gen_mask = gen_ctx.attention_mask.bool().clone()
     gen_mask[:, 0] = False
     gen_counts = torch.bincount(gen_ctx.input_ids[gen_mask], minlength=lm.tokenizer.vocab_size + 1)
@@ -111,11 +114,11 @@ def build_dashboard(
         ref = by_name[s.gsae].sae if s.gsae else s.sae
         tables[s.name] = D.feature_table(indexes[s.name], general[s.name], s.sae.W_dec, ref.W_dec, s.gsae is None,
                                          d.n_top)  # fmt: skip
-        logits[s.name] = feature_logits(s.sae.W_dec, w_u, norm, d.logit_k)
+        logits[s.name] = feature_logits(s.sae.W_dec, w_u, norm, d.logit_k, chunk=256)
     ids = {int(i) for i in next(iter(indexes.values())).contexts.input_ids.unique()}
     ids |= {int(i) for fl in logits.values() for i in torch.cat([fl.top_ids, fl.bottom_ids]).unique()}
     strings = D.token_strings(lm.tokenizer, ids)
-    timings["tables"] = time.perf_counter() - t0
+    timings["tables"] = time.perf_counter() - t_tab
     with atomic_dir(Path(out)) as tmp:
         t1 = time.perf_counter()
         sae_data, pages = [], 0
@@ -126,7 +129,6 @@ def build_dashboard(
             sae_data.append(
                 _index_entry(s, indexes, general, tables, logits[s.name], strings, explanations, live, d)
             )
-        timings["pages"] = time.perf_counter() - t1
         overview = _overview(specs, indexes, general)
         (tmp / "index.html").write_text(H.index_page(title, {"saes": sae_data}, overview))
         sections = [_diff_section(s, indexes, general, tables, logits[s.name], strings, gen_counts, n_gen,
@@ -136,10 +138,11 @@ def build_dashboard(
                  f"against the same GSAE latent (log2 (M+1)/(B+1), Fig. 17). Peak tokens show how often each "
                  f"occurs per million tokens of general text ({n_gen} scanned).</p>")  # fmt: skip
         (tmp / "diff.html").write_text(H.diff_page(f"{title}: GSAE → SSAE diff", sections, intro))
+        timings["pages"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         files = [p for p in tmp.rglob("*") if p.is_file()]
         write_json_atomic(tmp / "manifest.json", {
-            "stage": "dashboard", "saes": [{"name": s.name, "label": s.label, "hook": s.hook,
+            "stage": "dashboard", "key": key, "saes": [{"name": s.name, "label": s.label, "hook": s.hook,
                                             "d_sae": int(s.sae.W_dec.shape[0])} for s in specs],
             "feature_pages": pages, "files": len(files), "bytes": sum(p.stat().st_size for p in files),
             "n_contexts": int(next(iter(indexes.values())).contexts.input_ids.shape[0]),
@@ -183,7 +186,8 @@ def _feature_pages(
             facts = [
                 ("in-domain frequency", f"{table.freq_in[f]:.4g}"), ("general frequency", f"{table.freq_gen[f]:.4g}"),
                 ("log10 ratio", f"{table.log_ratio[f]:.3f}"), ("max activation", f"{mx:.4g}"),
-                ("nearest GSAE feature", f"{int(table.near_idx[f])} (cosine {table.near_cos[f]:.3f})"),
+                ("nearest other GSAE feature" if s.gsae is None else "nearest GSAE feature",
+                 f"{int(table.near_idx[f])} (decoder cosine {table.near_cos[f]:.3f})"),
                 ("explanation", H.esc(expl) if expl else "<span class='muted'>none</span>"),
                 ("F1", f"{f1:.3f}" if f1 is not None else ""),
             ]  # fmt: skip

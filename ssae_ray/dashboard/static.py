@@ -23,7 +23,8 @@ function num(v){return typeof v==='number';}
 function fmt(v,c){if(v===null||v===undefined)return '';if(!num(v))return String(v);
  if(c==='feature'||c==='nearest_gsae')return String(v);if(Math.abs(v)>=1e-3||v===0)return v.toPrecision(3);return v.toExponential(2);}
 function cell(tr,v,c,s){var td=document.createElement('td');
- if(c==='feature'&&s.pages&&s.pages.indexOf(v)>=0){var a=document.createElement('a');a.href='f/'+s.name+'/'+v+'.html';
+ if(!s.pageSet)s.pageSet=new Set(s.pages||[]);
+ if(c==='feature'&&s.pageSet.has(v)){var a=document.createElement('a');a.href='f/'+s.name+'/'+v+'.html';
   a.textContent=String(v);td.appendChild(a);}else{td.textContent=fmt(v,c);}
  if(num(v))td.className='n';tr.appendChild(td);}
 function rows(){var s=data.saes[st.sae],cols=s.columns,ix={};cols.forEach(function(c,i){ix[c]=i;});

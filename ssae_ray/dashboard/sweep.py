@@ -21,7 +21,7 @@ from ssae_ray.dashboard.build import (
     in_domain_contexts,
     scan_contexts,
 )
-from ssae_ray.stages import StageError
+from ssae_ray.stages import StageError, read_manifest, stage_key
 
 log = logging.getLogger("ssae_ray")
 
@@ -79,16 +79,27 @@ def build_sweep_dashboard(
     gsae_dir: Path,
     texts: list[str],
     general_texts: list[str],
-    autointerp: Callable[[dict[str, Any]], Path | None] | None = None,
+    autointerp: Callable[[dict[str, Any] | None], Path | None] | None = None,
     extra: dict[str, tuple[Any, str]] | None = None,
+    force: bool = False,
 ) -> Path:
     """The sweep's dashboard in `<sweep>/dashboard` (first sweep hook). `extra` SAEs (`name ->
     (sae, hook)`, e.g. auto-interp's every-λ set) join the one in-domain LM pass; `autointerp`, when
     given, is then called with all the indexes, so auto-interp reads its examples from that pass,
-    and its explanations land in the index."""
+    and its explanations land in the index. Cached: a rebuild needs a new evaluation or a changed
+    `dashboard` / `autointerp` config (or `force`)."""
     import time
 
     hook = (cfg.sweep.hooks or cfg.sae.hooks)[0]
+    out = sweep_dir / "dashboard"
+    stamp = sweep_dir / "eval" / "eval_key.txt"
+    key = stage_key("dashboard", cfg.dashboard, cfg.autointerp, cfg.model.context_len, cfg.seed, hook,
+                    stamp.read_text() if stamp.is_file() else "", autointerp is not None)  # fmt: skip
+    if not force and (read_manifest(out) or {}).get("key") == key:
+        log.info("dashboard cached at %s", out)
+        if autointerp:  # auto-interp still runs (its own scan; its answers are cached)
+            autointerp(None)
+        return out
     specs = sweep_specs(cfg, lm, sweep_dir, gsae_dir, hook)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -99,8 +110,8 @@ def build_sweep_dashboard(
     if results is None and (sweep_dir / "autointerp" / "results.parquet").is_file():
         results = sweep_dir / "autointerp"
     expl = explanations_from(results / "results.parquet" if results else None)
-    out = build_dashboard(cfg, lm, specs, indexes, general_texts, sweep_dir / "dashboard",
-                          expl, f"{cfg.name}: SSAE feature dashboard ({hook})", timings)  # fmt: skip
+    build_dashboard(cfg, lm, specs, indexes, general_texts, out, expl,
+                    f"{cfg.name}: SSAE feature dashboard ({hook})", timings, key)  # fmt: skip
     log.info("dashboard: %s (%.1f s, of which LM %.1f s)", out / "index.html", time.perf_counter() - t0,
              timings.get("lm", 0.0))  # fmt: skip
     return out
