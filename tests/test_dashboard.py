@@ -207,8 +207,8 @@ def test_site_in_headless_chromium(built, browser, specs, lm, texts):
     )
     # The planted feature's page: tokens shaded in the order of their activations.
     browser.goto((out / "f" / "ssae" / f"{P}.html").as_uri())
-    spans = browser.js("""[...document.querySelector('.ctx').querySelectorAll('.tk')].map(e => [
-        parseFloat(e.dataset.act),
+    spans = browser.js("""[...document.querySelector('.ctx').querySelectorAll('b')].map(e => [
+        parseFloat(e.title),
         (m => m.length > 3 ? parseFloat(m[3]) : 1)(getComputedStyle(e).backgroundColor.match(/[0-9.]+/g))])""")
     doc, start = browser.js(
         "[document.querySelector('.ctx').dataset.doc, document.querySelector('.ctx').dataset.start]"

@@ -45,23 +45,18 @@ def index_page(title: str, data: dict[str, Any], overview: str) -> str:
     return page(title, body, INDEX_JS)
 
 
-def shade(act: float, top: float) -> str:
-    a = 0.0 if top <= 0 else max(0.0, min(1.0, act / top))
-    return f"background:rgba(255,90,40,{a:.3f})"
+def alpha(act: float, top: float) -> float:
+    """A token's shading: its activation as a share of the feature's max, in [0, 1]."""
+    return 0.0 if top <= 0 else max(0.0, min(1.0, act / top))
 
 
 def context_html(ctx: Context, strings: dict[int, str], top: float) -> str:
-    """One context: every token a span, activating ones shaded by activation / feature max (the
-    value in `title` and `data-act`)."""
+    """One context: activating tokens are `<b>` shaded by activation / feature max (`--a`; the
+    activation in `title`), the others plain escaped text."""
     parts = []
     for t, a in zip(ctx.ids, ctx.acts):
         s = esc(strings[t])
-        if a > 0:
-            parts.append(
-                f'<span class="tk" data-act="{a:.4g}" style="{shade(a, top)}" title="{a:.4g}">{s}</span>'
-            )
-        else:
-            parts.append(s)
+        parts.append(f'<b style="--a:{alpha(a, top):.3f}" title="{a:.4g}">{s}</b>' if a > 0 else s)
     return (f'<div class="ctx" data-doc="{ctx.doc}" data-start="{ctx.start}" title="doc {ctx.doc}, max '
             f'{ctx.max_act:.4g}">{"".join(parts)}</div>')  # fmt: skip
 

@@ -7,7 +7,7 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.4em}
 table{border-collapse:collapse;font-size:13px}th,td{padding:2px 8px;border-bottom:1px solid #eee;text-align:left;
 vertical-align:top}th{background:#f5f5f5;cursor:pointer;position:sticky;top:0}td.n{text-align:right;
 font-variant-numeric:tabular-nums}.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;
-border-left:3px solid #ddd;padding:2px 8px;margin:3px 0}.tk{border-radius:2px}.muted{color:#777}
+border-left:3px solid #ddd;padding:2px 8px;margin:3px 0}.ctx b{font-weight:normal;border-radius:2px;background:rgba(255,90,40,var(--a))}.muted{color:#777}
 .tag{display:inline-block;padding:0 5px;border-radius:3px;background:#eef;margin-right:3px;
 font-family:ui-monospace,monospace}.new{background:#fde2c8}.controls *{margin-right:10px}
 .grid{display:flex;gap:2em;flex-wrap:wrap}
