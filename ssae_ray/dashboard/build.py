@@ -170,9 +170,10 @@ def _feature_pages(
     folder = tmp / "f" / s.name
     folder.mkdir(parents=True, exist_ok=True)
     live = []
+    info = D.lookup(index)
     for f in range(int(s.sae.W_dec.shape[0])):
-        top = D.top_contexts(index, f, d.n_top)
-        bands = D.sample_bands(index, f, d.bands, d.per_band, {c.ctx for c in top}) if top else []
+        top = D.top_contexts(index, f, d.n_top, info)
+        bands = D.sample_bands(index, f, d.bands, d.per_band, {c.ctx for c in top}, info) if top else []
         hist = D.histogram(index, f)
         lg = (
             fl.top_ids[f].tolist(),

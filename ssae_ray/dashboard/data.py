@@ -81,35 +81,49 @@ def nearest_rows(
     return torch.cat(cos), torch.cat(idx)
 
 
-def _window_contexts(
-    index: ActivationIndex, win: Windows, ctx: Tensor, acts: Tensor, f: int
-) -> list[Context]:
+class Lookup(NamedTuple):
+    """Per-context facts of a scan as Python lists (read once per feature page, so no per-element
+    tensor access)."""
+
+    lengths: list[int]
+    docs: list[int]
+    ids: list[list[int]]
+
+
+def lookup(index: ActivationIndex) -> Lookup:
+    c = index.contexts
+    return Lookup(c.attention_mask.sum(1).tolist(), c.doc_index.tolist(), c.input_ids.tolist())
+
+
+def _window_contexts(win: Windows, ctx: Tensor, acts: Tensor, f: int, n: int, info: Lookup) -> list[Context]:
     out = []
-    mask, ids = index.contexts.attention_mask, index.contexts.input_ids
-    for k in range(ctx.shape[1]):
-        c = int(ctx[f, k])
+    rows, starts, maxes = ctx[f, :n].tolist(), win.start[f, :n].tolist(), acts[f, :n].tolist()
+    wacts = win.acts[f, :n].tolist()
+    for c, s, m, a in zip(rows, starts, maxes, wacts):
         if c < 0:
             continue
-        s, length = int(win.start[f, k]), int(mask[c].sum())
-        n = min(win.acts.shape[2], length - s)
-        out.append(Context(c, int(index.contexts.doc_index[c]), s, ids[c, s : s + n].tolist(),
-                           win.acts[f, k, :n].tolist(), float(acts[f, k])))  # fmt: skip
+        k = min(len(a), info.lengths[c] - s)
+        out.append(Context(c, info.docs[c], s, info.ids[c][s : s + k], a[:k], m))
     return out
 
 
-def top_contexts(index: ActivationIndex, f: int, n: int) -> list[Context]:
+def top_contexts(index: ActivationIndex, f: int, n: int, info: Lookup) -> list[Context]:
     """The feature's `n` top-activating contexts (windows), strongest first."""
     assert index.top_win is not None, "scan with window > 0"
-    return _window_contexts(index, index.top_win, index.top_ctx[:, :n], index.top_acts, f)
+    return _window_contexts(index.top_win, index.top_ctx, index.top_acts, f, n, info)
 
 
-def sample_bands(index: ActivationIndex, f: int, bands: int, per_band: int, skip: set[int]) -> list[Band]:
+def sample_bands(
+    index: ActivationIndex, f: int, bands: int, per_band: int, skip: set[int], info: Lookup
+) -> list[Band]:
     """The uniform sample of activating contexts grouped by max activation into `bands` equal
     intervals of [0, feature max] (highest first), `per_band` shown each; contexts in `skip` (the
     top ones already shown) are left out of the shown ones but counted in the shares."""
     assert index.sample_win is not None and index.sample_acts is not None, "scan with window > 0"
     top = float(index.top_acts[f, 0])
-    ctxs = _window_contexts(index, index.sample_win, index.sample_ctx, index.sample_acts, f)
+    ctxs = _window_contexts(
+        index.sample_win, index.sample_ctx, index.sample_acts, f, index.sample_ctx.shape[1], info
+    )
     if not ctxs or top <= 0:
         return []
     out = []
