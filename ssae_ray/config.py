@@ -327,6 +327,9 @@ class DashboardConfig:
     """Write a page per feature that fires (the index still lists every feature)."""
     export: bool = True
     """Also write the Neuronpedia export (SAEDashboard's `neuronpedia_export` layout) per SAE."""
+    neuronpedia_model: str | None = None
+    """Model id written into the export (Neuronpedia's id of the model, e.g. `gemma-2-2b`); None: a slug
+    of `model.source`."""
 
 
 @dataclass(frozen=True)

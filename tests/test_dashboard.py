@@ -133,14 +133,15 @@ def test_export_one_record_per_feature_with_evaluate_values(built, specs, lm, te
     for name in ("release", "model", "sourceset", "source"):
         assert (sources[1] / f"{name}.jsonl").read_text().count("\n") == 1
     feats, acts = read_export(sources[1])
-    assert [f["index"] for f in feats] == [str(i) for i in range(128)]
+    assert [f["index"] for f in feats] == list(range(128))
     for key in ("maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str", "neg_values",
                 "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "modelId", "layer"):  # fmt: skip
         assert key in feats[P], key
     assert len(feats[P]["pos_str"]) == 10 and feats[P]["pos_values"] == sorted(
         feats[P]["pos_values"], reverse=True
     )
-    mine = [a for a in acts if a["index"] == str(P)]
+    mine = [a for a in acts if a["index"] == P]
+    assert len({a["id"] for a in acts}) == len(acts)
     top = [a for a in mine if a["binMin"] == -1]
     assert top and top[0]["maxValue"] == pytest.approx(feats[P]["maxActApprox"], rel=1e-4)
     # The same feature and tokens through evaluation's test-set capture.

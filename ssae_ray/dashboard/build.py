@@ -165,7 +165,8 @@ def _feature_pages(
 ) -> list[int]:  # fmt: skip
     """Write the pages (and export records) of every feature; returns the features with a page."""
     d = cfg.dashboard
-    writer = NeuronpediaWriter(tmp / "neuronpedia", cfg.model.source, f"{cfg.name}-{s.name}", s.hook, meta) \
+    model_id = d.neuronpedia_model or cfg.model.source
+    writer = NeuronpediaWriter(tmp / "neuronpedia", model_id, f"{cfg.name}-{s.name}", s.hook, meta) \
         if d.export else None  # fmt: skip
     folder = tmp / "f" / s.name
     folder.mkdir(parents=True, exist_ok=True)

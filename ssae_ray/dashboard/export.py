@@ -7,7 +7,8 @@ writes (github.com/jbloomAus/SAEDashboard, `sae_dashboard/neuronpedia/neuronpedi
         activations/batch-<n>.jsonl.gz  one `Activation` record per shown context
 
 Field names and defaults follow that module's inlined `neuronpedia-utils` dataclasses; `source_id`
-is `<layer>-<source set>` as there. Top contexts carry `binMin=-1, binMax=<feature max>,
+is `<layer>-<source set>` as there; `index` is the feature's int (the dataclass says str, the
+runner's batch JSON, which the exporter copies, holds an int). Top contexts carry `binMin=-1, binMax=<feature max>,
 binContains=-1` and the sampled bands their interval and share, as SAEDashboard's converter
 parses them from its sequence-group titles.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ class NeuronpediaWriter:
         self.features: list[dict[str, Any]] = []
         self.acts: list[dict[str, Any]] = []
         self.now = datetime.now().isoformat()
+        self.cuid = f"c{os.getpid():04x}{int(time.time()):08x}"  # SAEDashboard's FastPseudoCuid scheme
         c = {"creatorId": CREATOR_ID, "createdAt": self.now}
         _dump([{"name": self.set_name, "description": meta["description"], "creatorName": "ssae-ray", **c,
                 "visibility": "PUBLIC", "isNewUi": False, "featured": False, "descriptionShort": meta["description"],
@@ -83,7 +87,7 @@ class NeuronpediaWriter:
     def add(self, f: int, feature: dict[str, Any], activations: list[dict[str, Any]]) -> None:
         """`feature`: maxActApprox, frac_nonzero, pos/neg str/values, histogram fields; `activations`:
         tokens, values, binMin, binMax, binContains, dataIndex."""
-        c = {"modelId": self.model_id, "layer": self.source_id, "index": str(f), "creatorId": CREATOR_ID,
+        c = {"modelId": self.model_id, "layer": self.source_id, "index": f, "creatorId": CREATOR_ID,
              "createdAt": self.now}  # fmt: skip
         self.features.append({**c, "hasVector": False, "vector": [], "vectorLabel": None,
                               "vectorDefaultSteerStrength": 10, "hookName": None, "topkCosSimIndices": [],
@@ -93,7 +97,7 @@ class NeuronpediaWriter:
             v = a["values"]
             m = max(v)
             self.n_act += 1
-            self.acts.append({"id": f"{self.source_id}-{f}-{self.n_act}", **c, "tokens": a["tokens"],
+            self.acts.append({"id": f"{self.cuid}{self.n_act:08x}"[:25], **c, "tokens": a["tokens"],
                               "maxValue": m, "maxValueTokenIndex": v.index(m), "minValue": min(v), "values": v,
                               "dataSource": a.get("dataSource"), "dataIndex": a.get("dataIndex"), "dfaValues": [],
                               "dfaTargetIndex": None, "dfaMaxValue": None, "lossValues": [],
