@@ -76,7 +76,7 @@ def main() -> None:
     base = rss_mb()
     t0 = time.perf_counter()
     with PeakRSS() as peak:
-        out = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, texts, general, force=True)
+        out, _ = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, texts, general, force=True)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     run_id = pipeline._sweep_run_id(cfg)

@@ -418,12 +418,12 @@ def stage_dashboard(
             "no general_test split; the dashboard's general frequencies use the first corpus documents"
         )
         general = _texts(corpus_dir, "corpus")[:2000]
-    out = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, _texts(corpus_dir, "test"), general,
+    out, built = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, _texts(corpus_dir, "test"), general,
                                 run_ai, extra, force)  # fmt: skip
     try:
         from ssae_ray import tracking
 
-        run_id = _sweep_run_id(cfg)
+        run_id = _sweep_run_id(cfg) if built else None  # a cached one was logged when built
         if run_id:
             log_dashboard(tracking.tracking_uri(cfg), run_id, out)
             log.info("dashboard logged to MLflow run %s (artifacts: dashboard/index.html)", run_id)

@@ -82,12 +82,12 @@ def build_sweep_dashboard(
     autointerp: Callable[[dict[str, Any] | None], Path | None] | None = None,
     extra: dict[str, tuple[Any, str]] | None = None,
     force: bool = False,
-) -> Path:
+) -> tuple[Path, bool]:
     """The sweep's dashboard in `<sweep>/dashboard` (first sweep hook). `extra` SAEs (`name ->
     (sae, hook)`, e.g. auto-interp's every-λ set) join the one in-domain LM pass; `autointerp`, when
     given, is then called with all the indexes, so auto-interp reads its examples from that pass,
     and its explanations land in the index. Cached: a rebuild needs a new evaluation or a changed
-    `dashboard` / `autointerp` config (or `force`)."""
+    `dashboard` / `autointerp` config (or `force`). Returns the folder and whether it was built."""
     import time
 
     hook = (cfg.sweep.hooks or cfg.sae.hooks)[0]
@@ -99,7 +99,7 @@ def build_sweep_dashboard(
         log.info("dashboard cached at %s", out)
         if autointerp:  # auto-interp still runs (its own scan; its answers are cached)
             autointerp(None)
-        return out
+        return out, False
     specs = sweep_specs(cfg, lm, sweep_dir, gsae_dir, hook)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def build_sweep_dashboard(
                     f"{cfg.name}: SSAE feature dashboard ({hook})", timings, key)  # fmt: skip
     log.info("dashboard: %s (%.1f s, of which LM %.1f s)", out / "index.html", time.perf_counter() - t0,
              timings.get("lm", 0.0))  # fmt: skip
-    return out
+    return out, True
 
 
 def log_dashboard(tracking_uri: str, run_id: str, folder: Path) -> None:
