@@ -6,7 +6,8 @@ shared with auto-interp's example scan.
 are the entry points; `ssae-ray dashboard` and the physics job's dashboard stage call the latter.
 """
 
-from ssae_ray.dashboard.build import SAESpec, build_dashboard, scan_contexts
+from ssae_ray.dashboard.build import build_dashboard, scan_contexts
+from ssae_ray.dashboard.data import SAESpec
 from ssae_ray.dashboard.sweep import build_sweep_dashboard, log_dashboard
 
 __all__ = ["SAESpec", "build_dashboard", "build_sweep_dashboard", "log_dashboard", "scan_contexts"]

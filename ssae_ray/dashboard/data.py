@@ -19,6 +19,17 @@ from torch import Tensor
 from ssae_ray.collect import HIST_EDGES, ActivationIndex, Windows
 
 
+class SAESpec(NamedTuple):
+    name: str
+    """File-safe id, also auto-interp's name for it (`gsae`, `dense-tilt0-lam2`)."""
+    label: str
+    """Shown name, e.g. `dense (λ 2, L0 24.1)`."""
+    sae: Any
+    hook: str
+    gsae: str | None
+    """Name of the GSAE this SSAE was finetuned from (same hook); None for a GSAE."""
+
+
 class Context(NamedTuple):
     ctx: int
     """Context index in the scanned token set."""
