@@ -121,7 +121,10 @@ def diff_page(title: str, sections: list[tuple[str, list[str], list[list[str]]]]
     out = [f"<p><a href='index.html'>index</a></p><h1>{esc(title)}</h1>{intro}"]
     for heading, cols, rows in sections:
         head = "".join(f"<th>{esc(c)}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) or (
+            f"<tr><td colspan='{len(cols)}' class='muted'>no feature's decoder moved and none fires more often "
+            "than its GSAE latent on the in-domain test set</td></tr>"
+        )
         out.append(
             f"<h2>{esc(heading)}</h2><table class='diff'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         )
