@@ -141,11 +141,11 @@ class _Running:
         b, d = f.shape[0], self.d_sae
         active = f > self.threshold
         self.n_tok += active.sum((0, 1)).cpu()
-        on = f[active].cpu()
+        nz = active.nonzero()
+        on = f[nz[:, 0], nz[:, 1], nz[:, 2]]
         nb = len(HIST_EDGES) - 1
-        bins = (torch.bucketize(on, HIST_EDGES) - 1).clamp(0, nb - 1)
-        feat_of = active.nonzero()[:, 2].cpu()
-        self.hist += torch.bincount(feat_of * nb + bins, minlength=d * nb)
+        bins = (torch.bucketize(on, HIST_EDGES.to(on.device)) - 1).clamp(0, nb - 1)
+        self.hist += torch.bincount(nz[:, 2] * nb + bins, minlength=d * nb).cpu()
         ctx_max = f.amax(1).cpu()
         ctx_active = active.any(1).cpu()
         self.n_ctx += ctx_active.sum(0)
