@@ -114,6 +114,24 @@ def test_autointerp_reads_the_shared_scan_with_the_same_examples(cfg, lm, texts,
     assert [j.examples for j in alone] == [j.examples for j in both]
 
 
+def test_feature_logits_top_bottom_and_vocabulary_histogram():
+    from ssae_ray.eval.logit_lens import feature_logits, feature_top_tokens
+
+    g = torch.Generator().manual_seed(0)
+    w_dec, w_u, norm = (
+        torch.randn(7, 16, generator=g),
+        torch.randn(50, 16, generator=g),
+        torch.nn.LayerNorm(16),
+    )
+    fl = feature_logits(w_dec, w_u, norm, k=5, bins=8, chunk=3)
+    assert torch.equal(fl.top_ids, feature_top_tokens(w_dec, w_u, norm, 5))
+    assert torch.equal(fl.bottom_ids, feature_top_tokens(-w_dec, w_u, norm, 5))  # the folding is linear
+    assert (fl.top_values[:, :-1] >= fl.top_values[:, 1:]).all() and (
+        fl.bottom_values[:, 0] < fl.top_values[:, 0]
+    ).all()
+    assert (fl.hist_heights.sum(1) == 50).all() and fl.hist_centres.shape == (7, 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Diff, export, escaping (no browser)
 
