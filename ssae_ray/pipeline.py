@@ -285,31 +285,42 @@ def stage_sweep(
     timer: Timer | None = None,
     plan: SweepPlan | None = None,
 ):
-    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun."""
+    """The Ray Tune sweep; finished trials (a `done.json` each) are not rerun. `force` retrains every
+    trial: the previous sweep folder is moved aside (`<folder>.replaced`) and removed only once the new
+    sweep has finished, so a failed or interrupted forced run loses nothing."""
     from ssae_ray.sweep import grid, run_sweep
 
     timer = timer or Timer()
     lm = lm or _lm(cfg)
     plan = plan or plan_sweep(cfg, lm, timer)
+    aside = plan.folder.with_name(plan.folder.name + ".replaced")
     if force and plan.folder.exists():
-        shutil.rmtree(plan.folder)
+        shutil.rmtree(aside, ignore_errors=True)
+        plan.folder.rename(aside)
+        log.info("--force: the previous sweep is moved to %s until the new one has finished", aside)
     val = timer(
         "val set", lambda: _test_sets(sweep_config(cfg), lm, plan.corpus_dir, ("val",)).get("val"), False
     )
     if val is None:
         raise StageError("the corpus has no validation documents; the sweep selects on validation")
     done = all((plan.folder / "trials" / t.name / "done.json").is_file() for t in grid(cfg))
-    return timer(
+    result = timer(
         "sweep",
         lambda: run_sweep(
             sweep_config(cfg), plan.gsae_dir, plan.caches, val, plan.folder, cfg.root / "models"
         ),
         done,
     )
+    if force:
+        shutil.rmtree(aside, ignore_errors=True)
+    return result
 
 
-def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None) -> Path:
-    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report."""
+def stage_eval(
+    cfg: Config, force: bool = False, lm: Any = None, timer: Timer | None = None, retrain: bool = False
+) -> Path:
+    """Evaluate the sweep's best checkpoints and the GSAEs on the test sets; write the report.
+    `force` re-evaluates even when the report is cached; `retrain` also retrains the sweep."""
     from ssae_ray.eval.runner import evaluate_sweep, log_to_mlflow
     from ssae_ray.saes import load_sae
 
@@ -319,12 +330,17 @@ def stage_eval(cfg: Config, force: bool = False, lm: Any = None, timer: Timer | 
     out = plan.folder / "eval"
     ekey = stage_key("eval", cfg.eval, cfg.sweep, cfg.sae.hooks, cfg.corpus)
     stamp = out / "eval_key.txt"
-    if (out / "report.md").is_file() and stamp.is_file() and stamp.read_text() == ekey and not force:
+    if (
+        (out / "report.md").is_file()
+        and stamp.is_file()
+        and stamp.read_text() == ekey
+        and not (force or retrain)
+    ):
         log.info("evaluation cached at %s", out)
         timer("sweep", lambda: plan.folder, True)
         timer("eval", lambda: out, True)
         return out / "report.md"
-    sweep = stage_sweep(cfg, force, lm, timer, plan)
+    sweep = stage_sweep(cfg, retrain, lm, timer, plan)
     scfg = sweep_config(cfg)
     tests = timer(
         "test sets", lambda: _test_sets(scfg, lm, plan.corpus_dir, ("test", "ood", "general")), False
@@ -374,16 +390,25 @@ def best_saes(
     sweep_dir = eval_dir.parent
     hook = sweep_config(cfg).sae.hooks[0]
     saes = {"gsae": load_sae(stage_gsaes(cfg, lm, corpus_dir) / hook, str(lm.device))}
+    for name, path in best_ssaes(sweep_dir, hook).items():
+        saes[name] = load_sae(path, str(lm.device))
+    return saes, hook, _texts(corpus_dir, "test")
+
+
+def best_ssaes(sweep_dir: Path, hook: str) -> dict[str, Path]:
+    """The best checkpoint of each trial at `hook`, named `<strategy>-tilt<t>-lam<λ>-seed<s>` (the
+    seed is part of the name, so two seeds never overwrite each other's outputs)."""
     best = sweep_dir / "sweep_trials.csv"
+    out: dict[str, Path] = {}
     if best.is_file():
         with open(best) as f:
             rows = [r for r in csv.DictReader(f) if r.get("best_for_lam") in ("True", "1", "true")]
         for r in rows:
-            name = f"{r['strategy']}-tilt{float(r['tilt']):g}-lam{float(r['lam']):g}"
+            name = f"{r['strategy']}-tilt{float(r['tilt']):g}-lam{float(r['lam']):g}-seed{int(r['seed'])}"
             path = Path(r["best_path"]) / hook
             if path.is_dir():
-                saes[name] = load_sae(path, str(lm.device))
-    return saes, hook, _texts(corpus_dir, "test")
+                out[name] = path
+    return out
 
 
 def stage_dashboard(
@@ -423,7 +448,7 @@ def stage_dashboard(
     try:
         from ssae_ray import tracking
 
-        run_id = _sweep_run_id(cfg) if built else None  # a cached one was logged when built
+        run_id = _sweep_run_id(cfg, out.parent) if built else None  # a cached one was logged when built
         if run_id:
             log_dashboard(tracking.tracking_uri(cfg), run_id, out)
             log.info("dashboard logged to MLflow run %s (artifacts: dashboard/index.html)", run_id)
@@ -440,11 +465,12 @@ def stage_shift(cfg: Config) -> Path:
 
 
 def run_physics(cfg: Config, force: bool = False) -> Path:
-    """The whole physics pipeline; returns the report. Prints the per-stage wall times."""
+    """The whole physics pipeline; returns the report. Prints the per-stage wall times. `force`
+    retrains the sweep and re-evaluates (upstream stages are reused: they are keyed by their inputs)."""
     timer = Timer()
     t0 = time.perf_counter()
     lm = timer("load LM", lambda: _lm(cfg), False)
-    report = stage_eval(cfg, force, lm, timer)
+    report = stage_eval(cfg, force, lm, timer, retrain=force)
     if cfg.autointerp.enabled or cfg.dashboard.enabled:
         from ssae_ray.autointerp import run_autointerp
 
@@ -454,7 +480,7 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
             from ssae_ray import tracking
 
             mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-            parent = _sweep_run_id(cfg)  # results land in the sweep's parent run
+            parent = _sweep_run_id(cfg, report.parent.parent)  # results land in this sweep's parent run
             with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
                 if cfg.dashboard.enabled:  # one LM pass serves the dashboard and auto-interp
                     ai = run_autointerp if cfg.autointerp.enabled else None
@@ -475,19 +501,11 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
     return report
 
 
-def _sweep_run_id(cfg: Config) -> str | None:
-    """The newest sweep parent run of this experiment in the tracking store."""
-    from mlflow.tracking import MlflowClient
-
+def _sweep_run_id(cfg: Config, sweep_folder: Path) -> str | None:
+    """The parent run of the sweep in `sweep_folder` (recorded there by the sweep), in this store."""
     from ssae_ray import tracking
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], "tags.`ssae.kind` = 'sweep'", max_results=1,
-                              order_by=["attributes.start_time DESC"])  # fmt: skip
-    return runs[0].info.run_id if runs else None
+    return tracking.recorded_parent_run(sweep_folder, tracking.tracking_uri(cfg))
 
 
 def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
@@ -496,7 +514,7 @@ def _log_timings(cfg: Config, report: Path, timings: Path) -> None:
 
         from ssae_ray import tracking
 
-        run_id = _sweep_run_id(cfg)
+        run_id = _sweep_run_id(cfg, report.parent.parent)
         if run_id:
             MlflowClient(tracking_uri=tracking.tracking_uri(cfg)).log_artifact(run_id, str(timings), "eval")
     except Exception as e:  # timings are a convenience; never fail a finished job over them

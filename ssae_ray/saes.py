@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,16 @@ def make_random_sae(
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae.to(device)
+
+
+def sae_hash(sae: SAE) -> str:
+    """Content hash of an SAE's weights (W_enc, b_enc, W_dec, b_dec): keys stages that depend on it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def hook_of(sae: SAE) -> str | None:
@@ -115,6 +126,12 @@ def check_sae_fits(sae: SAE, acts: Tensor, hook: str, min_ev: float) -> float:
     with torch.no_grad():
         x = acts.reshape(-1, d).to(sae.W_dec.dtype).to(sae.W_dec.device)
         ev = explained_variance(x, sae.decode(sae.encode(x)))
+    if not math.isfinite(ev):
+        raise SAEMismatchError(
+            f"the SAE for {hook} has a non-finite explained variance ({ev}) on the model's activations at "
+            "that hook: its weights or those activations hold NaN/inf (a diverged or corrupt SAE file, "
+            "or an LM dtype that overflows, e.g. model.dtype=float16)"
+        )
     if ev < min_ev:
         raise SAEMismatchError(
             f"the SAE for {hook} explains only {ev:.3f} of the variance of the model's activations at "

@@ -47,6 +47,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    restore_aside(folder)
     p = Path(folder) / MANIFEST
     if not p.is_file():
         return None
@@ -62,10 +63,64 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _aside(final: Path) -> Path:
+    return final.with_name(f"{final.name}.old")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    OS, libc or file system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def restore_aside(final: str | Path) -> None:
+    """Put back an old folder `swap_in` had moved aside when a crash came before the new one was
+    renamed in (only on systems without an atomic exchange)."""
+    final = Path(final)
+    aside = _aside(final)
+    if not final.exists() and aside.is_dir():
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rename(aside, final)
+            log.warning("restored %s from %s (a swap was interrupted)", final, aside)
+
+
+def swap_in(new: str | Path, final: str | Path) -> Path:
+    """Rename the finished folder `new` to `final`, replacing an older `final` so that a reader
+    never finds `final` missing: the two are exchanged in one atomic step where the OS can
+    (Linux), else the old folder is moved aside first (`<final>.old`, put back by
+    `restore_aside` / `read_manifest` after a crash) and removed only after the rename."""
+    new, final = Path(new), Path(final)
+    restore_aside(final)
+    if not final.exists():
+        os.replace(new, final)
+        return final
+    if _exchange(new, final):  # `new` now holds the old folder
+        shutil.rmtree(new, ignore_errors=True)
+        return final
+    aside = _aside(final)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(final, aside)
+    os.replace(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; on success rename it to `final` (replacing an older
-    unfinished one). On error the temp folder is removed and `final` is left as it was."""
+    """Yield a temp folder beside `final`; on success swap it in as `final` (`swap_in`: replacing
+    an older one without a moment where neither exists). On error the temp folder is removed and
+    `final` is left as it was."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}.tmp-"))
@@ -74,9 +129,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_in(tmp, final)
 
 
 def run_stage(

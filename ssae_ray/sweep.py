@@ -20,18 +20,17 @@ import csv
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ssae_ray import tracking
-from ssae_ray.config import Config, from_dict
+from ssae_ray.config import SELECT_METRICS, Config, from_dict
 from ssae_ray.stages import write_json_atomic
 
 log = logging.getLogger("ssae_ray")
-
-SELECT_METRICS = ("val_ce", "val_fvu")
 
 
 class SweepError(ValueError):
@@ -82,14 +81,30 @@ def grid(cfg: Config) -> list[Trial]:
 
 def select_best(records: list[CheckpointRecord], metric: str = "val_ce") -> dict[Trial, CheckpointRecord]:
     """Per trial (one λ, tilt, seed and strategy), the checkpoint with the lowest validation
-    `metric`. Only validation metrics are looked at: test numbers are never part of a record."""
+    `metric`. Only validation metrics are looked at: test numbers are never part of a record. A
+    checkpoint whose metric is NaN or infinite is never best; a trial with no finite checkpoint is a
+    `SweepError` naming it."""
     if metric not in SELECT_METRICS:
         raise SweepError(f"sweep.select_metric must be one of {SELECT_METRICS}, got {metric!r}")
     best: dict[Trial, CheckpointRecord] = {}
+    bad: dict[Trial, CheckpointRecord] = {}
     for r in records:
-        if r.trial not in best or r.val[metric] < best[r.trial].val[metric]:
+        if not math.isfinite(r.val[metric]):
+            bad.setdefault(r.trial, r)
+        elif r.trial not in best or r.val[metric] < best[r.trial].val[metric]:
             best[r.trial] = r
+    lost = [t for t in bad if t not in best]
+    if lost:
+        r = bad[lost[0]]
+        raise SweepError(
+            f"trial {r.trial.name}: no checkpoint has a finite {metric} (step {r.step}: "
+            f"{_nonfinite_text(r.val)}); it diverged: lower train.lr or the λ"
+        )
     return best
+
+
+def _nonfinite_text(val: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in val.items() if not math.isfinite(v)) or "all finite"
 
 
 def _check_inputs(cfg: Config, gsae_dir: Path, caches: dict[str, Any], val_set: Any) -> None:
@@ -143,9 +158,9 @@ def run_sweep(
     out = Path(out_dir) if out_dir else cfg.root / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     client, exp_id = tracking.open_experiment(
-        uri, cfg.tracking.experiment, cfg.root / "mlflow" / "mlartifacts"
+        uri, tracking.experiment_name(cfg), cfg.root / "mlflow" / "mlartifacts"
     )
-    parent = _parent_run(client, exp_id, cfg, out)
+    parent = _parent_run(client, exp_id, uri, cfg, out)
     init_ray(cfg.ray)
     ctx = {
         "cfg": cfg.to_dict(), "gsae_dir": str(gsae_dir), "caches": {k: str(v) for k, v in caches.items()},
@@ -197,12 +212,12 @@ def _trial_resources(cfg: Config) -> dict[str, float]:
     return {k: v for k, v in res.items() if v > 0} or {"memory": float(2**20)}
 
 
-def _parent_run(client: Any, exp_id: str, cfg: Config, out: Path) -> str:
+def _parent_run(client: Any, exp_id: str, uri: str, cfg: Config, out: Path) -> str:
+    """The sweep folder's parent run, reused when the sweep is invoked again."""
     params = {k: v for k, v in tracking.flat_config(cfg).items() if k.split(".")[0] in
               ("name", "model", "sae", "train", "sweep", "retrieval", "eval")}  # fmt: skip
-    rid = tracking.start_run(client, exp_id, f"sweep-{cfg.name}", params, tags={"ssae.kind": "sweep",
-                             "ssae.folder": str(out)})  # fmt: skip
-    return rid
+    return tracking.sweep_parent_run(client, exp_id, uri, out, f"sweep-{cfg.name}", params,
+                                     tags={"ssae.kind": "sweep", "ssae.folder": str(out)})  # fmt: skip
 
 
 def _write_table(
@@ -258,7 +273,7 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
     torch.manual_seed(trial.seed)
     tc = dataclasses.replace(cfg.train, lam=trial.lam, tilt=trial.tilt, seed=trial.seed)
     hooks = list(cfg.sae.hooks)
-    client, _ = tracking.open_experiment(ctx["uri"], cfg.tracking.experiment)
+    client, _ = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))
     params = {**trial._asdict(), "trial": trial.name, **{f"train.{k}": v for k, v in
               dataclasses.asdict(tc).items()}}  # fmt: skip
     rid = tracking.start_run(client, ctx["exp_id"], trial.name, params, parent_run_id=ctx["parent"],
@@ -278,7 +293,11 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
                 val[f"val_{k}"] = sum(val[f"val_{k}/{h}"] for h in hooks) / len(hooks)
             rec = {"step": step, "val": val, "path": None}
             metric = cfg.sweep.select_metric
-            if best is None or val[metric] < best["val"][metric]:
+            finite = all(math.isfinite(v) for v in val.values())
+            if not finite:  # never the best; recorded (done.json, MLflow tag) and warned about
+                log.warning("trial %s, step %d: non-finite validation metrics: %s", trial.name, step,
+                            _nonfinite_text(val))  # fmt: skip
+            if finite and (best is None or val[metric] < best["val"][metric]):
                 path = tdir / "best"
                 for h, sae in saes.items():
                     save_sae(sae, path / h)
@@ -323,7 +342,12 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
             log_train(pending)
             if not checkpoints or checkpoints[-1]["step"] != len(history):
                 score(len(history), {h: tr.export() for h, tr in trainers.items()})
-        assert best is not None
+        if best is None:
+            first = checkpoints[0] if checkpoints else {"step": 0, "val": {}}
+            raise SweepError(
+                f"trial {trial.name}: every checkpoint scored non-finite on validation (step {first['step']}: "
+                f"{_nonfinite_text(first['val'])}); it diverged: lower train.lr or the λ"
+            )
         client.log_artifacts(rid, best["path"], "ssae")
         write_json_atomic(
             tdir / "done.json", {"trial": trial._asdict(), "run_id": rid, "checkpoints": checkpoints}

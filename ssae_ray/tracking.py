@@ -209,20 +209,87 @@ def start_run(
     return rid
 
 
+def experiment_name(cfg: Config) -> str:
+    """`tracking.experiment`, else one experiment per preset: `ssae-ray-<name>`."""
+    return cfg.tracking.experiment or f"ssae-ray-{cfg.name}"
+
+
+PARENT_RUN_FILE = "mlflow_parent_run.json"
+"""Written in a sweep's folder: the MLflow parent run of that sweep (run id, experiment, store)."""
+
+
+def recorded_parent_run(folder: str | Path, uri: str | None = None) -> str | None:
+    """The parent run id recorded in a sweep folder (None when there is none, or when it was
+    recorded for another tracking store than `uri`)."""
+    import json
+
+    p = Path(folder) / PARENT_RUN_FILE
+    if not p.is_file():
+        return None
+    rec = json.loads(p.read_text())
+    if uri is not None and rec.get("tracking_uri") != uri:
+        return None
+    return rec.get("run_id")
+
+
+def sweep_parent_run(
+    client: Any, experiment_id: str, uri: str, folder: str | Path, name: str,
+    params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
+) -> str:  # fmt: skip
+    """The MLflow parent run of the sweep in `folder`, stable across invocations: the run recorded in
+    `<folder>/mlflow_parent_run.json` when it is still in this store and experiment (reopened as
+    RUNNING), else a new run, recorded there. A re-invoked sweep (trials cached, re-evaluated) so
+    never opens a second, empty parent."""
+    from ssae_ray.stages import write_json_atomic
+
+    folder = Path(folder)
+    rid = recorded_parent_run(folder, uri)
+    if rid is not None:
+        try:
+            run = client.get_run(rid)
+        except Exception:  # deleted from the store, or the store was reset
+            run = None
+        if (
+            run is not None
+            and run.info.lifecycle_stage == "active"
+            and run.info.experiment_id == experiment_id
+        ):
+            client.update_run(rid, status="RUNNING")
+            log.info("MLflow: reusing the sweep's parent run %s", rid)
+            return rid
+    rid = start_run(client, experiment_id, name, params, tags=tags)
+    write_json_atomic(
+        folder / PARENT_RUN_FILE, {"run_id": rid, "experiment_id": experiment_id, "tracking_uri": uri}
+    )
+    return rid
+
+
 def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log finite numeric metrics (names sanitised for MLflow) at `step`."""
+    """Log numeric metrics (names sanitised for MLflow) at `step`. A NaN or infinite value is not
+    logged as a metric: it is recorded as a run tag `nonfinite.<metric>` (`nan at step 3`) and warned
+    about, so a diverged number is visible in the UI instead of silently missing."""
     import math
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     ts = int(time.time() * 1000)
-    items = [
-        Metric(_metric_name(k), float(v), ts, step or 0)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and math.isfinite(float(v))
-    ]
+    items, bad = [], []
+    for k, v in metrics.items():
+        if not isinstance(v, int | float):
+            continue
+        if math.isfinite(float(v)):
+            items.append(Metric(_metric_name(k), float(v), ts, step or 0))
+        else:
+            bad.append(RunTag(f"nonfinite.{_metric_name(k)}", f"{float(v)} at step {step or 0}"))
+    if bad:
+        log.warning(
+            "MLflow run %s, step %d: non-finite %s (recorded as nonfinite.* tags)",
+            run_id, step or 0, ", ".join(f"{t.key[len('nonfinite.'):]}={t.value.split()[0]}" for t in bad),
+        )  # fmt: skip
     for s in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[s : s + 500])
+    if bad:
+        client.log_batch(run_id, tags=bad)
 
 
 def _metric_name(k: str) -> str:

@@ -28,6 +28,8 @@ class FakeAnthropic:
         self.latency_s = latency_s
         self.faults: collections.deque[int | tuple[int, str]] = collections.deque()
         self.malformed_predictor = False
+        self.fail_from: int | None = None
+        """When set, every request after the first `fail_from` is answered HTTP 503 (the API went down)."""
         self.requests = 0
         self.kinds: collections.Counter[str] = collections.Counter()
         self.api_keys: set[str] = set()
@@ -114,6 +116,8 @@ class FakeAnthropic:
                     auth = self.headers.get("authorization", "").removeprefix("Bearer ")
                     fake.api_keys.add(self.headers.get("x-api-key") or auth)
                     fault = fake.faults.popleft() if fake.faults else None
+                    if fake.fail_from is not None and fake.requests > fake.fail_from:
+                        fault = 503
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:

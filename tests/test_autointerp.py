@@ -16,7 +16,14 @@ from autointerp_fixtures import HOOK, KEY, ai_config, make_texts, sparse_sae, ti
 from fake_anthropic_server import FakeAnthropic
 
 from ssae_ray.autointerp import AutoInterpError, f1_score, mark, render, run_autointerp
-from ssae_ray.autointerp.examples import feature_acts, feature_examples, scan, scan_many
+from ssae_ray.autointerp.examples import (
+    diversity_pool,
+    escape_delimiters,
+    feature_acts,
+    feature_examples,
+    scan,
+    scan_many,
+)
 from ssae_ray.autointerp.prompts import (
     ParseError,
     diversity_prompt,
@@ -27,6 +34,7 @@ from ssae_ray.autointerp.prompts import (
     predictor_prompt,
 )
 from ssae_ray.autointerp.ratelimit import RateLimiter
+from ssae_ray.config import ConfigError
 from ssae_ray.models import tokenize_docs
 
 
@@ -68,6 +76,23 @@ def test_mark_hand_made_pattern():
     assert mark(pieces, [False] * 7) == "The quick brown fox jumps over it"
     assert mark(["a", " ", "b"], [False, True, False]) == "a<< >>b"
     assert mark(["a", "\n\n", "b"], [False, True, False]) == "a<<\\n\\n>>b"  # visible after one-lining
+
+
+def test_delimiters_in_corpus_text_are_escaped():
+    """`<<` / `>>` in the text (C++ streams, bit shifts, quotes) never look like activation marks."""
+    import re
+
+    pieces = ["std::cout ", "<<", " x ", ">>", " y; a <<<", "b", ">>> c <", "d", "> e"]
+    active = [False, True, False, False, False, True, False, True, False]
+    out = mark(pieces, active)
+    assert out == "std::cout << < < >> x > > y; a < < < <<b>> > > > c < <<d>> > e", out
+    spans = re.findall(r"<<(.+?)>>", out)
+    assert [s.strip() for s in spans] == ["< <", "b", "d"]  # exactly the three active runs
+    plain = "a << b >> c <<< d"
+    assert escape_delimiters(plain) == "a < < b > > c < < < d"
+    assert "<<" not in escape_delimiters(plain) and ">>" not in escape_delimiters(plain)
+    prompt = interpreter_prompt([out], "physics")
+    assert re.findall(r"<<(.+?)>>", prompt.messages[-1][1]) == spans
 
 
 def test_render_decodes_runs(lm):
@@ -141,7 +166,11 @@ def test_rate_limiter_buckets_and_cap():
     now = [0.0]
     lim = RateLimiter(60, 1000, spend_cap_tokens=2500, clock=lambda: now[0])
     for _ in range(5):
-        assert lim.acquire(100, 100) == (0.0, None)  # 5 requests, 1000 tokens: the token bucket is empty
+        assert lim.acquire(100, 100) == (
+            0.0,
+            None,
+            None,
+        )  # 5 requests, 1000 tokens: the token bucket is empty
     g = lim.acquire(100, 100)
     assert g.stop is None and g.wait_s == pytest.approx(200 * 60 / 1000)
     for _ in range(5):
@@ -151,7 +180,7 @@ def test_rate_limiter_buckets_and_cap():
     lim.settle(100, 100, 2000, 100)  # 2400 spent: the next call could pass the 2500-token cap
     g = lim.acquire(100, 100)
     assert g.stop and "spend cap of 2,500 tokens" in g.stop
-    assert lim.acquire(1, 1).stop == g.stop  # the stop is sticky
+    assert lim.acquire(1, 1).stop == g.stop and g.kind == "spend_cap"  # the stop is sticky
     assert lim.stats()["input_tokens"] == 2250
     rpm = RateLimiter(2, 10**6, clock=lambda: now[0])
     assert rpm.acquire(1, 1).wait_s == 0 and rpm.acquire(1, 1).wait_s == 0
@@ -218,6 +247,13 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
         assert torch.allclose(ctx_max[idx.top_ctx[feat, :k], feat], ref, atol=1e-6)
         sample = idx.sample_ctx[feat][idx.sample_ctx[feat] >= 0]
         assert len(sample) == min(6, int(active[:, feat].sum())) and bool(active[sample, feat].all())
+        acts = idx.sample_acts[feat][: len(sample)]  # each sampled context's max activation
+        assert torch.allclose(acts, ctx_max[sample, feat], atol=1e-6)
+        # diversity sets draw from the top half of the activating contexts (appendix N.6)
+        pool = diversity_pool(idx, feat)
+        assert pool and all(
+            ctx_max[c, feat] >= ctx_max[sample, feat].double().quantile(0.5) - 1e-6 for c in pool
+        )
     assert 0 < int((idx.n_active_ctx > 0).sum())
     # Several SAEs in one pass (one LM forward per batch) give each SAE the same index as alone.
     both = scan_many(
@@ -230,10 +266,22 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
     )
 
 
+def test_diversity_pool_is_the_top_half_of_a_uniform_sample():
+    from ssae_ray.autointerp.examples import ActivationIndex
+
+    inf = float("inf")
+    idx = ActivationIndex(
+        None, None, None, torch.tensor([[5, 2, 9, 7, -1]]), torch.tensor([4]), None, None, 0,
+        torch.tensor([[1.0, 4.0, 3.0, 0.5, -inf]]),
+    )  # fmt: skip
+    assert diversity_pool(idx, 0) == [2, 9]  # max acts 4.0 and 3.0: the upper half of {1, 4, 3, 0.5}
+    assert diversity_pool(idx, 0, {2}) == [9]
+
+
 def test_feature_examples_labels_and_seed(lm, saes, texts):
     sae = saes["gsae"]
     ctx = tokenize_docs(lm.tokenizer, texts, 32)
-    idx = scan(lm, sae, HOOK, ctx, k_top=5, k_sample=8, progress=False)
+    idx = scan(lm, sae, HOOK, ctx, k_top=5, k_sample=5 + 3 + 2 * 5, progress=False)  # as build_jobs sizes it
     counts = idx.n_active_ctx
     dead = int((counts == 0).nonzero()[0]) if (counts == 0).any() else None
     alive = [int(f) for f in (counts >= 10).nonzero().flatten()[:4]]
@@ -249,7 +297,13 @@ def test_feature_examples_labels_and_seed(lm, saes, texts):
         assert sorted(ex.predict_labels) == [0, 0, 0, 1, 1, 1]
         assert all("<<" not in t for t in ex.predict_texts)
         assert ex.active_tokens
-        assert len(ex.sample_sets) == 1 and len(ex.sample_sets[0]) == 5  # 8 sampled - 3 Predictor positives
+        # the top half of the sample, minus the Predictor positives, at most n_top
+        pool = diversity_pool(idx, ex.feature)
+        assert (
+            len(ex.sample_sets) == 1
+            and 1 <= len(ex.sample_sets[0]) <= 5
+            and len(pool) >= len(ex.sample_sets[0])
+        )
         assert all("<<" in t for t in ex.sample_sets[0])
     if dead is not None:
         assert exs[-1].status == "dead" and exs[-1].top_texts == []
@@ -350,7 +404,11 @@ def test_api_key_never_in_logs_mlflow_or_artifacts(
         with (
             caplog.at_level(logging.DEBUG),
             caplog.at_level(logging.DEBUG, logger="anthropic"),  # the SDK's request logging too
+            # the HTTP transport's request lines: anthropic 2.x sends through `httpx2`, 0.x through `httpx`
+            caplog.at_level(logging.DEBUG, logger="httpx"),
             caplog.at_level(logging.DEBUG, logger="httpx2"),
+            caplog.at_level(logging.DEBUG, logger="httpcore"),
+            caplog.at_level(logging.DEBUG, logger="httpcore2"),
             mlflow.start_run() as run,
         ):
             out = run_autointerp(
@@ -360,6 +418,9 @@ def test_api_key_never_in_logs_mlflow_or_artifacts(
         mlflow.set_tracking_uri(None)
     assert server.api_keys == {KEY}  # the key was sent...
     assert "retry" in caplog.text and len(caplog.records) > 5
+    names = {r.name.split(".")[0] for r in caplog.records}
+    assert {"anthropic", "ssae_ray"} <= names, names  # every logger that could leak was heard:
+    assert names & {"httpx", "httpx2"} and names & {"httpcore", "httpcore2"}, names  # the transport's too
     assert "SECRET123" not in caplog.text  # ...but never logged
     client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").as_uri())
     data = client.get_run(run.info.run_id).data
@@ -396,8 +457,8 @@ def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(AutoInterpError, match="ANTHROPIC_API_KEY"):
         run_autointerp(ai_config(tmp_path, backend="claude"), lm, saes, HOOK, texts, tmp_path / "o")
-    with pytest.raises(AutoInterpError, match="backend must be 'claude' or 'offline'"):
-        run_autointerp(ai_config(tmp_path, backend="gpt"), lm, saes, HOOK, texts, tmp_path / "o")
+    with pytest.raises(ConfigError, match="autointerp.backend=gpt: must be one of claude, offline"):
+        ai_config(tmp_path, backend="gpt")  # refused when the config is loaded, before any work
     with pytest.raises(AutoInterpError, match=r"\[999\] are outside SAE 'gsae' \(width 128\)"):
         run_autointerp(ai_config(tmp_path, features=[1, 999]), lm, saes, HOOK, texts, tmp_path / "o")
     from ssae_ray.saes import make_random_sae
@@ -407,3 +468,71 @@ def test_clear_errors(lm, saes, texts, tmp_path, monkeypatch):
         run_autointerp(ai_config(tmp_path), lm, wrong, None, texts, tmp_path / "o")
     with pytest.raises(AutoInterpError, match="no test text"):
         run_autointerp(ai_config(tmp_path), lm, saes, HOOK, ["", " "], tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------
+# The API goes down: a circuit breaker, not hours of retries
+
+
+def test_closed_port_stops_within_the_configured_failures(lm, saes, texts, claude_env, tmp_path):
+    """The real SDK against a port nothing listens on: the run stops after
+    `max_consecutive_failures` failed calls (not features × retries), naming the base URL."""
+    from ssae_ray import tracking
+
+    url = f"http://127.0.0.1:{tracking.free_port()}"
+    cfg = ai_config(tmp_path, backend="claude", base_url=url, max_consecutive_failures=4, max_retries=5,
+                    retry_base_s=0.2)  # fmt: skip
+    t0 = time.perf_counter()
+    with pytest.raises(AutoInterpError) as e:
+        run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    seconds = time.perf_counter() - t0
+    msg = str(e.value)
+    assert f"the Messages API at {url} failed 4 calls in a row" in msg and "0 finished features" in msg, msg
+    assert "\n" not in msg
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["complete"] is False and man["usage"]["stop_kind"] == "api_down"
+    # at most the threshold plus the calls already in flight (2 actors x 4) ever failed
+    assert 4 <= man["usage"]["failures"] <= 4 + 2 * 4, man["usage"]
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert set(df.status) == {"api_down"} and len(df) == 8
+    assert seconds < 30, seconds  # 8 features x 6 attempts with backoff would take minutes
+
+
+def test_api_down_midway_keeps_finished_features_and_a_rerun_pays_only_the_rest(
+    lm, saes, texts, server, claude_env, tmp_path
+):
+    """The fake Messages API answers 6 calls (2 features x explain, predict, diversity), then 503 on
+    every call: the run stops cleanly after 3 failures, keeps the 2 features, and a rerun once the
+    API is back pays only for the other 6."""
+    server.fail_from = 6
+    cfg = ai_config(tmp_path, backend="claude", base_url=server.url, max_consecutive_failures=3,
+                    num_actors=1, max_concurrency=1)  # fmt: skip
+    with pytest.raises(AutoInterpError, match=f"the Messages API at {server.url} failed 3 calls in a row"):
+        run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out", use_ray=False)
+    assert server.requests == 6 + 3  # stopped at the third 503, not after 8 features x 6 attempts
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    done = df[df.status == "ok"]
+    assert len(done) == 2 and set(df.status) == {"ok", "api_down"}
+    assert "Stopped early: the Messages API" in (tmp_path / "out" / "report.md").read_text()
+    server.fail_from = None
+    paid = server.requests
+    out2 = run_autointerp(cfg, lm, {"gsae": saes["gsae"]}, HOOK, texts, tmp_path / "out2", use_ray=False)
+    df2 = pd.read_parquet(out2 / "results.parquet")
+    assert (df2.status == "ok").all() and json.loads((out2 / "manifest.json").read_text())["complete"]
+    assert server.requests - paid == 3 * 6 and int(df2.cached_calls.sum()) == 3 * 2
+    assert df2.set_index("feature").loc[done.feature, "f1"].tolist() == done.f1.tolist()
+
+
+def test_limiter_breaker_counts_failures_across_workers_and_resets_on_an_answer():
+    lim = RateLimiter(1000, 1e9, max_consecutive_failures=3)
+    assert lim.failure("HTTP 500", "http://x") is None
+    assert lim.failure("APIConnectionError", "http://x") is None
+    lim.settle(0, 0, 10, 10)  # one call answered (any worker): the run of failures is broken
+    assert lim.failure("HTTP 503", "http://x") is None and lim.failure("HTTP 503", "http://x") is None
+    reason = lim.failure("HTTP 503", "http://x")
+    assert (
+        reason
+        == "the Messages API at http://x failed 3 calls in a row (last: HTTP 503); it looks down or unreachable"
+    )
+    g = lim.acquire(10, 10)
+    assert g.stop == reason and g.kind == "api_down"

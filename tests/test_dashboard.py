@@ -289,8 +289,8 @@ def test_matched_ssaes_pick_the_lambda_nearest_the_matched_l0(tmp_path, cfg):
             w.writerow([s, t, lam, 0, "ood", HOOK, 25.0])
     got = matched_ssaes(cfg.replace(sweep={"match_l0": 25.0}), sweep, HOOK)
     assert [(n, p.parent.name) for n, _, p in got] == [
-        ("dense-tilt0-lam10", "dense10.0"),
-        ("random-tilt0-lam0.1", "random0.1"),
+        ("dense-tilt0-lam10-seed0", "dense10.0"),
+        ("random-tilt0-lam0.1-seed0", "random0.1"),
     ]
 
 

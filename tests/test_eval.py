@@ -55,11 +55,6 @@ def test_pareto_auc_of_known_piecewise_curve():
         M.pareto_auc(l0, ppl, (60, 140))
     with pytest.raises(M.EvalError, match="empty"):
         M.pareto_auc(l0, ppl, (15, 5))
-    assert M.interp_at_l0(l0, ppl, 15) == 15.0
-    with pytest.raises(M.EvalError, match="outside"):
-        M.interp_at_l0(l0, ppl, 25)
-    xs, ys = M.pareto_front([1, 2, 3, 4], [5, 6, 4, 4.5])
-    assert xs.tolist() == [1, 3] and ys.tolist() == [5, 4]
 
 
 def test_bootstrap_ci_over_documents():

@@ -163,6 +163,11 @@ def test_ivf_shards_share_one_trained_quantizer_and_probe_exactly(ray_local, tmp
     np.testing.assert_allclose(got.scores, want_d, rtol=1e-5)
     index.set_nprobe(1)
     assert (index.search(x[:5], 20).ids != want_i).any()  # one list: approximate
+    # retrieval.nprobe is what a search uses (the selection passes it), not the build's manifest value
+    probed = ShardedIndex(tmp_path, verify=False, nprobe=1)
+    assert [i.nprobe for i in probed.indexes] == [1, 1, 1] and [i.nprobe for i in index.indexes] == [1] * 3
+    np.testing.assert_array_equal(probed.search(x[:5], 20).ids, index.search(x[:5], 20).ids)
+    assert [i.nprobe for i in ShardedIndex(tmp_path, verify=False).indexes] == [16] * 3
     assert index.pids()[1500] == "p1500"
 
 

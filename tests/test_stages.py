@@ -35,3 +35,47 @@ def test_atomic_dir_keeps_old_on_failure(tmp_path):
         (d / "v").write_text("2")
         raise ValueError
     assert (final / "v").read_text() == "1"
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+from ssae_ray import stages
+
+final = Path(sys.argv[1])
+if sys.argv[2] == "fallback":  # no atomic exchange: die after the old folder is moved aside
+    stages._exchange = lambda a, b: False
+    real = os.replace
+    def replace(src, dst):
+        if Path(dst) == final:
+            os._exit(9)
+        return real(src, dst)
+    os.replace = replace
+else:  # exchange: die after the swap, before the old copy is removed
+    stages.shutil.rmtree = lambda *a, **k: os._exit(9)
+with stages.atomic_dir(final) as d:
+    (d / "manifest.json").write_text('{"v": 2}')
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_atomic_dir_never_exposes_a_missing_folder(tmp_path, mode):
+    """A process killed in the middle of replacing a finished folder leaves a readable one: the old
+    (moved aside, put back on read) or the new (exchanged in one step), never none."""
+    import json
+    import subprocess
+    import sys
+
+    final = tmp_path / "art"
+    with atomic_dir(final) as d:
+        (d / "manifest.json").write_text('{"v": 1}')
+    r = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(final), mode], timeout=60)
+    assert r.returncode == 9  # it was killed mid-swap
+    m = read_manifest(final)
+    assert m is not None, f"{final} missing after a killed swap: {sorted(p.name for p in tmp_path.iterdir())}"
+    assert m["v"] == (2 if mode == "exchange" else 1)
+    assert json.loads((final / "manifest.json").read_text()) == m
+    with atomic_dir(final) as d:  # and the next writer cleans up what the killed one left
+        (d / "manifest.json").write_text('{"v": 3}')
+    assert read_manifest(final)["v"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("art.tmp-")) == ["art"]

@@ -15,16 +15,18 @@ from ssae_ray.sweep import CheckpointRecord, SweepError, Trial, select_best
 
 
 def test_best_per_lam_uses_validation_not_test():
-    t = Trial("dense", 1.0, 0.0, 0)
-    # Checkpoint at step 5 is best on validation, the one at step 10 would be best on test.
+    t, t2 = Trial("dense", 1.0, 0.0, 0), Trial("dense", 2.0, 0.0, 0)
+    # Step 5 is best on validation CE; step 10 is best on validation FVU, is the last, and is the one
+    # a test metric (were it ever in a record) would pick.
     recs = [
-        CheckpointRecord(t, 5, {"val_ce": 3.0, "val_fvu": 0.3}, None),
-        CheckpointRecord(t, 10, {"val_ce": 3.2, "val_fvu": 0.2}, None),
+        CheckpointRecord(t, 5, {"val_ce": 3.0, "val_fvu": 0.3, "test_ce": 3.5}, None),
+        CheckpointRecord(t, 10, {"val_ce": 3.2, "val_fvu": 0.2, "test_ce": 3.1}, None),
+        CheckpointRecord(t2, 5, {"val_ce": 2.9, "val_fvu": 0.4, "test_ce": 3.0}, None),
+        CheckpointRecord(t2, 10, {"val_ce": 2.8, "val_fvu": 0.5, "test_ce": 3.2}, None),
     ]
-    test_ce = {5: 3.5, 10: 3.1}
-    best = select_best(recs, "val_ce")[t]
-    assert best.step == 5 and min(test_ce, key=test_ce.get) == 10
-    assert select_best(recs, "val_fvu")[t].step == 10
+    best = select_best(recs, "val_ce")
+    assert {k: r.step for k, r in best.items()} == {t: 5, t2: 10}  # one best per λ, by validation CE
+    assert {k: r.step for k, r in select_best(recs, "val_fvu").items()} == {t: 10, t2: 5}
     with pytest.raises(SweepError, match="select_metric"):
         select_best(recs, "test_ce")
 
@@ -87,6 +89,7 @@ def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_serve
     assert len(res.best) == 2
     for t, recs in res.trials.items():
         assert [r.step for r in recs] == [2, 4]
+        assert all(k.startswith("val_") for r in recs for k in r.val), recs  # no test number in a record
         best = min(recs, key=lambda r: r.val["val_ce"])  # validation decides
         assert res.best[t].step == best.step and res.best[t].path
         for h in cfg.sae.hooks:
@@ -123,6 +126,15 @@ def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_serve
     done = json.loads((tmp_path / "sweep" / "trials" / "dense-lam0.01-tilt0-seed0" / "done.json").read_text())
     res2 = sweep.run_sweep(cfg, tmp_path / "gsae", caches, val, tmp_path / "sweep", tmp_path / "models")
     assert res2.run_ids[Trial("dense", 0.01, 0.0, 0)] == done["run_id"]
+    # ... and the re-invocation logs into the same parent run: one parent per sweep folder, finished
+    assert res2.parent_run_id == res.parent_run_id
+    folder = str(tmp_path / "sweep")  # (other tests may log tiny sweeps to the same server)
+    parents = client.search_runs(
+        [res.experiment_id], f"tags.`ssae.kind` = 'sweep' AND tags.`ssae.folder` = '{folder}'"
+    )
+    assert [r.info.run_id for r in parents] == [res.parent_run_id]
+    assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    assert client.get_experiment(res.experiment_id).name == "ssae-ray-tiny"  # one experiment per preset
 
 
 @pytest.mark.slow

@@ -113,3 +113,32 @@ def test_cli_mlflow_serves_until_terminated(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sweep_parent_run_is_stable_per_sweep_folder(tiny_cfg, mlflow_server, tmp_path):
+    """A sweep invoked again (trials cached) logs into the parent run recorded in its folder, not a
+    new empty one; another sweep folder has its own parent, whichever started last."""
+    uri = mlflow_server
+    client, exp = tracking.open_experiment(uri, f"parent-{tmp_path.name}")
+    a = tracking.sweep_parent_run(client, exp, uri, tmp_path / "A", "sweep-a", {"x": 1})
+    tracking.end_run(client, a)
+    again = tracking.sweep_parent_run(client, exp, uri, tmp_path / "A", "sweep-a", {"x": 1})
+    assert again == a and client.get_run(a).info.status == "RUNNING"  # reopened for this invocation
+    tracking.end_run(client, a)
+    b = tracking.sweep_parent_run(client, exp, uri, tmp_path / "B", "sweep-b")
+    assert b != a
+    assert tracking.recorded_parent_run(tmp_path / "A", uri) == a  # not the newest run of the experiment
+    assert tracking.recorded_parent_run(tmp_path / "A", "sqlite:///elsewhere.db") is None
+    runs = client.search_runs([exp])
+    assert sorted(r.info.run_id for r in runs) == sorted([a, b])
+    client.delete_run(a)  # a parent deleted in the UI: the next invocation starts a new one
+    a2 = tracking.sweep_parent_run(client, exp, uri, tmp_path / "A", "sweep-a")
+    assert a2 not in (a, b) and tracking.recorded_parent_run(tmp_path / "A", uri) == a2
+
+
+def test_default_experiment_is_per_preset(tiny_cfg):
+    from ssae_ray.config import load_config
+
+    assert tracking.experiment_name(tiny_cfg) == "ssae-ray-tiny"
+    assert tracking.experiment_name(load_config("local")) == "ssae-ray-local"
+    assert tracking.experiment_name(tiny_cfg.replace(tracking={"experiment": "mine"})) == "mine"

@@ -31,15 +31,17 @@ from ssae_ray.config import AutoInterpConfig
 log = logging.getLogger("ssae_ray")
 
 
+STOP_STATUSES = ("spend_cap", "api_down")
+"""Row statuses that stop the whole run cleanly (features not yet started are recorded as such)."""
+
+
+def limiter_args(ai: AutoInterpConfig) -> tuple[Any, ...]:
+    return (ai.requests_per_minute, ai.tokens_per_minute, ai.spend_cap_tokens, ai.spend_cap_usd,
+            ai.usd_per_mtok_in, ai.usd_per_mtok_out)  # fmt: skip
+
+
 def make_limiter(ai: AutoInterpConfig) -> RateLimiter:
-    return RateLimiter(
-        ai.requests_per_minute,
-        ai.tokens_per_minute,
-        ai.spend_cap_tokens,
-        ai.spend_cap_usd,
-        ai.usd_per_mtok_in,
-        ai.usd_per_mtok_out,
-    )
+    return RateLimiter(*limiter_args(ai), max_consecutive_failures=ai.max_consecutive_failures)
 
 
 def make_scorer(ai: AutoInterpConfig, api_key: Secret | None, limiter: Any, cache: Any) -> Any:
@@ -96,11 +98,12 @@ def _progress(n: int, desc: str) -> Any:
     return tqdm(total=n, desc=desc, disable=n == 0)
 
 
-def _not_run(job: Job, ai: AutoInterpConfig, reason: str) -> dict[str, Any]:
+def _not_run(job: Job, ai: AutoInterpConfig, stop: tuple[str, str]) -> dict[str, Any]:
+    """The row of a feature never started because the run stopped (`stop` = (status, reason))."""
     model = "offline-keywords" if ai.backend == "offline" else ai.model
     row = base_row(job, ai.backend, model)
     if row["status"] == "ok":
-        row.update(status="spend_cap", error=f"not run: {reason}")
+        row.update(status=stop[0], error=f"not run: {stop[1]}")
     return row
 
 
@@ -118,10 +121,11 @@ def score_on_ray(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    limiter = ray.remote(RateLimiter).options(num_cpus=0).remote(
-        ai.requests_per_minute, ai.tokens_per_minute, ai.spend_cap_tokens, ai.spend_cap_usd,
-        ai.usd_per_mtok_in, ai.usd_per_mtok_out,
-    )  # fmt: skip
+    limiter = (
+        ray.remote(RateLimiter)
+        .options(num_cpus=0)
+        .remote(*limiter_args(ai), max_consecutive_failures=ai.max_consecutive_failures)
+    )
     cache = ray.remote(ResponseCache).options(num_cpus=0, scheduling_strategy=here).remote(str(cache_path))
     actor_cls = ray.remote(InterpActor).options(num_cpus=0, max_concurrency=ai.max_concurrency)
 
@@ -137,7 +141,7 @@ def score_on_ray(
     pending = collections.deque(range(len(jobs)))
     inflight: dict[Any, tuple[int, Any, int]] = {}
     rows: dict[int, dict[str, Any]] = {}
-    stop: str | None = None
+    stop: tuple[str, str] | None = None
     restarts = 0
     bar = _progress(len(jobs), f"autointerp ({ai.backend})")
     try:
@@ -173,9 +177,9 @@ def score_on_ray(
                     continue
                 rows[j] = row
                 bar.update(1)
-                if row["status"] == "spend_cap" and stop is None:
-                    stop = row["error"]
-                    log.warning("autointerp stopping: %s; finishing calls in flight", stop)
+                if row["status"] in STOP_STATUSES and stop is None:
+                    stop = (row["status"], row["error"])
+                    log.warning("autointerp stopping: %s; finishing calls in flight", stop[1])
         stats = {
             **ray.get(limiter.stats.remote()),
             "startup_s": round(startup_s, 3),
@@ -188,7 +192,7 @@ def score_on_ray(
         ray.kill(limiter)
         ray.kill(cache)
     for j in pending:
-        rows[j] = _not_run(jobs[j], ai, stop or "stopped")
+        rows[j] = _not_run(jobs[j], ai, stop or ("spend_cap", "stopped"))
     return [rows[j] for j in range(len(jobs))], stats
 
 
@@ -202,9 +206,9 @@ def score_local(
     rows: dict[int, dict[str, Any]] = {}
     bar = _progress(len(jobs), f"autointerp ({ai.backend})")
 
-    async def main() -> str | None:
+    async def main() -> None:
         sem = asyncio.Semaphore(max(1, ai.num_actors * ai.max_concurrency))
-        stop: list[str] = []
+        stop: list[tuple[str, str]] = []
 
         async def one(j: int) -> None:
             async with sem:
@@ -213,15 +217,14 @@ def score_local(
                     return
                 rows[j] = row = await score_feature(jobs[j], scorer, ai.diversity)
                 bar.update(1)
-                if row["status"] == "spend_cap" and not stop:
-                    stop.append(row["error"])
+                if row["status"] in STOP_STATUSES and not stop:
+                    stop.append((row["status"], row["error"]))
                     log.warning("autointerp stopping: %s; finishing calls in flight", row["error"])
 
         try:
             await asyncio.gather(*(one(j) for j in range(len(jobs))))
         finally:
             await scorer.close()
-        return stop[0] if stop else None
 
     try:
         asyncio.run(main())

@@ -35,6 +35,11 @@ class SpendCapReached(RuntimeError):
     """The spend cap forbids another paid call; finished work is kept."""
 
 
+class ApiUnavailable(RuntimeError):
+    """The Messages API failed too many calls in a row (connection errors / 5xx): the run stops
+    cleanly; finished work is kept."""
+
+
 class Secret:
     """An API key that never shows itself in a repr, a log line or a traceback."""
 
@@ -135,6 +140,11 @@ class ClaudeClient:
             )
         return self._sdk
 
+    @property
+    def url(self) -> str:
+        """The Messages API base URL calls go to (for messages; never carries the key)."""
+        return str(self._client().base_url).rstrip("/")
+
     def key_for(self, prompt: Prompt, attempt: int) -> str:
         # A re-ask after a malformed answer gets its own entry: the cached bad answer is not replayed.
         params: dict[str, Any] = {"max_tokens": prompt.max_tokens}
@@ -171,6 +181,11 @@ class ClaudeClient:
                         f"the Messages API does not know model {self.model!r} (HTTP 404); set autointerp.model"
                     ) from None
                 retryable = status is None or status in RETRY_STATUS or status >= 500
+                what = f"HTTP {status}" if status else type(e).__name__
+                if status is None or status >= 500:  # unreachable or failing, not merely busy (429)
+                    down = await call(self.limiter, "failure", what, self.url)
+                    if down:
+                        raise ApiUnavailable(down) from None
                 if not retryable or requests > self.max_retries:
                     raise
                 headers = getattr(getattr(e, "response", None), "headers", None)
@@ -178,7 +193,6 @@ class ClaudeClient:
                 if delay is None:
                     delay = self.retry_base_s * 2 ** (requests - 1) * (0.5 + random.random())
                 delay = min(delay, self.max_retry_wait_s)
-                what = f"HTTP {status}" if status else type(e).__name__
                 log.warning("Claude call: %s, retry %d/%d in %.2fs", what, requests, self.max_retries, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -196,7 +210,7 @@ class ClaudeClient:
         while True:
             grant = await call(self.limiter, "acquire", est_in, est_out)
             if grant.stop:
-                raise SpendCapReached(grant.stop)
+                raise (ApiUnavailable if grant.kind == "api_down" else SpendCapReached)(grant.stop)
             if grant.wait_s <= 0:
                 return
             await asyncio.sleep(grant.wait_s)

@@ -11,6 +11,7 @@ recomputes token activations for the few contexts it shows and marks activating 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,10 @@ from ssae_ray.autointerp.score import FeatureExamples
 from ssae_ray.collect import ActivationIndex, encode, feature_acts, scan, scan_many
 from ssae_ray.models import LM, TokenBatch, iter_batches
 
-__all__ = ["ActivationIndex", "encode", "feature_acts", "feature_examples", "scan", "scan_many"]
+__all__ = [  # the collector's names are re-exported: older code imports them from here
+    "ActivationIndex", "diversity_pool", "encode", "escape_delimiters", "feature_acts", "feature_examples",
+    "mark", "render", "scan", "scan_many", "select_features",
+]  # fmt: skip
 
 log = logging.getLogger("ssae_ray")
 
@@ -35,24 +39,39 @@ def _codes_isin(codes: Tensor, pairs: Tensor) -> Tensor:
     return pairs[idx] == codes
 
 
+def escape_delimiters(text: str) -> str:
+    """Text from the corpus with no `<<` or `>>` of its own (`a << b` becomes `a < < b`), so the
+    only delimiters a prompt shows are the marks around activating tokens."""
+    return re.sub(r">(?=>)", "> ", re.sub(r"<(?=<)", "< ", text))
+
+
 def mark(pieces: Sequence[str], active: Sequence[bool]) -> str:
     """Join text pieces, wrapping each run of consecutive active pieces in `<<` `>>` (whitespace at
-    a run's edges stays outside the delimiters; a run of only whitespace is shown escaped, `<<\\n>>`)."""
+    a run's edges stays outside the delimiters; a run of only whitespace is shown escaped, `<<\\n>>`).
+    `<<` / `>>` in the text itself are escaped (`escape_delimiters`), and a `<` / `>` touching a mark
+    is kept apart from it by a space, so the marks are never ambiguous."""
     out: list[str] = []
     i = 0
     while i < len(pieces):
         if not active[i]:
-            out.append(pieces[i])
+            text = escape_delimiters(pieces[i])
+            if out and out[-1].endswith(">>") and text.startswith(">"):
+                text = " " + text
+            out.append(text)
             i += 1
             continue
         j = i
         while j < len(pieces) and active[j]:
             j += 1
         run = "".join(pieces[i:j])
-        core = run.strip()
+        core = escape_delimiters(run.strip())
         if core:
             lead = run[: len(run) - len(run.lstrip())]
             trail = run[len(run.rstrip()) :]
+            if not lead and out and out[-1].endswith("<"):
+                lead = " "
+            if core[0] in "<>" or core[-1] in "<>":
+                core = f" {core} "
             out.append(f"{lead}<<{core}>>{trail}")
         else:  # a whitespace token activates: mark it visibly (escaped, so it survives one-lining)
             out.append(f"<<{run.encode('unicode_escape').decode()}>>")
@@ -114,7 +133,7 @@ def feature_examples(
         n_int = min(n_top, count - n_pos)
         top = [int(c) for c in index.top_ctx[f, :n_int]]
         pos = [int(c) for c in index.sample_ctx[f] if c >= 0 and int(c) not in top][:n_pos]
-        extra = [int(c) for c in index.sample_ctx[f] if c >= 0 and int(c) not in pos][: sample_sets * n_top]
+        extra = diversity_pool(index, f, set(pos))[: sample_sets * n_top]
         neg: list[int] = []
         if n_contexts - count > 0:
             cand = rng.permutation(n_contexts)[: max(20 * n_predict, 200)]
@@ -162,6 +181,24 @@ def feature_examples(
     return [out[f] for f in features]
 
 
+def diversity_pool(index: ActivationIndex, f: int, exclude: set[int] = frozenset()) -> list[int]:
+    """Contexts for the diversity explanations of feature `f` (appendix N.6: "sampling uniformly from
+    the top 50% examples that activate a feature"): the uniformly sampled activating contexts whose
+    max activation is at least the median of the sample (an unbiased estimate of the median over all
+    activating contexts), in sample order, minus `exclude`."""
+    ctx = index.sample_ctx[f]
+    valid = ctx >= 0
+    if index.sample_acts is None or not bool(valid.any()):
+        return [int(c) for c in ctx[valid] if int(c) not in exclude]
+    acts = index.sample_acts[f]
+    median = float(torch.quantile(acts[valid].double(), 0.5))
+    return [
+        int(c)
+        for c, a, v in zip(ctx, acts, valid, strict=True)
+        if v and float(a) >= median and int(c) not in exclude
+    ]
+
+
 def _window_text(
     tok: Any,
     contexts: TokenBatch,
@@ -182,7 +219,7 @@ def _window_text(
     on = (a[s:e] > threshold).tolist()
     ids = contexts.input_ids[c, s:e].tolist()
     if not marked:
-        return tok.decode(ids), []
+        return escape_delimiters(tok.decode(ids)), []
     return render(tok, ids, on), [tok.decode([t]).strip() for t, o in zip(ids, on) if o]
 
 

@@ -17,7 +17,9 @@ class Grant(NamedTuple):
     wait_s: float
     """0 when the call may go now; otherwise ask again after this many seconds."""
     stop: str | None = None
-    """Set when the spend cap forbids the call: the reason, for the report."""
+    """Set when the run must stop (spend cap, or the API is down): the reason, for the report."""
+    kind: str | None = None
+    """`spend_cap` or `api_down` when `stop` is set."""
 
 
 class RateLimiter:
@@ -30,6 +32,7 @@ class RateLimiter:
         usd_per_mtok_in: float = 3.0,
         usd_per_mtok_out: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
+        max_consecutive_failures: int | None = None,
     ):
         if requests_per_minute <= 0 or tokens_per_minute <= 0:
             raise ValueError("requests_per_minute and tokens_per_minute must be positive")
@@ -43,6 +46,10 @@ class RateLimiter:
         self.reserved_in = self.reserved_out = 0
         self.calls = 0
         self.stopped: str | None = None
+        self.stop_kind: str | None = None
+        self.max_failures = max_consecutive_failures
+        self.failures_in_row = 0
+        self.failures = 0
 
     def _refill(self) -> None:
         now = self.clock()
@@ -75,8 +82,9 @@ class RateLimiter:
         """Ask to send a call of about `est_in` input tokens and at most `est_out` output tokens."""
         if self.stopped is None:
             self.stopped = self._over_cap(est_in, est_out)
+            self.stop_kind = "spend_cap" if self.stopped else None
         if self.stopped is not None:
-            return Grant(0.0, self.stopped)
+            return Grant(0.0, self.stopped, self.stop_kind)
         self._refill()
         need = min(est_in + est_out, self.tpm)  # a call larger than a minute's budget waits for a full bucket
         if self.requests >= 1 and self.tokens >= need:
@@ -95,12 +103,27 @@ class RateLimiter:
         self.reserved_out -= est_out
         self.spent_in += input_tokens
         self.spent_out += output_tokens
+        self.failures_in_row = 0  # the API answered
         self.tokens -= (input_tokens + output_tokens) - min(est_in + est_out, self.tpm)
 
     def release(self, est_in: int, est_out: int) -> None:
         """A granted call that failed without usage: drop its reservation."""
         self.reserved_in -= est_in
         self.reserved_out -= est_out
+
+    def failure(self, what: str, base_url: str) -> str | None:
+        """A call failed with a connection error, a timeout or a 5xx. After `max_consecutive_failures`
+        in a row (from every worker: no call answered in between) the run stops: returns the reason
+        (also returned by every later `acquire`), else None."""
+        self.failures += 1
+        self.failures_in_row += 1
+        if self.stopped is None and self.max_failures and self.failures_in_row >= self.max_failures:
+            self.stopped = (
+                f"the Messages API at {base_url} failed {self.failures_in_row} calls in a row (last: {what}); "
+                "it looks down or unreachable"
+            )
+            self.stop_kind = "api_down"
+        return self.stopped if self.stop_kind == "api_down" else None
 
     def stats(self) -> dict[str, float | int | str | None]:
         return {
@@ -109,4 +132,6 @@ class RateLimiter:
             "output_tokens": self.spent_out,
             "usd": round(self._usd(self.spent_in, self.spent_out), 6),
             "stopped": self.stopped,
+            "stop_kind": self.stop_kind,
+            "failures": self.failures,
         }

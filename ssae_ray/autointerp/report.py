@@ -95,7 +95,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                 "n_scored": len(ok),
                 "n_failed": int((g.status == "failed").sum()),
                 "n_error": int((g.status == "error").sum()),
-                "n_not_run": int((g.status == "spend_cap").sum()),
+                "n_not_run": int(g.status.isin(["spend_cap", "api_down"]).sum()),
                 "f1_mean": float(ok.f1.astype(float).mean()) if len(ok) else float("nan"),
                 "f1_median": float(ok.f1.astype(float).median()) if len(ok) else float("nan"),
                 "diversity_mean": float(pd.to_numeric(ok.diversity).mean()) if len(ok) else float("nan"),
@@ -118,8 +118,10 @@ def report_markdown(
             "",
         ]
     if meta.get("stopped"):
+        again = ("rerun when the API answers" if meta.get("usage", {}).get("stop_kind") == "api_down"
+                 else "rerun with a higher cap")  # fmt: skip
         lines += [f"**Stopped early: {meta['stopped']}.** Finished features are saved below and in the cache; "
-                  "rerun with a higher cap to finish (cached calls are free).", ""]  # fmt: skip
+                  f"{again} to finish (cached calls are free).", ""]  # fmt: skip
     lines += [
         f"Test set: {meta['n_contexts']} contexts, {meta['n_tokens']} tokens (position 0 excluded). "
         f"Interpreter: top {meta['n_top']} examples; Predictor: {meta['n_predict']} activating + "

@@ -125,8 +125,9 @@ def build_jobs(
 
 
 def sample_size(ai: AutoInterpConfig) -> int:
-    """Activating contexts sampled per feature: Predictor positives and the diversity sets."""
-    return ai.n_top + ai.n_predict + (ai.diversity_sets * ai.n_top if ai.diversity else 0)
+    """Activating contexts sampled per feature: Predictor positives and the diversity sets (drawn from
+    the top half of the sample, so it holds twice as many)."""
+    return ai.n_top + ai.n_predict + (2 * ai.diversity_sets * ai.n_top if ai.diversity else 0)
 
 
 def run_autointerp(
@@ -198,9 +199,15 @@ def run_autointerp(
     )
     if logged:
         report.log_mlflow(out, summary, params)
+    for r in summary.itertuples():
+        log.info("autointerp %s [%s]: %d scored, F1 mean %.3f", r.sae, label, r.n_scored, r.f1_mean)
+    if usage.get("stop_kind") == "api_down":
+        n_ok = int((df.status == "ok").sum()) if len(df) else 0
+        raise AutoInterpError(
+            f"stopped: {stopped}. {n_ok} finished features are kept in {out}; rerun when the API answers "
+            "(finished calls are cached and not paid again)"
+        )
     if stopped:
         log.warning("autointerp stopped early: %s. Partial results in %s; rerun with a higher cap to finish "
                     "(finished calls are cached)", stopped, out)  # fmt: skip
-    for r in summary.itertuples():
-        log.info("autointerp %s [%s]: %d scored, F1 mean %.3f", r.sae, label, r.n_scored, r.f1_mean)
     return out

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import anthropic
 
-from ssae_ray.autointerp.client import Answer, ClaudeClient, SpendCapReached
+from ssae_ray.autointerp.client import Answer, ApiUnavailable, ClaudeClient, SpendCapReached
 from ssae_ray.autointerp.prompts import (
     ParseError,
     Prompt,
@@ -184,7 +184,7 @@ def base_row(job: Job, backend: str, model: str) -> dict[str, Any]:
 
 async def score_feature(job: Job, scorer: Any, diversity: bool = True) -> dict[str, Any]:
     """Explain, predict, score one feature; a row for the results table (status `ok`, `failed`,
-    `error`, `spend_cap`, or the examples' `dead` / `too_few`)."""
+    `error`, `spend_cap`, `api_down`, or the examples' `dead` / `too_few`)."""
     row = base_row(job, scorer.backend, scorer.model)
     ex = job.examples
     if ex.status != "ok":
@@ -212,6 +212,8 @@ async def score_feature(job: Job, scorer: Any, diversity: bool = True) -> dict[s
         row.update(status="failed", error=str(e), raw_answer=e.answer)
     except SpendCapReached as e:
         row.update(status="spend_cap", error=str(e))
+    except ApiUnavailable as e:
+        row.update(status="api_down", error=str(e))
     except (anthropic.APIStatusError, anthropic.APIConnectionError) as e:
         row.update(status="error", error=f"{type(e).__name__}: {getattr(e, 'status_code', '')} {e}"[:500])
     row.update(

@@ -21,7 +21,7 @@ from ssae_ray.collect import HIST_EDGES, ActivationIndex, Windows
 
 class SAESpec(NamedTuple):
     name: str
-    """File-safe id, also auto-interp's name for it (`gsae`, `dense-tilt0-lam2`)."""
+    """File-safe id, also auto-interp's name for it (`gsae`, `dense-tilt0-lam2-seed0`)."""
     label: str
     """Shown name, e.g. `dense (λ 2, L0 24.1)`."""
     sae: Any

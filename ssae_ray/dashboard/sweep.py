@@ -26,9 +26,9 @@ from ssae_ray.stages import StageError, read_manifest, stage_key
 log = logging.getLogger("ssae_ray")
 
 
-def sae_name(strategy: str, tilt: float, lam: float) -> str:
-    """Auto-interp's name of a sweep SSAE (`run_autointerp_on_best`)."""
-    return f"{strategy}-tilt{tilt:g}-lam{lam:g}"
+def sae_name(strategy: str, tilt: float, lam: float, seed: int) -> str:
+    """Auto-interp's name of a sweep SSAE (`pipeline.best_ssaes`)."""
+    return f"{strategy}-tilt{tilt:g}-lam{lam:g}-seed{seed}"
 
 
 def matched_ssaes(cfg: Config, sweep_dir: Path, hook: str) -> list[tuple[str, str, Path]]:
@@ -56,7 +56,9 @@ def matched_ssaes(cfg: Config, sweep_dir: Path, hook: str) -> list[tuple[str, st
     out = []
     for (s, tilt), (_, seed, l0, lam) in sorted(best.items()):
         label = f"{s}{'' if tilt == 0 else f'+TERM(t={tilt:g})'} (λ {float(lam):g}, L0 {l0:.1f})"
-        out.append((sae_name(s, tilt, float(lam)), label, Path(paths[(s, tilt, float(lam), seed)]) / hook))
+        out.append(
+            (sae_name(s, tilt, float(lam), seed), label, Path(paths[(s, tilt, float(lam), seed)]) / hook)
+        )
     if not out:
         raise StageError(f"no evaluated SSAE at {hook} in {metrics}")
     return out

@@ -2,7 +2,7 @@
 
 A curve is one (strategy, tilt, hook, test set): one point per λ, the mean over seeds of L0 and
 CE, plus the seeds' per-token losses averaged (so a CE difference between two curves at one L0
-can be bootstrapped over the test documents, which dominate the noise: shared/CALIBRATION.md).
+can be bootstrapped over the test documents, which dominate the noise: docs/CALIBRATION.md).
 Values between λ points are linear interpolations in L0, never extrapolations.
 """
 

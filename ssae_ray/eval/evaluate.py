@@ -9,6 +9,7 @@ each hook is computed once too. `evaluate_sae` then only runs the SAE and the la
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -135,6 +136,21 @@ class SAEEval(NamedTuple):
     def row(self) -> dict[str, Any]:
         """The scalar fields, for tables and MLflow."""
         return {k: v for k, v in self._asdict().items() if not isinstance(v, Tensor)}
+
+    def nonfinite(self) -> dict[str, float]:
+        """The scalar metrics that are NaN or infinite (empty when all are finite)."""
+        return {k: v for k, v in self.row().items() if isinstance(v, float) and not math.isfinite(v)}
+
+    def check_finite(self, sae_name: str) -> SAEEval:
+        """Raise an `EvalError` naming the SAE, hook and test set when a metric is NaN or infinite."""
+        bad = self.nonfinite()
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise EvalError(
+                f"{sae_name} at {self.hook} on test set {self.test!r}: non-finite {shown}; its weights or "
+                "the activations hold NaN/inf (retrain it, e.g. with a lower train.lr or train.lam)"
+            )
+        return self
 
 
 def token_positions(test: TestSet) -> Tensor:

@@ -130,19 +130,6 @@ def ce_diff_ci(
 # Pareto curves (perplexity vs L0) and their area over an L0 range
 
 
-def pareto_front(l0: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The lower-left frontier of (L0, y) points: sorted by L0, keeping points whose y is lower
-    than every point with smaller L0."""
-    order = np.argsort(np.asarray(l0, dtype=float), kind="stable")
-    xs, ys = np.asarray(l0, dtype=float)[order], np.asarray(y, dtype=float)[order]
-    keep, best = [], math.inf
-    for i, v in enumerate(ys):
-        if v < best:
-            keep.append(i)
-            best = v
-    return xs[keep], ys[keep]
-
-
 def _curve(l0: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = np.asarray(l0, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(xs) & np.isfinite(ys)
@@ -153,20 +140,6 @@ def _curve(l0: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndar
     ux, inv = np.unique(xs, return_inverse=True)
     uy = np.bincount(inv, weights=ys) / np.bincount(inv)
     return ux, uy
-
-
-def interp_at_l0(l0: Sequence[float], y: Sequence[float], at: float) -> float:
-    """y of the piecewise-linear curve through the (L0, y) points at L0 = `at`; an error outside
-    the curve's L0 span (no extrapolation)."""
-    xs, ys = _curve(l0, y)
-    if len(xs) == 0:
-        raise EvalError("empty curve")
-    if not xs[0] - 1e-9 <= at <= xs[-1] + 1e-9:
-        raise EvalError(
-            f"L0 {at:.2f} is outside the curve's L0 span [{xs[0]:.2f}, {xs[-1]:.2f}]: cannot match L0 "
-            "without extrapolating; widen the lambda grid (sweep.lams)"
-        )
-    return float(np.interp(at, xs, ys))
 
 
 def pareto_auc(l0: Sequence[float], y: Sequence[float], l0_range: tuple[float, float]) -> float:

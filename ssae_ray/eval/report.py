@@ -97,7 +97,7 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
     if res["term_vs_erm"]:
         lines += [
             "Every TERM point against the ERM curve of the same selection interpolated at the same L0 "
-            "(TERM mostly raises L0, so unmatched comparisons mislead: shared/CALIBRATION.md).",
+            "(TERM mostly raises L0, so unmatched comparisons mislead: docs/CALIBRATION.md).",
             "",
             "| test | hook | selection | tilt | λ | L0 | CE TERM | CE ERM @ L0 | Δ [CI] | note |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -79,13 +79,15 @@ def evaluate_sweep(
     evals: dict[tuple, SAEEval] = {}  # (strategy, tilt, lam, seed, hook, test) -> SAEEval
     for name, ts in test_sets.items():
         for h in hooks:
-            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs)
+            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs).check_finite(
+                "the GSAE"
+            )
     bar = tqdm(total=len(sweep.best) * len(hooks) * len(test_sets), desc="eval SSAEs", unit="sae")
     for t, rec in sweep.best.items():
         for h in hooks:
             sae = load_sae(Path(rec.path) / h, str(lm.device))
             for name, ts in test_sets.items():
-                e = evaluate_sae(lm, sae, h, ts, bs)
+                e = evaluate_sae(lm, sae, h, ts, bs).check_finite(f"the SSAE of trial {t.name} ({rec.path})")
                 if name != "test":  # per-token statistics are only used on the in-domain test set
                     e = e._replace(token_ids=e.token_ids[:0], sse=e.sse[:0], entropy=e.entropy[:0],
                                    max_act=e.max_act[:0])  # fmt: skip

@@ -2,7 +2,7 @@
 
 A test set's activations are captured once (in the same forward that gives the clean CE). To
 score an SAE at `blocks.L.hook_*`, only the layers after the hook run again, started from the
-captured residual stream with the hook's contribution replaced (shared/CALIBRATION.md: running the
+captured residual stream with the hook's contribution replaced (docs/CALIBRATION.md: running the
 layers after the hook by hand on right-padded batches reproduces the full model exactly at real
 positions). Where that is not exact (an `attn_out` hook of a sequential-residual model, Gemma-2+),
 `tail_start` returns None and the full spliced forward of `models.token_losses` is used instead.

@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ssae_ray.config import RetrievalConfig
+from ssae_ray.stages import atomic_dir
 
 
 class RetrievalError(ValueError):
@@ -143,21 +143,16 @@ def make_tiny_encoder(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
     with torch.no_grad():  # no shared position signal: embeddings then behave like a random bag of words
         bert.embeddings.position_embeddings.weight.zero_()
         bert.embeddings.token_type_embeddings.weight.zero_()
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_dir = tmp / "hf"
-    bert.save_pretrained(hf_dir)
-    hf_tok.save_pretrained(hf_dir)
-    tr = models.Transformer(str(hf_dir), max_seq_length=512)
-    st = SentenceTransformer(modules=[tr, models.Pooling(hidden, pooling_mode="mean"), models.Normalize()])
-    out = tmp / "st"
-    st.save(str(out))
-    try:
-        os.replace(out, folder)
-    except OSError:  # another process built it first
-        if not (folder / "modules.json").is_file():
-            raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.hf-") as hf_dir:
+        bert.save_pretrained(hf_dir)
+        hf_tok.save_pretrained(hf_dir)
+        tr = models.Transformer(hf_dir, max_seq_length=512)
+        st = SentenceTransformer(
+            modules=[tr, models.Pooling(hidden, pooling_mode="mean"), models.Normalize()]
+        )
+        with atomic_dir(folder) as out:
+            st.save(str(out))
     return folder
 
 

@@ -32,16 +32,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ssae_ray.config import Config, RetrievalConfig
+from ssae_ray.config import INDEX_TYPES, Config, RetrievalConfig
 from ssae_ray.retrieval.embed import Embedder, RetrievalError, chunk_batch, resolve_model
-from ssae_ray.stages import MANIFEST, atomic_dir, file_sha256, read_manifest, stage_key, write_json_atomic
+from ssae_ray.stages import (
+    MANIFEST,
+    atomic_dir,
+    file_sha256,
+    read_manifest,
+    stage_key,
+    swap_in,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger("ssae_ray")
-
-INDEX_TYPES = ("flat", "ivf", "ivfpq")
 
 
 class SearchResult(NamedTuple):
@@ -143,11 +149,7 @@ def _build(cfg: Config, corpus: Path, key: str, final: Path, on_shard: Callable[
         "phase_seconds": phases, "created": time.time(),
     }  # fmt: skip
     write_json_atomic(work / MANIFEST, manifest)
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(work, final)
+    swap_in(work, final)
     log.info("index: %d vectors in %d shards at %s", manifest["n_vectors"], len(shards), final)
     return final
 
@@ -410,7 +412,8 @@ class ShardedIndex:
     """All shards of a built index, checksums verified on open; `search` queries every shard in
     parallel (threads, or one Ray task per shard) and merges exactly."""
 
-    def __init__(self, index_dir: str | Path, verify: bool = True) -> None:
+    def __init__(self, index_dir: str | Path, verify: bool = True, nprobe: int | None = None) -> None:
+        """`nprobe`: IVF lists visited per query (`retrieval.nprobe`); None keeps the build's value."""
         import faiss
 
         self.dir = Path(index_dir)
@@ -424,9 +427,7 @@ class ShardedIndex:
         if verify:
             self.verify()
         self.indexes = [faiss.read_index(str(self.dir / s["index"])) for s in self.shards]
-        for idx in self.indexes:
-            if hasattr(idx, "nprobe"):
-                idx.nprobe = int(manifest.get("nprobe", 1))
+        self.set_nprobe(int(nprobe if nprobe is not None else manifest.get("nprobe", 1)))
         self._pids: np.ndarray | None = None
 
     def verify(self) -> None:

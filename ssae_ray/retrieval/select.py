@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ssae_ray.config import Config
+from ssae_ray.config import STRATEGIES, Config
 from ssae_ray.retrieval.embed import (
     EmbedModel,
     RetrievalError,
@@ -34,8 +34,6 @@ from ssae_ray.retrieval.index import ShardedIndex
 from ssae_ray.stages import read_manifest, run_stage, stage_key
 
 log = logging.getLogger("ssae_ray")
-
-STRATEGIES = ("dense", "bm25", "dense+tracin", "bm25+tracin", "random")
 
 
 class Ranking(NamedTuple):
@@ -183,15 +181,9 @@ def tracin_rerank(cfg: Config, first: Ranking, passages: Passages, seed_texts: l
         masks.append(m.to(x.device))
     # Score in the space the finetune trains in: c·x with c from the GSAE (or, as training does
     # without one, from the activations: E||c·x||^2 = d_in), biases times c.
-    c = getattr(sae.cfg.metadata, "act_scale", None)
-    if not c:
-        x = torch.cat([a[m] for a, m in zip(acts, masks, strict=True)])
-        c = (
-            math.sqrt(x.shape[-1] / float(x.double().pow(2).sum(-1).mean()))
-            if cfg.train.scale_activations
-            else 1.0
-        )
-    c = float(c)
+    from ssae_ray.training.loop import act_scale_for
+
+    c = act_scale_for(cfg.train, sae, torch.cat([a[m] for a, m in zip(acts, masks, strict=True)]))
     view = training_view(sae, c)
     seed = seed_gradient(view, [a * c for a in acts], masks, lam)
     del acts, masks
@@ -265,13 +257,6 @@ def fill_budget(ranking: Ranking, passages: Passages, budget: int, chunk: int = 
 # The stage
 
 
-def _sae_sha(sae: Any) -> str:
-    h = hashlib.sha256()
-    for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strategy: str | None = None,
              lm: Any = None, sae: Any = None) -> Path:  # fmt: skip
     """Select `cfg.retrieval.token_budget` tokens of passages by `strategy` (default
@@ -297,7 +282,9 @@ def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strateg
     extra: list[Any] = []
     if tracin:
         lm, sae = _lm_and_sae(cfg, lm, sae)
-        extra = [cfg.train.lam, cfg.sae.hooks[0], cfg.model, _sae_sha(sae)]
+        from ssae_ray.saes import sae_hash
+
+        extra = [cfg.train.lam, cfg.sae.hooks[0], cfg.model, sae_hash(sae)]
     seed_sha = hashlib.sha256("\x00".join(seed_texts).encode()).hexdigest()
     key = stage_key("retrieve-v1", strategy, r, manifest["key"], seed_sha, cfg.seed, *extra)
 
@@ -336,7 +323,7 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
     index = vec_to_row = seed_emb = None
     if first == "dense":
         seed_emb = embed_seeds(cfg, manifest, seed_texts)
-        index = ShardedIndex(index_dir)
+        index = ShardedIndex(index_dir, nprobe=r.nprobe)  # the selection is keyed on r, nprobe included
         vec_to_row = pc.index_in(pa.array(index.pids()), value_set=passages.meta["pid"]).to_numpy()
     k = pool or min(n, max(100, 2 * math.ceil(r.token_budget / mean_tokens)))
     while True:

@@ -10,7 +10,7 @@ summed over a bio's positions (non-templatic data), then averaged over bios. Zer
 (patch = 0) for features and errors, mean-ablation for neurons (the hook's own dimensions).
 Hooks in early layers use integrated gradients instead: g is averaged over the path that scales
 the whole hook output from x to 0 (Marks et al.'s `_pe_ig` with a zero patch; midpoint rule).
-Position 0 is never patched (it is never spliced; shared/CALIBRATION.md).
+Position 0 is never patched (it is never spliced; docs/CALIBRATION.md).
 """
 
 from __future__ import annotations

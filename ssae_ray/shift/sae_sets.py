@@ -16,10 +16,10 @@ from torch import nn
 
 from ssae_ray.config import Config
 from ssae_ray.models import LM, parse_hook
-from ssae_ray.saes import load_gsaes, load_sae, save_sae, slice_sae
+from ssae_ray.saes import load_gsaes, load_sae, sae_hash, save_sae, slice_sae
 from ssae_ray.shift.data import BiosData
 from ssae_ray.shift.probe import probe_layer
-from ssae_ray.stages import file_sha256, read_manifest, run_stage, stage_key, write_json_atomic
+from ssae_ray.stages import file_sha256, read_manifest, run_stage, stage_key
 
 log = logging.getLogger("ssae_ray")
 SAESet = dict[str, nn.Module]
@@ -79,7 +79,7 @@ def finetuned(cfg: Config, lm: LM, saes: SAESet, texts: list[str], tag: str, sel
     the selection and the train config)."""
     from ssae_ray.training import cache_activations, finetune
 
-    sha = {h: _sae_sha(s) for h, s in saes.items()}
+    sha = {h: sae_hash(s) for h, s in saes.items()}
     key = stage_key("shift-ssae-v1", tag, sha, sel_key, cfg.train, cfg.model.source)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -92,15 +92,6 @@ def finetuned(cfg: Config, lm: LM, saes: SAESet, texts: list[str], tag: str, sel
 
     folder = run_stage(cfg.root, "shift_ssae", key, build)
     return {h: load_sae(folder / h, str(lm.device)) for h in saes}
-
-
-def _sae_sha(sae: nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def build_sae_sets(
@@ -148,11 +139,3 @@ def build_sae_sets(
     info.update(selection=str(sel_dir), n_passages=len(texts), strategy=cfg.retrieval.strategy,
                 seed_bios=cfg.shift.n_seed_examples)  # fmt: skip
     return {k: sets[k] for k in ("GSAE", "SSAE", "Comp. GSAE", "Comp. SSAE") if k in sets}, info
-
-
-def save_sets(sets: dict[str, SAESet], folder: Path) -> None:
-    """Not used by the job (the stages keep the SAEs); handy for inspection."""
-    for name, saes in sets.items():
-        for h, s in saes.items():
-            save_sae(s, folder / name.replace(" ", "_").replace(".", "") / h)
-    write_json_atomic(folder / "sets.json", {k: list(v) for k, v in sets.items()})

@@ -57,7 +57,7 @@ def lm_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[s
                 break
             acts = capture(lm, b.input_ids, b.attention_mask, list(hooks))
             keep = b.attention_mask.bool().clone()
-            keep[:, 0] = False  # position 0: norm ~7x the median (shared/CALIBRATION.md)
+            keep[:, 0] = False  # position 0: norm ~7x the median (docs/CALIBRATION.md)
             pos = torch.arange(keep.shape[1]).expand_as(keep)
             meta = torch.stack([b.input_ids[keep], b.doc_index[:, None].expand_as(keep)[keep], pos[keep]], 1)
             out = {h: a[keep.to(a.device)].cpu() for h, a in acts.items()}
@@ -257,11 +257,6 @@ def iter_cache_batches(path: str | Path, hooks: Sequence[str], batch_tokens: int
         idx = perm[j * batch_tokens + rank * part : j * batch_tokens + (rank + 1) * part]
         yield {h: r.rows(idx) for h, r in readers.items()}
         step += 1
-
-
-def cache_tokens(path: str | Path) -> np.ndarray:
-    """[n_tokens, 3] int64: token id, doc index, position of each cached row."""
-    return np.load(Path(path) / "tokens.npy")
 
 
 def describe(path: str | Path) -> str:

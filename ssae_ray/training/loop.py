@@ -7,7 +7,7 @@ gradient norm, and uses a decoder-norm-weighted L1 instead of unit-norm decoder 
 themselves are sae-lens `StandardSAE`s, saved in sae-lens format.
 
 Activation scale. With `TrainConfig.scale_activations` the loop trains on c·x with
-c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model (shared/CALIBRATION.md).
+c = sqrt(d_in / E||x||^2), so λ means the same at every hook and model (docs/CALIBRATION.md).
 The scale lives in the saved SAE: it is folded into its weights (b_enc / c, b_dec / c; W_enc,
 W_dec unchanged, so decoder rows stay unit norm and f_raw = f_scaled / c), the SAE reads raw
 activations, and `cfg.metadata.act_scale` records c, which later finetunes of it reuse.
@@ -78,12 +78,16 @@ def lr_at(tc: TrainConfig, step: int, steps: int | None = None) -> float:
     return tc.lr_end + (tc.lr - tc.lr_end) * max(left, 0) / tc.decay_steps
 
 
+def act_scale(d_in: int, mean_sq_norm: float) -> float:
+    """c = sqrt(d_in / E||x||^2), so that E||c·x||^2 = d_in (the one place this is computed)."""
+    if not math.isfinite(mean_sq_norm) or mean_sq_norm <= 0:
+        raise TrainingError(f"cannot scale activations: mean squared norm is {mean_sq_norm}")
+    return math.sqrt(d_in / mean_sq_norm)
+
+
 def estimate_act_scale(x: Tensor) -> float:
-    """c with E||c·x||^2 = d_in."""
-    ms = float(x.double().pow(2).sum(-1).mean())
-    if not math.isfinite(ms) or ms <= 0:
-        raise TrainingError(f"cannot scale activations: mean squared norm is {ms}")
-    return math.sqrt(x.shape[-1] / ms)
+    """`act_scale` of a batch of activations [n, d_in]."""
+    return act_scale(x.shape[-1], float(x.double().pow(2).sum(-1).mean()))
 
 
 def export_sae(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, hook: str, act_scale: float,
@@ -341,12 +345,13 @@ def finetune(
     callback: Callback | None = None,
     progress: bool = True,
     device: str | None = None,
+    buffer_batches: int = 4,
 ) -> FinetuneResult:
     """Finetune every SAE on its hook's activations, in one process (no Ray).
 
-    `batches` is an activation-cache folder (`cache_activations`; read in a seeded order) or an
-    iterable of {hook: [n, d_in]} dicts (re-cut into `batch_tokens` batches through a shuffle
-    buffer of `shuffle_buffer_batches` batches).
+    `batches` is an activation-cache folder (`cache_activations`; read in a seeded permutation per
+    epoch) or an iterable of {hook: [n, d_in]} dicts (re-cut into `batch_tokens` batches through a
+    shuffle buffer of `buffer_batches` batches).
     """
     from ssae_ray.training.cache import iter_cache_batches, shuffle_buffer
 
@@ -358,7 +363,7 @@ def finetune(
     if isinstance(batches, str | Path):
         it = iter_cache_batches(batches, hooks, tc.batch_tokens, seed=tc.seed)
     else:
-        it = shuffle_buffer(iter(batches), tc.batch_tokens, tc.shuffle_buffer_batches, seed=tc.seed)
+        it = shuffle_buffer(iter(batches), tc.batch_tokens, buffer_batches, seed=tc.seed)
     it = _peekable(it)
     dev = device or str(next(iter(saes.values())).W_dec.device)
     trainers = make_trainers(tc, saes, it.peek(), dev)

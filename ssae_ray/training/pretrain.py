@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,18 @@ from ssae_ray.config import Config
 from ssae_ray.saes import make_random_sae, save_sae
 from ssae_ray.stages import run_stage, stage_key
 from ssae_ray.training.cache import cache_activations, iter_cache_batches, open_cache
-from ssae_ray.training.loop import make_trainers, run_steps, with_train
+from ssae_ray.training.loop import act_scale, make_trainers, run_steps, with_train
 
 
 def pretrain_key(cfg: Config, texts: Sequence[str]) -> str:
     h = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     t = cfg.train
+    # (the 4 stands where the removed, never-read train.shuffle_buffer_batches was: existing
+    # pretrained GSAEs keep their key)
     return stage_key(
         "gsae-pretrain-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         list(cfg.sae.hooks), cfg.sae.d_sae, h, t.pretrain_steps, t.pretrain_lr, t.pretrain_lam,
-        t.pretrain_tokens, t.batch_tokens, t.shuffle_buffer_batches, t.scale_activations, cfg.seed, t.seed,
+        t.pretrain_tokens, t.batch_tokens, 4, t.scale_activations, cfg.seed, t.seed,
     )  # fmt: skip
 
 
@@ -51,7 +52,7 @@ def pretrain_gsaes(cfg: Config, lm: Any, texts: Sequence[str], progress: bool = 
             sae = make_random_sae(info.d[h], cfg.sae.d_sae, h, seed=cfg.seed + 1000 * tc.seed + i)
             sae.cfg.metadata.model_name = cfg.model.source
             if tc.scale_activations:
-                sae.cfg.metadata.act_scale = math.sqrt(info.d[h] / info.mean_sq_norm[h])
+                sae.cfg.metadata.act_scale = act_scale(info.d[h], info.mean_sq_norm[h])
             saes[h] = sae
         batches = iter_cache_batches(cache, hooks, tc.batch_tokens, seed=tc.seed)
         first = next(iter_cache_batches(cache, hooks, tc.batch_tokens, seed=tc.seed))
