@@ -79,7 +79,7 @@ def main() -> None:
         out, _ = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, texts, general, force=True)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
-    run_id = pipeline._sweep_run_id(cfg)
+    run_id = pipeline._sweep_run_id(cfg, out.parent)
     if run_id:
         log_dashboard(tracking.tracking_uri(cfg), run_id, out)
     t_log = time.perf_counter() - t1
