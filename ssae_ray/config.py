@@ -389,6 +389,43 @@ class AutoInterpConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    enabled: bool = True
+    """Build the feature dashboard as a stage of the physics job (after evaluation and auto-interp);
+    `ssae-ray dashboard` builds it on demand either way."""
+    n_top: int = 10
+    """Top-activating contexts shown per feature (in-domain test set)."""
+    n_samples: int = 24
+    """Activating contexts sampled uniformly per feature, shown grouped into activation bands (the
+    upper half is what appendix N.6 samples explanations from)."""
+    bands: int = 3
+    """Bands the sampled contexts are grouped into, by their max activation as a share of the
+    feature's max (3: the top, middle and bottom third)."""
+    per_band: int = 4
+    """Sampled contexts shown per band."""
+    window: int = 24
+    """Tokens shown per context: a window around its most activating token."""
+    logit_k: int = 10
+    """Logit-lens tokens shown per feature, top and bottom."""
+    general_contexts: int | None = 1000
+    """Contexts of the general test set scanned for each feature's frequency on general text
+    (None: all). The in-domain scan covers `autointerp.max_contexts` contexts, the ones auto-interp
+    explains, so one LM pass serves both."""
+    new_cos: float = 0.7
+    """An SSAE feature is `new` when the cosine of its decoder row to the nearest GSAE decoder row is
+    below this; otherwise `inherited`."""
+    diff_top: int = 50
+    """Features listed per SSAE on the GSAE -> SSAE diff page."""
+    feature_pages: bool = True
+    """Write a page per feature that fires (the index still lists every feature)."""
+    export: bool = True
+    """Also write the Neuronpedia export (SAEDashboard's `neuronpedia_export` layout) per SAE."""
+    neuronpedia_model: str | None = None
+    """Model id written into the export (Neuronpedia's id of the model, e.g. `gemma-2-2b`); None: a slug
+    of `model.source`."""
+
+
+@dataclass(frozen=True)
 class ShiftConfig:
     layer: int = -2
     """Penultimate layer for the probe (negative counts from the end)."""
@@ -450,6 +487,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     autointerp: AutoInterpConfig = field(default_factory=AutoInterpConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -881,6 +919,15 @@ CHECKS: dict[str, Check] = {
     "autointerp.spend_cap_usd": above(0),
     "autointerp.usd_per_mtok_in": non_negative,
     "autointerp.usd_per_mtok_out": non_negative,
+    "dashboard.n_top": positive,
+    "dashboard.n_samples": positive,
+    "dashboard.bands": positive,
+    "dashboard.per_band": positive,
+    "dashboard.window": at_least(2),
+    "dashboard.logit_k": positive,
+    "dashboard.general_contexts": positive,
+    "dashboard.new_cos": between(-1, 1),
+    "dashboard.diff_top": positive,
     "shift.probe_lr": above(0),
     "shift.probe_epochs": positive,
     "shift.max_features": positive,

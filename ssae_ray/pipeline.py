@@ -499,6 +499,15 @@ def stage_autointerp(cfg: Config) -> Path:
 
 def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Path, fn: Callable) -> Path:
     """Score the GSAE and the best SSAE of each strategy at the first hook on the in-domain test set."""
+    saes, hook, texts = best_saes(cfg, lm, eval_dir, corpus_dir)
+    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+
+
+def best_saes(
+    cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Path
+) -> tuple[dict[str, Any], str, list[str]]:
+    """(the GSAE and every best-per-λ SSAE by auto-interp name, the first sweep hook, the in-domain
+    test texts)."""
     from ssae_ray.saes import load_sae
 
     sweep_dir = eval_dir.parent
@@ -506,8 +515,7 @@ def run_autointerp_on_best(cfg: Config, lm: Any, eval_dir: Path, corpus_dir: Pat
     saes = {"gsae": load_sae(stage_gsaes(cfg, lm, corpus_dir) / hook, str(lm.device))}
     for name, path in best_ssaes(sweep_dir, hook).items():
         saes[name] = load_sae(path, str(lm.device))
-    texts = _texts(corpus_dir, "test")
-    return fn(cfg, lm, saes, hook, texts, eval_dir.parent / "autointerp")
+    return saes, hook, _texts(corpus_dir, "test")
 
 
 def best_ssaes(sweep_dir: Path, hook: str) -> dict[str, Path]:
@@ -524,6 +532,52 @@ def best_ssaes(sweep_dir: Path, hook: str) -> dict[str, Path]:
             if path.is_dir():
                 out[name] = path
     return out
+
+
+def stage_dashboard(
+    cfg: Config,
+    lm: Any = None,
+    report: Path | None = None,
+    autointerp: Callable | None = None,
+    force: bool = False,
+) -> Path:
+    """The feature dashboard of the sweep (`<sweep>/dashboard`), logged to the sweep's parent run.
+    With `autointerp` (`run_autointerp`), auto-interp runs on the same in-domain LM pass."""
+    from ssae_ray.dashboard import build_sweep_dashboard, log_dashboard
+
+    lm = lm or _lm(cfg)
+    report = report or stage_eval(cfg, lm=lm)
+    corpus_dir = stage_corpus(cfg, lm)
+    gsae_dir = stage_gsaes(cfg, lm, corpus_dir)
+    extra: dict[str, tuple[Any, str]] = {}
+    run_ai = None
+    if autointerp is not None:
+        saes, hook, texts = best_saes(cfg, lm, report.parent, corpus_dir)
+        extra = {n: (s, hook) for n, s in saes.items()}
+
+        def run_ai(indexes: dict[str, Any] | None) -> Path:
+            return autointerp(
+                cfg, lm, saes, hook, texts, report.parent.parent / "autointerp", indexes=indexes
+            )
+
+    general = _texts(corpus_dir, "general_test")
+    if not general:  # a user corpus without a general test split: the retrieval corpus is general text
+        log.warning(
+            "no general_test split; the dashboard's general frequencies use the first corpus documents"
+        )
+        general = _texts(corpus_dir, "corpus")[:2000]
+    out, built = build_sweep_dashboard(cfg, lm, report.parent.parent, gsae_dir, _texts(corpus_dir, "test"), general,
+                                run_ai, extra, force)  # fmt: skip
+    try:
+        from ssae_ray import tracking
+
+        run_id = _sweep_run_id(cfg, out.parent) if built else None  # a cached one was logged when built
+        if run_id:
+            log_dashboard(tracking.tracking_uri(cfg), run_id, out)
+            log.info("dashboard logged to MLflow run %s (artifacts: dashboard/index.html)", run_id)
+    except Exception as e:  # the site is on disk; never fail a finished job over logging it
+        log.warning("could not log the dashboard to MLflow: %s", e)
+    return out / "index.html"
 
 
 def stage_shift(cfg: Config) -> Path:
@@ -546,10 +600,16 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
         check_schedulable(cfg)
     lm = None if offload(cfg) else timer("load LM", lambda: _lm(cfg), False)
     report = stage_eval(cfg, force, lm, timer, retrain=force)
-    if cfg.autointerp.enabled:
+    if cfg.autointerp.enabled or cfg.dashboard.enabled:
         from ssae_ray.autointerp import run_autointerp
 
-        def autointerp() -> Path:
+        names = [
+            n
+            for n, on in (("autointerp", cfg.autointerp.enabled), ("dashboard", cfg.dashboard.enabled))
+            if on
+        ]
+
+        def features() -> Path:
             parent = _sweep_run_id(cfg, report.parent.parent)  # results land in this sweep's parent run
             corpus_dir = stage_corpus(cfg, lm)
 
@@ -560,11 +620,14 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
 
                 mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
                 with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
+                    if cfg.dashboard.enabled:  # one LM pass serves the dashboard and auto-interp
+                        ai = run_autointerp if cfg.autointerp.enabled else None
+                        return stage_dashboard(cfg, lm, report, ai, force)
                     return run_autointerp_on_best(cfg, lm, report.parent, corpus_dir, run_autointerp)
 
-            return with_lm(cfg, lm, body, name="autointerp")
+            return with_lm(cfg, lm, body, name="+".join(names))
 
-        timer("autointerp", autointerp, False)
+        timer("+".join(names), features, False)
     timings = timer.write(report.parent / "timings.csv")
     write_json_atomic(report.parent / "timings.json", {"rows": timer.rows, "total": time.perf_counter() - t0})
     _log_timings(cfg, report, timings)

@@ -77,6 +77,7 @@ def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     assert len(sweep_dirs) == 1
     report = sweep_dirs[0] / "eval" / "report.md"
     assert report.is_file() and "GSAE" in report.read_text()
+    assert (sweep_dirs[0] / "dashboard" / "index.html").is_file()  # the dashboard stage ran
 
     second = _submit(url, env, tmp_path / "work")
     out2 = second.stdout + second.stderr
@@ -85,6 +86,6 @@ def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     by_stage = {r["stage"]: r for r in timings}
     for stage in ("corpus", "gsaes", "retrieve+cache"):
         assert by_stage[stage]["cached"], (stage, timings)
-    assert "evaluation cached" in out2
+    assert "evaluation cached" in out2 and "dashboard cached" in out2
     # nothing was trained or built again
     assert "building" not in out2.split("== stage load LM")[-1], out2[-3000:]

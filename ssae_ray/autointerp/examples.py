@@ -1,10 +1,9 @@
 """Examples for the Interpreter and the Predictor, from one streaming pass over a test set.
 
-`scan` runs the LM and the SAE over the test contexts once and keeps, per feature, only what the
-examples need (never a dense tokens x features matrix): the top-K contexts by max activation
-(a running `torch.topk` merge), a uniform sample of activating contexts (a bottom-k merge of
-random keys: priority sampling without replacement), counts, and the sparse set of (context,
-feature) pairs that activate, to draw non-activating contexts. `feature_examples` then
+`ssae_ray.collect.scan_many` (re-exported here) runs the LM and the SAEs over the test contexts
+once and keeps, per feature, bounded state: the top-K contexts, a uniform sample of activating
+contexts, counts, and the sparse set of (context, feature) pairs that activate, to draw
+non-activating contexts; the feature dashboard reads the same indexes. `feature_examples` then
 recomputes token activations for the few contexts it shows and marks activating tokens
 `<<like this>>`. Position 0 of every context is excluded (its norm is an outlier).
 """
@@ -15,38 +14,22 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ssae_ray.autointerp.score import FeatureExamples
-from ssae_ray.models import LM, TokenBatch, capture, iter_batches
+from ssae_ray.collect import ActivationIndex, encode, feature_acts, scan, scan_many
+from ssae_ray.models import LM, TokenBatch, iter_batches
+
+__all__ = [  # the collector's names are re-exported: older code imports them from here
+    "ActivationIndex", "diversity_pool", "encode", "escape_delimiters", "feature_acts", "feature_examples",
+    "mark", "render", "scan", "scan_many", "select_features",
+]  # fmt: skip
 
 log = logging.getLogger("ssae_ray")
-
-
-class ActivationIndex(NamedTuple):
-    contexts: TokenBatch
-    """The scanned test contexts."""
-    top_acts: Tensor
-    """[F, K] max activation of each feature's top contexts, descending (-inf where fewer)."""
-    top_ctx: Tensor
-    """[F, K] context index of each top context (-1 where fewer)."""
-    sample_ctx: Tensor
-    """[F, S] a uniform random sample of the contexts where the feature activates (-1 where fewer)."""
-    n_active_ctx: Tensor
-    """[F] contexts in which the feature activates on some token (position 0 excluded)."""
-    n_active_tok: Tensor
-    """[F] tokens on which it activates."""
-    pairs: Tensor
-    """Sorted codes `context * F + feature` of every activating (context, feature) pair."""
-    n_tokens: int
-    """Tokens scanned (positions 1.. of real tokens)."""
-    sample_acts: Tensor | None = None
-    """[F, S] max activation of each sampled context (-inf where fewer)."""
 
 
 def _codes_isin(codes: Tensor, pairs: Tensor) -> Tensor:
@@ -54,114 +37,6 @@ def _codes_isin(codes: Tensor, pairs: Tensor) -> Tensor:
         return torch.zeros_like(codes, dtype=torch.bool)
     idx = torch.searchsorted(pairs, codes).clamp(max=pairs.numel() - 1)
     return pairs[idx] == codes
-
-
-def encode(sae: Any, x: Tensor, mask: Tensor) -> Tensor:
-    """[B, T, F] SAE feature activations on the SAE's device, zero at position 0 and on padding."""
-    p = next(sae.parameters())
-    with torch.no_grad():
-        f = sae.encode(x.to(device=p.device, dtype=p.dtype)).float()
-    valid = mask.to(f.device).bool().clone()
-    valid[:, 0] = False
-    return f * valid.unsqueeze(-1)
-
-
-def feature_acts(lm: LM, sae: Any, hook: str, batch: TokenBatch) -> Tensor:
-    """`encode` of one batch's activations at `hook`."""
-    x = capture(lm, batch.input_ids, batch.attention_mask, [hook])[hook]
-    return encode(sae, x, batch.attention_mask)
-
-
-class _Running:
-    """One SAE's running top-k, bottom-k sample, counts and pairs over the streamed batches."""
-
-    def __init__(self, d_sae: int, k_top: int, k_sample: int, threshold: float, seed: int):
-        self.d_sae, self.k_top, self.k_sample, self.threshold = d_sae, k_top, k_sample, threshold
-        self.gen = torch.Generator().manual_seed(seed)
-        self.top_acts = torch.full((d_sae, k_top), -torch.inf)
-        self.top_ctx = torch.full((d_sae, k_top), -1, dtype=torch.long)
-        self.keys = torch.full((d_sae, k_sample), torch.inf)
-        self.sample_ctx = torch.full((d_sae, k_sample), -1, dtype=torch.long)
-        self.sample_acts = torch.full((d_sae, k_sample), -torch.inf)
-        self.n_ctx = torch.zeros(d_sae, dtype=torch.long)
-        self.n_tok = torch.zeros(d_sae, dtype=torch.long)
-        self.pairs: list[Tensor] = []
-
-    def update(self, f: Tensor, start: int) -> None:
-        """Merge a batch's activations [B, T, F] (reduced on their device; only [B, F] moves)."""
-        b, d = f.shape[0], self.d_sae
-        active = f > self.threshold
-        self.n_tok += active.sum((0, 1)).cpu()
-        ctx_max = f.amax(1).cpu()
-        ctx_active = active.any(1).cpu()
-        self.n_ctx += ctx_active.sum(0)
-        ids = torch.arange(start, start + b).unsqueeze(0).expand(d, b)
-        vals = torch.where(ctx_active, ctx_max, -torch.inf).T
-        self.top_acts, pick = torch.cat([self.top_acts, vals], 1).topk(self.k_top, dim=1)
-        self.top_ctx = torch.cat([self.top_ctx, ids], 1).gather(1, pick)
-        r = torch.where(ctx_active, torch.rand(b, d, generator=self.gen), torch.inf).T
-        self.keys, pick = torch.cat([self.keys, r], 1).topk(self.k_sample, dim=1, largest=False)
-        self.sample_ctx = torch.cat([self.sample_ctx, ids], 1).gather(1, pick)
-        self.sample_acts = torch.cat([self.sample_acts, vals], 1).gather(1, pick)
-        c, feat = ctx_active.nonzero(as_tuple=True)
-        self.pairs.append((c + start) * d + feat)
-
-    def index(self, contexts: TokenBatch, n_tokens: int) -> ActivationIndex:
-        self.top_ctx[self.top_acts == -torch.inf] = -1
-        self.sample_ctx[self.keys == torch.inf] = -1
-        self.sample_acts[self.keys == torch.inf] = -torch.inf
-        pairs = torch.cat(self.pairs).sort().values if self.pairs else torch.zeros(0, dtype=torch.long)
-        return ActivationIndex(
-            contexts, self.top_acts, self.top_ctx, self.sample_ctx, self.n_ctx, self.n_tok, pairs, n_tokens,
-            self.sample_acts,
-        )  # fmt: skip
-
-
-def scan_many(
-    lm: LM,
-    saes: dict[str, tuple[Any, str]],
-    contexts: TokenBatch,
-    k_top: int,
-    k_sample: int,
-    batch_size: int = 16,
-    threshold: float = 0.0,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, ActivationIndex]:
-    """One pass over `contexts` for several SAEs (`name -> (sae, hook)`): each batch is one LM
-    forward capturing every hook, then each SAE's features are merged into its running index."""
-    hooks = sorted({hook for _, hook in saes.values()})
-    runs = {
-        n: _Running(int(sae.W_dec.shape[0]), k_top, k_sample, threshold, seed) for n, (sae, _) in saes.items()
-    }
-    n_tokens, start = 0, 0
-    n_batches = -(-contexts.input_ids.shape[0] // batch_size)
-    batches = iter_batches(contexts, batch_size)
-    for batch in tqdm(batches, total=n_batches, desc="autointerp examples", disable=not progress):
-        acts = capture(lm, batch.input_ids, batch.attention_mask, hooks)
-        n_tokens += int(batch.attention_mask[:, 1:].sum())
-        for name, (sae, hook) in saes.items():
-            runs[name].update(encode(sae, acts[hook], batch.attention_mask), start)
-        start += batch.input_ids.shape[0]
-    return {name: run.index(contexts, n_tokens) for name, run in runs.items()}
-
-
-def scan(
-    lm: LM,
-    sae: Any,
-    hook: str,
-    contexts: TokenBatch,
-    k_top: int,
-    k_sample: int,
-    batch_size: int = 16,
-    threshold: float = 0.0,
-    seed: int = 0,
-    progress: bool = True,
-) -> ActivationIndex:
-    """One pass over `contexts`: per-feature top-k, random sample, counts and activating pairs."""
-    return scan_many(
-        lm, {"sae": (sae, hook)}, contexts, k_top, k_sample, batch_size, threshold, seed, progress
-    )["sae"]
 
 
 def escape_delimiters(text: str) -> str:

@@ -23,6 +23,7 @@ from ssae_ray.autointerp.actors import score_local, score_on_ray
 from ssae_ray.autointerp.client import AutoInterpError, api_key_from_env
 from ssae_ray.autointerp.examples import feature_examples, scan_many, select_features
 from ssae_ray.autointerp.score import Job
+from ssae_ray.collect import ActivationIndex
 from ssae_ray.config import AutoInterpConfig, Config
 from ssae_ray.models import LM, tokenize_docs
 from ssae_ray.stages import write_json_atomic
@@ -54,13 +55,29 @@ def _safe(name: str) -> str:
 
 
 def build_jobs(
-    cfg: Config, lm: LM, saes: dict[str, Any], hook: str | None, texts: Sequence[str], out_dir: Path
+    cfg: Config,
+    lm: LM,
+    saes: dict[str, Any],
+    hook: str | None,
+    texts: Sequence[str],
+    out_dir: Path,
+    indexes: dict[str, ActivationIndex] | None = None,
 ) -> tuple[list[Job], dict[str, Any]]:
     """Scan the test texts once for all SAEs (one LM forward per batch) and build the examples of
-    the features to score. `hook` None takes each SAE's own `cfg.metadata.hook_name`."""
+    the features to score. `hook` None takes each SAE's own `cfg.metadata.hook_name`. `indexes`:
+    a scan already made (by the dashboard's shared pass, `scan_contexts(cfg, ...)`, with at least
+    this config's `n_top` and sample size) is used instead of a new one."""
     ai = cfg.autointerp
-    contexts = tokenize_docs(
-        lm.tokenizer, list(texts), cfg.model.context_len, ai.max_contexts, prepend_bos=cfg.model.prepend_bos
+    contexts = (
+        next(iter(indexes.values())).contexts
+        if indexes
+        else tokenize_docs(
+            lm.tokenizer,
+            list(texts),
+            cfg.model.context_len,
+            ai.max_contexts,
+            prepend_bos=cfg.model.prepend_bos,
+        )
     )
     if contexts.input_ids.shape[0] == 0:
         raise AutoInterpError("autointerp got no test text (every text was empty or shorter than 2 tokens)")
@@ -78,11 +95,16 @@ def build_jobs(
                 f"SAE {name!r} has d_in {sae.W_enc.shape[0]} but the LM's d_model is {lm.d_model}"
             )
         targets[name] = (sae, h)
-    # diversity sets come from the top half of a uniform sample of activating contexts: sample twice
-    k_sample = ai.n_top + ai.n_predict + (2 * ai.diversity_sets * ai.n_top if ai.diversity else 0)
-    indexes = scan_many(
-        lm, targets, contexts, ai.n_top, k_sample, cfg.model.batch_size, ai.act_threshold, cfg.seed
-    )
+    k_sample = sample_size(ai)
+    if indexes is None:
+        indexes = scan_many(
+            lm, targets, contexts, ai.n_top, k_sample, cfg.model.batch_size, ai.act_threshold, cfg.seed
+        )
+    else:
+        missing = [n for n in targets if n not in indexes]
+        if missing:
+            raise AutoInterpError(f"the shared scan holds no index for SAEs {missing}")
+        indexes = {n: indexes[n].head(ai.n_top, k_sample) for n in targets}
     jobs: list[Job] = []
     meta: dict[str, Any] = {"n_contexts": int(contexts.input_ids.shape[0]), "dead": {}, "n_tokens": 0}
     for name, (sae, h) in targets.items():
@@ -108,6 +130,12 @@ def build_jobs(
     return jobs, meta
 
 
+def sample_size(ai: AutoInterpConfig) -> int:
+    """Activating contexts sampled per feature: Predictor positives and the diversity sets (drawn from
+    the top half of the sample, so it holds twice as many)."""
+    return ai.n_top + ai.n_predict + (2 * ai.diversity_sets * ai.n_top if ai.diversity else 0)
+
+
 def run_autointerp(
     cfg: Config,
     lm: LM,
@@ -116,12 +144,14 @@ def run_autointerp(
     texts: Sequence[str],
     out_dir: str | Path,
     use_ray: bool | None = None,
+    indexes: dict[str, ActivationIndex] | None = None,
 ) -> Path:
     """Score features of each SAE (Interpreter -> Predictor -> F1, diversity) and write the outputs.
 
     `saes` maps a display name (`gsae`, `ssae-dense-lam2.5`) to an SAE; all are read at `hook`, or
     at each SAE's own metadata hook when `hook` is None.
-    `use_ray`: None uses Ray actors when Ray is initialised, else scores in-process."""
+    `use_ray`: None uses Ray actors when Ray is initialised, else scores in-process. `indexes`: a
+    shared scan of the test texts (see `build_jobs`)."""
     ai = cfg.autointerp
     check_config(ai)
     api_key = api_key_from_env() if ai.backend == "claude" else None  # fail before any slow work
@@ -130,7 +160,7 @@ def run_autointerp(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    jobs, meta = build_jobs(cfg, lm, saes, hook, texts, out)
+    jobs, meta = build_jobs(cfg, lm, saes, hook, texts, out, indexes)
     if use_ray is None:
         import ray
 

@@ -41,6 +41,13 @@ def lm_unembed(lm: Any) -> tuple[Tensor, nn.Module | None]:
     return w_u, norm
 
 
+def _fold(d: Tensor, scale: Tensor | None, centre: bool) -> Tensor:
+    """A decoder direction with the final norm folded in (see the module docstring)."""
+    if centre:
+        d = d - d.mean(-1, keepdim=True)
+    return d if scale is None else d * scale.to(d.device)
+
+
 @torch.no_grad()
 def feature_top_tokens(
     w_dec: Tensor, w_u: Tensor, norm: nn.Module | None = None, k: int = 10, chunk: int = 1024
@@ -50,13 +57,47 @@ def feature_top_tokens(
     w_u = w_u.float()
     out = []
     for s in range(0, w_dec.shape[0], chunk):
-        d = w_dec[s : s + chunk].detach().float().to(w_u.device)
-        if centre:
-            d = d - d.mean(-1, keepdim=True)
-        if scale is not None:
-            d = d * scale.to(d.device)
+        d = _fold(w_dec[s : s + chunk].detach().float().to(w_u.device), scale, centre)
         out.append((d @ w_u.T).topk(k, dim=-1).indices.cpu())
     return torch.cat(out)
+
+
+class FeatureLogits(NamedTuple):
+    top_values: Tensor
+    """[d_sae, k] the largest logit-lens logits of each decoder row, descending."""
+    top_ids: Tensor
+    bottom_values: Tensor
+    """[d_sae, k] the smallest, ascending."""
+    bottom_ids: Tensor
+    hist_heights: Tensor
+    """[d_sae, bins] histogram of each row's logits over the whole vocabulary."""
+    hist_centres: Tensor
+    """[d_sae, bins] centre of each row's bins (equal-width over the row's [min, max])."""
+
+
+@torch.no_grad()
+def feature_logits(
+    w_dec: Tensor, w_u: Tensor, norm: nn.Module | None = None, k: int = 10, bins: int = 40, chunk: int = 512
+) -> FeatureLogits:
+    """Top and bottom logit-lens tokens (ids and logits) of every decoder row, and the histogram of
+    its logits over the vocabulary (the logits table and histogram of SAE dashboards)."""
+    scale, centre = final_norm_scale(norm)
+    w_u = w_u.float()
+    parts: list[tuple[Tensor, ...]] = []
+    for s in range(0, w_dec.shape[0], chunk):
+        logits = _fold(w_dec[s : s + chunk].detach().float().to(w_u.device), scale, centre) @ w_u.T
+        top, bot = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
+        lo, hi = logits.amin(-1, keepdim=True), logits.amax(-1, keepdim=True)
+        width = ((hi - lo) / bins).clamp_min(1e-12)
+        b = ((logits - lo) / width).long().clamp(0, bins - 1)
+        heights = torch.zeros(logits.shape[0], bins, device=logits.device).scatter_add_(
+            1, b, torch.ones_like(logits)
+        )
+        centres = lo + width * (torch.arange(bins, device=logits.device) + 0.5)
+        parts.append(
+            tuple(t.cpu() for t in (top.values, top.indices, bot.values, bot.indices, heights, centres))
+        )
+    return FeatureLogits(*(torch.cat([p[i] for p in parts]) for i in range(6)))
 
 
 class Coverage(NamedTuple):
