@@ -75,12 +75,19 @@ def main() -> None:
         t = base.train
         tc = with_train(t, lr=t.pretrain_lr, lam=t.pretrain_lam, steps=a.pretrain_steps, tilt=0.0,
                         decay_steps=max(a.pretrain_steps // 5, 1),
-                        l0_band=(lo, hi) if a.arch == "jumprelu" else None, adapt_rate=0.05)  # fmt: skip
+                        l0_band=(lo, hi) if a.arch == "jumprelu" else None, adapt_rate=0.02)  # fmt: skip
         sae = make_random_sae(info.d[hook], base.sae.d_sae, hook, seed=base.seed, arch=a.arch, k=int(mid),
                               threshold=0.01 / c)  # fmt: skip
         sae.cfg.metadata.act_scale = c
         sae.cfg.metadata.model_name = base.model.source
         first = next(iter_cache_batches(cache, [hook], tc.batch_tokens, seed=tc.seed))
+        if a.arch == "jumprelu":
+            # Adam moves a threshold by about lr per step: from 0 they would need thousands of steps to
+            # cut L0 to the band (measured: L0 400 after 110 steps, λ exploding). Start each latent's
+            # threshold at its (1 - L0/d_sae) quantile on the first batch, so L0 starts in the band.
+            with torch.no_grad():
+                pre = (first[hook] * c) @ sae.W_enc
+                sae.threshold.copy_(pre.quantile(1 - mid / base.sae.d_sae, dim=0).clamp_min(0) / c)
         trainers = make_trainers(tc, {hook: sae}, first, str(lm.device))
         hist = run_steps(trainers, iter_cache_batches(cache, [hook], tc.batch_tokens, seed=tc.seed), 0, tc.steps,
                          desc=f"pretrain {a.arch} GSAE")  # fmt: skip
