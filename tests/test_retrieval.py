@@ -293,10 +293,13 @@ def test_corrupted_shard_is_detected(built, tmp_path):
 @pytest.mark.ray
 def test_clear_errors_for_bad_inputs(built, tmp_path):
     cfg, corpus_dir, index_dir = built
-    empty = tmp_path / "seed.parquet"
-    pq.write_table(pa.table({"text": pa.array([" ", ""], pa.string())}), empty)
-    with pytest.raises(RetrievalError, match="empty"):
-        retrieve(cfg.replace(corpus={"seed_path": str(empty)}), corpus_dir, index_dir, "dense")
+    with pytest.raises(RetrievalError, match="no non-empty seed"):
+        retrieve(cfg, corpus_dir, index_dir, "dense", seed_texts=[" ", ""])
+    no_seed = tmp_path / "no_seed"
+    no_seed.mkdir()
+    pq.write_table(pa.table({"text": pa.array([" ", ""], pa.string())}), no_seed / "seed.parquet")
+    with pytest.raises(RetrievalError, match="seed set .* is empty: set corpus.seed_path"):
+        retrieve(cfg, no_seed, index_dir, "dense")
     with pytest.raises(RetrievalError, match="larger than the whole corpus"):
         retrieve(cfg.replace(retrieval={"token_budget": 10**9}), corpus_dir, index_dir, "bm25")
     other = make_tiny_encoder(tmp_path / "enc32", hidden=32)

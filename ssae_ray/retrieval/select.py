@@ -79,18 +79,17 @@ class Passages:
 
 
 def load_seed_texts(cfg: Config, corpus_dir: str | Path) -> list[str]:
-    path = (
-        Path(cfg.corpus.seed_path).expanduser() if cfg.corpus.seed_path else Path(corpus_dir) / "seed.parquet"
-    )
+    """The seed documents retrieval starts from: the built corpus's `seed.parquet` (the corpus
+    stage reads `corpus.seed_path` / `corpus.sources.seed` into it, capped and normalised)."""
+    path = Path(corpus_dir) / "seed.parquet"
     if not path.is_file():
-        raise RetrievalError(f"no seed set at {path}; run `ssae-ray corpus` or set corpus.seed_path")
-    field = cfg.corpus.text_field
-    table = pa.json.read_json(path) if path.suffix in (".jsonl", ".json") else pq.read_table(path)
-    if field not in table.column_names:
-        raise RetrievalError(f"the seed set {path} has no {field!r} column (corpus.text_field)")
-    texts = [t for t in table[field].to_pylist() if t and t.strip()]
+        raise RetrievalError(f"no seed set at {path}; build the corpus first (`ssae-ray corpus`)")
+    texts = [t for t in pq.read_table(path, columns=["text"])["text"].to_pylist() if t and t.strip()]
     if not texts:
-        raise RetrievalError(f"the seed set {path} is empty: give a few in-domain documents to retrieve from")
+        raise RetrievalError(
+            f"the seed set {path} is empty: set corpus.seed_path or corpus.sources.seed (a few in-domain "
+            "documents to retrieve from)"
+        )
     return texts
 
 
@@ -273,10 +272,11 @@ def _sae_sha(sae: Any) -> str:
 
 
 def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strategy: str | None = None,
-             lm: Any = None, sae: Any = None) -> Path:  # fmt: skip
+             lm: Any = None, sae: Any = None, seed_texts: list[str] | None = None) -> Path:  # fmt: skip
     """Select `cfg.retrieval.token_budget` tokens of passages by `strategy` (default
     `cfg.retrieval.strategy`); writes `<workdir>/selection/<key>/selection.parquet` + manifest.
-    TracIn strategies use `lm` / `sae` (the GSAE at `cfg.sae.hooks[0]`) or load them from the config."""
+    TracIn strategies use `lm` / `sae` (the GSAE at `cfg.sae.hooks[0]`) or load them from the config.
+    The seed is the corpus's `seed.parquet`, or `seed_texts` when given (SHIFT's seed bios)."""
     r = cfg.retrieval
     strategy = strategy or r.strategy
     if strategy not in STRATEGIES:
@@ -287,7 +287,10 @@ def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strateg
     manifest = read_manifest(index_dir)
     if manifest is None:
         raise RetrievalError(f"no finished index at {index_dir}; run build_index (`ssae-ray index`) first")
-    seed_texts = load_seed_texts(cfg, corpus_dir)
+    if seed_texts is None:
+        seed_texts = load_seed_texts(cfg, corpus_dir)
+    elif not [t for t in seed_texts if t and t.strip()]:
+        raise RetrievalError("retrieve(seed_texts=...) got no non-empty seed text")
     if r.token_budget > manifest["n_tokens"]:
         raise RetrievalError(
             f"retrieval.token_budget={r.token_budget} is larger than the whole corpus ({manifest['n_tokens']} "
