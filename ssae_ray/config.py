@@ -128,7 +128,8 @@ class CorpusConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     """Per-split sources for `hf` / `parquet` / `jsonl` corpora, keyed by split (`corpus`, `seed`,
     `val`, `test`, `ood`, `general_test`); an entry wins over `path` / `<split>_path`, which remain
-    the short form (one `text_field`, whole files). See `SourceConfig`."""
+    the short form (one `text_field`, whole files). `corpus.sources.<split>=null` drops an entry
+    (a preset's OOD set, say). See `SourceConfig`."""
 
 
 @dataclass(frozen=True)
@@ -547,8 +548,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        if len(args) == 2:  # typed mappings: each value checked like a field
-            return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        if len(args) == 2:  # typed mappings: each value checked like a field; null drops an entry
+            return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items() if v is not None}
         return value
     if tp is bool:
         if isinstance(value, bool):

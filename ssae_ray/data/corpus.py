@@ -40,21 +40,22 @@ def build_corpus(cfg: Config, tokenizer: Any = None, force: bool = False) -> Pat
     if c.kind not in builders:
         raise DataError(f"corpus.kind {c.kind!r} is not one of: {', '.join(builders)}")
     inputs = corpus_inputs(c)
-    lm_tok = None
-    if c.kind in ("hf", "parquet", "jsonl") and needs_tokenizer(c):
-        lm_tok = tokenizer if tokenizer is not None else lm_tokenizer(cfg)
-        # Caps in tokens depend on the LM's tokenizer: the key names the model it comes from.
+    capped = c.kind in ("hf", "parquet", "jsonl") and needs_tokenizer(c)
+    if capped:  # caps in tokens depend on the LM's tokenizer: the key names the model it comes from
         inputs["tokenizer"] = [cfg.model.source, cfg.model.gguf_file, cfg.model.tiny_arch]
+    loaded: list[Any] = []
 
     def build(tmp: Path) -> dict[str, Any]:
         if builders[c.kind] is build_sources:
-            return build_sources(c, tmp, lm_tok) | {"config": inputs}
-        return builders[c.kind](c, tmp) | {"config": inputs}
+            if capped and tokenizer is None:  # loaded only when a build needs it
+                loaded.append(lm_tokenizer(cfg))
+            return build_sources(c, tmp, tokenizer if tokenizer is not None else (loaded or [None])[0])
+        return builders[c.kind](c, tmp)
 
     key = stage_key("corpus", VERSION, inputs)
-    folder = run_stage(cfg.root, "corpus", key, build, force=force)
-    if tokenizer is not None or lm_tok is not None:
-        add_token_counts(folder, tokenizer if tokenizer is not None else lm_tok)
+    folder = run_stage(cfg.root, "corpus", key, lambda tmp: build(tmp) | {"config": inputs}, force=force)
+    if tokenizer is not None or loaded:
+        add_token_counts(folder, tokenizer if tokenizer is not None else loaded[0])
     return folder
 
 

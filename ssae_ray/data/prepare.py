@@ -11,11 +11,12 @@ The rule, for the `hf` / `parquet` / `jsonl` kinds (recorded in each corpus mani
 2. `part`: the ranked documents cut at `fractions` (60/20/20 by default) into train / val / test.
 3. `from_split`: the documents of an already built split, in its order (the seed from validation).
 4. The evaluation splits (`test`, `ood`, `general_test`) drop documents whose text is in the seed
-   or the validation split.
+   or the validation split (the parts as cut, before token caps).
 5. `max_tokens`: documents taken in order while they fit in the cap (in LM tokens, no special
    tokens); the first that does not fit is cut so the split holds exactly the cap.
 6. `corpus` is streamed in batches (bounded memory): at most `max_docs` documents, each cut to its
-   first `first_tokens` LM tokens when set, minus any document whose text is in a held-out split.
+   first `first_tokens` LM tokens when set, minus any document whose text is in a held-out split
+   (as cut by step 2-4, before the token caps: a document cut by a cap is held out whole).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -257,12 +258,23 @@ def _read_source(split: str, s: SourceConfig, c: CorpusConfig, memo: dict[str, p
     return memo[key]
 
 
-def build_splits(c: CorpusConfig, tokenizer: Any) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """The held-out splits (seed, val, test, ood, general_test) by the rule above, and notes."""
+class Splits(NamedTuple):
+    tables: dict[str, pa.Table]
+    """The held-out splits (seed, val, test, ood, general_test) that have a source."""
+    notes: dict[str, Any]
+    held_out: set[str]
+    """Text keys of every document of their parts before the token caps: none of them may be in
+    the retrieval corpus (a document cut by a cap is held out whole)."""
+
+
+def build_splits(c: CorpusConfig, tokenizer: Any) -> Splits:
+    """The held-out splits (seed, val, test, ood, general_test) by the rule above."""
     sources = sources_of(c)
     memo: dict[str, pa.Table] = {}
     tables: dict[str, pa.Table] = {}
     notes: dict[str, Any] = {}
+    held_out: set[str] = set()
+    pools: dict[str, set[str]] = {}  # text keys of each split before its token cap
     for split in BUILD_ORDER:
         s = sources.get(split)
         if s is None:
@@ -279,17 +291,16 @@ def build_splits(c: CorpusConfig, tokenizer: Any) -> tuple[dict[str, pa.Table], 
             if s.part is not None:
                 t = part_of(t, s.part, s.fractions)
                 note |= {"part": s.part, "fractions": list(s.fractions), "part_docs": t.num_rows}
+        keys = [text_key(x) for x in t.column("text").to_pylist()]
         if split in EVAL_SPLITS:
-            held = {
-                text_key(x)
-                for k in ("seed", "val")
-                if k in tables
-                for x in tables[k].column("text").to_pylist()
-            }
-            keep = [i for i, x in enumerate(t.column("text").to_pylist()) if text_key(x) not in held]
+            seen = pools.get("seed", set()) | pools.get("val", set())
+            keep = [i for i, k in enumerate(keys) if k not in seen]
             if len(keep) < t.num_rows:
                 note["dropped_in_seed_or_val"] = t.num_rows - len(keep)
                 t = t.take(pa.array(keep, pa.int64()))
+                keys = [keys[i] for i in keep]
+        pools[split] = set(keys)
+        held_out.update(keys)
         if s.max_tokens is not None:
             if tokenizer is None:
                 raise DataError(f"{where}.max_tokens needs the LM's tokenizer (build_corpus(cfg, tokenizer))")
@@ -304,7 +315,7 @@ def build_splits(c: CorpusConfig, tokenizer: Any) -> tuple[dict[str, pa.Table], 
         t = t.set_column(5, "is_domain", pa.array([LABELS[split]] * t.num_rows, pa.bool_()))
         tables[split] = t
         notes[split] = note | {"docs": t.num_rows}
-    return tables, notes
+    return Splits(tables, notes, held_out)
 
 
 def stream_corpus(c: CorpusConfig, tokenizer: Any, held_out: set[str], out: Path) -> dict[str, Any]:
@@ -316,25 +327,26 @@ def stream_corpus(c: CorpusConfig, tokenizer: Any, held_out: set[str], out: Path
         raise DataError(
             "corpus.sources.corpus.first_tokens needs the LM's tokenizer (build_corpus(cfg, tokenizer))"
         )
-    n = dropped = words = 0
+    n = dropped = words = domain = 0
     with pq.ParquetWriter(out, SCHEMA) as writer:
         for batch in _progress(open_source("corpus", s, c.kind), f"corpus {s.path}"):
             texts = batch.column("text").to_pylist()
-            if s.first_tokens:
-                texts = cut_to_tokens(tokenizer, texts, s.first_tokens)
-                batch = batch.set_column(1, "text", pa.array(texts, pa.string()))
-            if held_out:
+            if held_out:  # on the whole documents, before any cut
                 keep = [i for i, t in enumerate(texts) if text_key(t) not in held_out]
                 dropped += len(texts) - len(keep)
                 if len(keep) < len(texts):
                     batch = batch.take(pa.array(keep, pa.int64()))
                     texts = [texts[i] for i in keep]
+            if s.first_tokens:
+                texts = cut_to_tokens(tokenizer, texts, s.first_tokens)
+                batch = batch.set_column(1, "text", pa.array(texts, pa.string()))
             writer.write_table(batch)
             n += batch.num_rows
             words += sum(len(t.split()) for t in texts)
+            domain += sum(d is True for d in batch.column("is_domain").to_pylist())
     if n == 0:
         raise DataError(f"the corpus {s.path} holds no documents with a non-empty {s.text_field!r}")
-    return {"docs": n, "words": words, "domain_docs": 0, "dropped_held_out": dropped,
+    return {"docs": n, "words": words, "domain_docs": domain, "dropped_held_out": dropped,
             "max_docs": s.max_docs, "first_tokens": s.first_tokens,
             "file": out.name, "sha256": file_sha256(out)}  # fmt: skip
 
@@ -343,10 +355,9 @@ def build_sources(c: CorpusConfig, out: Path, tokenizer: Any = None) -> dict[str
     """The `hf` / `parquet` / `jsonl` corpus builder: check every source, build the held-out splits,
     stream the corpus minus them; the manifest body."""
     check_sources(c)
-    tables, notes = build_splits(c, tokenizer)
+    tables, notes, held = build_splits(c, tokenizer)
     if "seed" not in tables:
         log.warning("corpus: no seed split (corpus.seed_path / corpus.sources.seed): seed.parquet is empty")
-    held = {text_key(t) for tab in tables.values() for t in tab.column("text").to_pylist()}
     info = {"corpus": stream_corpus(c, tokenizer, held, out / "corpus.parquet")}
     info |= write_splits(out, tables, names=SPLITS[1:])
     return {
