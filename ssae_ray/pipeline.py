@@ -272,6 +272,10 @@ def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
 
     tracking.check_tracking(tracking.tracking_uri(cfg))  # fail before hours of work
     corpus_dir = timer("corpus", lambda: stage_corpus(cfg, lm))
+    from ssae_ray.data import check_splits
+
+    # Before the GSAEs, index and caches: the sweep retrieves from the seed, selects on val, scores test.
+    check_splits(corpus_dir, ("seed", "val", "test"), "the physics sweep")
     gsae_dir = timer("gsaes", lambda: stage_gsaes(cfg, lm, corpus_dir))
     caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm, sweep_config(cfg).sae.hooks))
     key = sweep_key(cfg, gsae_dir, caches)
