@@ -391,8 +391,11 @@ def stage_shift(cfg: Config) -> Path:
 
 def run_physics(cfg: Config, force: bool = False) -> Path:
     """The whole physics pipeline; returns the report. Prints the per-stage wall times."""
+    from ssae_ray.data.corpus import preflight
+
     timer = Timer()
     t0 = time.perf_counter()
+    preflight(cfg)  # dataset sources open (split, repo, field, script) before the LM is downloaded
     lm = timer("load LM", lambda: _lm(cfg), False)
     report = stage_eval(cfg, force, lm, timer)
     if cfg.autointerp.enabled:

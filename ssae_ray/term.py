@@ -229,6 +229,9 @@ def run_term(cfg: Config, eval_split: str | None = None, progress: bool = True) 
     arms(cfg)
     hook = cfg.sae.hooks[0]
     split = eval_split or ("general_test" if cfg.corpus.kind == "local" else "test")
+    from ssae_ray.data.corpus import preflight
+
+    preflight(cfg)  # the dataset opens before the LM is downloaded
     lm = load_lm(cfg.model, cfg.root / "models")
     validate_hooks(lm, [hook])
     corpus_dir = build_corpus(cfg, lm.tokenizer)

@@ -83,3 +83,29 @@ def test_tinystories_term_end_to_end(local_hub, tmp_path):
         prepared["test"]["source"] == "roneneldan/TinyStories"
         and prepared["test"]["source_split"] == "validation"
     )
+
+
+def test_paper_dataset_errors_before_heavy_work(hub_online, tmp_path):
+    """The paper presets' sources open against the Hub; a split that does not exist, a loading-script
+    dataset without its Parquet revision and a missing dataset each fail in the pre-flight, before
+    the LM is downloaded or anything is streamed."""
+    from ssae_ray.config import load_config
+    from ssae_ray.data import DataError
+    from ssae_ray.data.corpus import preflight
+
+    def cfg(preset: str, *extra: str):
+        return load_config(preset, overrides=[f"workdir={tmp_path / 'w'}", *extra])
+
+    for preset in ("paper-physics", "paper-toxicity", "pythia-70m-bib", "tinystories-term"):
+        preflight(cfg(preset))
+    with pytest.raises(DataError, match=r"corpus.sources.test: .* has no split 'validation'; its splits are \['train'\]"):
+        preflight(cfg("paper-physics", "corpus.sources.test.split=validation"))
+    with pytest.raises(DataError, match=r"corpus.sources.corpus: .*'Skylion007/openwebtext' is a loading script .*"
+                                        r"`revision: refs/convert/parquet`"):  # fmt: skip
+        preflight(cfg("paper-toxicity", "corpus.sources.corpus.revision=null"))
+    with pytest.raises(DataError, match=r"corpus.sources.ood: cannot find the dataset 'AlgorithmicResearchGroup/nope'"):
+        preflight(cfg("paper-physics", "corpus.sources.ood.path=AlgorithmicResearchGroup/nope"))
+    with pytest.raises(DataError, match=r"no field 'text'; its fields are: question, answer"):
+        preflight(cfg("paper-physics", "corpus.sources.ood.text_field=text"))
+    assert not hub_online.fetched("google/gemma-2b") and not hub_online.fetched("TinyStories-1M")
+    assert not (tmp_path / "w" / "corpus").exists()

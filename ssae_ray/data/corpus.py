@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ssae_ray.config import Config, CorpusConfig
 from ssae_ray.data.local import build_local, find_wiki_wheel
-from ssae_ray.data.prepare import build_sources, lm_tokenizer, needs_tokenizer, source_inputs
+from ssae_ray.data.prepare import build_sources, check_sources, lm_tokenizer, needs_tokenizer, source_inputs
 from ssae_ray.data.schema import SPLITS, VERSION, DataError, split_file
 from ssae_ray.data.tiny import build_tiny
 from ssae_ray.stages import file_sha256, read_manifest, run_stage, stage_key, write_json_atomic
@@ -39,10 +39,8 @@ def build_corpus(cfg: Config, tokenizer: Any = None, force: bool = False) -> Pat
     }
     if c.kind not in builders:
         raise DataError(f"corpus.kind {c.kind!r} is not one of: {', '.join(builders)}")
-    inputs = corpus_inputs(c)
-    capped = c.kind in ("hf", "parquet", "jsonl") and needs_tokenizer(c)
-    if capped:  # caps in tokens depend on the LM's tokenizer: the key names the model it comes from
-        inputs["tokenizer"] = [cfg.model.source, cfg.model.gguf_file, cfg.model.tiny_arch]
+    inputs = stage_inputs(cfg)
+    capped = "tokenizer" in inputs
     loaded: list[Any] = []
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -57,6 +55,27 @@ def build_corpus(cfg: Config, tokenizer: Any = None, force: bool = False) -> Pat
     if tokenizer is not None or loaded:
         add_token_counts(folder, tokenizer if tokenizer is not None else loaded[0])
     return folder
+
+
+def stage_inputs(cfg: Config) -> dict[str, Any]:
+    """The corpus stage's key inputs: `corpus_inputs`, plus the LM whose tokenizer cuts the sources
+    capped in tokens (the caps depend on it)."""
+    c = cfg.corpus
+    inputs = corpus_inputs(c)
+    if c.kind in ("hf", "parquet", "jsonl") and needs_tokenizer(c):
+        inputs["tokenizer"] = [cfg.model.source, cfg.model.gguf_file, cfg.model.tiny_arch]
+    return inputs
+
+
+def preflight(cfg: Config) -> None:
+    """Before a job loads its LM: unless the corpus is already built, open every dataset source and
+    read its first rows, so a missing split, repo, field or a loading-script dataset fails first."""
+    c = cfg.corpus
+    if c.kind not in ("hf", "parquet", "jsonl"):
+        return
+    key = stage_key("corpus", VERSION, stage_inputs(cfg))
+    if read_manifest(cfg.root / "corpus" / key) is None:
+        check_sources(c)
 
 
 def corpus_inputs(c: CorpusConfig) -> dict[str, Any]:
