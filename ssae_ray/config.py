@@ -443,7 +443,15 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-PRESETS = ("tiny", "local", "paper-physics", "paper-toxicity", "pythia-70m-bib")
+PRESETS = (
+    "tiny",
+    "local",
+    "paper-physics",
+    "paper-toxicity",
+    "pythia-70m-bib",
+    "tinystories-term",
+    "term-local",
+)
 
 
 def preset_names() -> list[str]:

@@ -98,14 +98,140 @@ def test_paper_dataset_errors_before_heavy_work(hub_online, tmp_path):
 
     for preset in ("paper-physics", "paper-toxicity", "pythia-70m-bib", "tinystories-term"):
         preflight(cfg(preset))
-    with pytest.raises(DataError, match=r"corpus.sources.test: .* has no split 'validation'; its splits are \['train'\]"):
+    with pytest.raises(
+        DataError, match=r"corpus.sources.test: .* has no split 'validation'; its splits are \['train'\]"
+    ):
         preflight(cfg("paper-physics", "corpus.sources.test.split=validation"))
     with pytest.raises(DataError, match=r"corpus.sources.corpus: .*'Skylion007/openwebtext' is a loading script .*"
                                         r"`revision: refs/convert/parquet`"):  # fmt: skip
         preflight(cfg("paper-toxicity", "corpus.sources.corpus.revision=null"))
-    with pytest.raises(DataError, match=r"corpus.sources.ood: cannot find the dataset 'AlgorithmicResearchGroup/nope'"):
+    with pytest.raises(
+        DataError, match=r"corpus.sources.ood: cannot find the dataset 'AlgorithmicResearchGroup/nope'"
+    ):
         preflight(cfg("paper-physics", "corpus.sources.ood.path=AlgorithmicResearchGroup/nope"))
     with pytest.raises(DataError, match=r"no field 'text'; its fields are: question, answer"):
         preflight(cfg("paper-physics", "corpus.sources.ood.text_field=text"))
     assert not hub_online.fetched("google/gemma-2b") and not hub_online.fetched("TinyStories-1M")
     assert not (tmp_path / "w" / "corpus").exists()
+
+
+def _physics_like(work: Path, budget: int) -> list[str]:
+    """paper-physics / paper-toxicity shrunk: tokens, steps, widths, index sizes; every strategy."""
+    return [f"workdir={work}", *CPU, *GEMMA, "corpus.sources.corpus.max_docs=600", "retrieval.pq_m=8",
+            f"retrieval.token_budget={budget}", "retrieval.tracin_fraction=0.5",
+            "sweep.strategies=[random,bm25,dense,dense+tracin,bm25+tracin]", "sweep.tilts=[0,1.0e9]"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_paper_physics_end_to_end(local_hub, tmp_path):
+    """paper-physics: gated google/gemma-2b with HF_TOKEN, gemma-2b-res-jb through sae-lens, OpenWebText's
+    Parquet revision, arXiv physics split 60/20/20 with the seed from validation, the physics-instruct
+    questions as OOD, Contriever IVF-PQ index, all five strategies (TERM on dense only), report."""
+    work = tmp_path / "w"
+    args = [*_physics_like(work, 20000), "eval.test_tokens=2000", "eval.set_tokens={test: 2000, ood: 1000}"]
+    proc, secs = run_job("physics.py", ["--preset", "paper-physics", *args], tmp_path, local_hub.url)
+    _ok(proc)
+    report = next(work.glob("sweep/*/eval/report.md"))
+    text = report.read_text()
+    for name in ("dense", "bm25", "random", "dense+tracin", "bm25+tracin"):
+        assert name in text, name
+    m = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())
+    prep = m["prepared"]
+    assert prep["val"]["source"] == "anonymousdatasets/arxiv-physics" and prep["val"]["part_docs"] == 160
+    assert prep["seed"]["lm_tokens"] == 9200 and prep["seed"]["from_split"] == "val"
+    assert prep["ood"]["source"] == "AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k"
+    sel = [json.loads(p.read_text()) for p in work.glob("selection/*/manifest.json")]
+    assert {s["token_unit"] for s in sel} == {"lm"} and all(s["tokens"] >= 20000 for s in sel)
+    trials = (report.parent.parent / "sweep_trials.csv").read_text()
+    assert "bm25,1000000000" not in trials.replace(".0", "")  # TERM runs on dense only
+
+
+@pytest.mark.slow
+def test_paper_toxicity_end_to_end(local_hub, tmp_path):
+    """jobs/toxicity.py: paper-toxicity with its own seed (4,072 tokens from validation), budget,
+    500-step schedule shrunk, Pile toxicity test set capped in tokens; no OOD set."""
+    work = tmp_path / "w"
+    args = [*_physics_like(work, 10000), "eval.test_tokens=2000", "eval.set_tokens={test: 2000}"]
+    proc, secs = run_job("toxicity.py", args, tmp_path, local_hub.url)
+    _ok(proc)
+    assert next(work.glob("sweep/*/eval/report.md")).is_file()
+    prep = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())["prepared"]
+    assert prep["seed"]["lm_tokens"] == 4072 and prep["val"]["part_docs"] == 180  # 20% of 900
+    assert prep["test"]["source"] == "tomekkorbak/pile-toxicity-balanced" and "ood" not in prep
+
+
+@pytest.mark.slow
+def test_pythia_bib_end_to_end(local_hub, tmp_path):
+    """pythia-70m-bib: EleutherAI/pythia-70m-deduped, the 19 ctigges SAEs through sae-lens, LabHC/bias_in_bios,
+    monology/pile-uncopyrighted (jsonl.zst) streamed with max_docs and first 128 tokens, 5 seed bios,
+    dense retrieval of an LM-token budget, SHIFT: Table 1."""
+    work = tmp_path / "w"
+    args = [f"workdir={work}", *CPU, "sae.d_sae=256", "shift.compressed_width=64", "corpus.sources.corpus.max_docs=800",
+            "retrieval.nlist=8", "retrieval.nprobe=8", "retrieval.pq_m=8", "retrieval.train_sample=2000",
+            "retrieval.token_budget=8000", "train.steps=4", "train.decay_steps=2", "train.batch_tokens=512",
+            "shift.n_train=64", "shift.n_dev=32", "shift.n_test=64", "shift.max_features=20", "shift.batch_size=8",
+            "shift.skyline_grid=[1,2,5,10,20]", "shift.max_edge_nodes=8", "model.batch_size=8"]  # fmt: skip
+    proc, secs = run_job(
+        "bias_in_bios.py", ["--preset", "pythia-70m-bib", *args], tmp_path, local_hub.url, token=None
+    )
+    _ok(proc)
+    table = next(work.glob("shift/*/table.md")).read_text()
+    assert "SSAE" in table and "GSAE" in table
+    m = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())
+    assert m["splits"]["corpus"]["docs"] == 800 and m["splits"]["corpus"]["first_tokens"] == 128
+
+
+def test_paper_presets_hold_the_papers_settings():
+    """The numbers the paper gives (section 3.1, 3.2.1, appendices C, N, O) are the presets' own."""
+    from ssae_ray.config import load_config
+    from ssae_ray.data import sources_of
+
+    phys, tox, bib, ts = (
+        load_config(p) for p in ("paper-physics", "paper-toxicity", "pythia-70m-bib", "tinystories-term")
+    )
+    s = sources_of(phys.corpus)
+    assert (s["corpus"].path, s["corpus"].revision) == ("Skylion007/openwebtext", "refs/convert/parquet")
+    assert (s["val"].path, s["val"].part, s["val"].fractions) == (
+        "anonymousdatasets/arxiv-physics",
+        "val",
+        (0.6, 0.2, 0.2),
+    )
+    assert (s["seed"].from_split, s["seed"].max_tokens, s["test"].max_tokens) == ("val", 9200, 4_800_000)
+    assert (s["ood"].text_field, s["ood"].max_tokens) == ("question", 700_000)
+    assert phys.eval.tokens_for("test") == 4_800_000 and phys.eval.tokens_for("ood") == 700_000
+    assert (phys.retrieval.token_budget, phys.retrieval.budget_unit, phys.train.steps) == (
+        13_900_000,
+        "lm",
+        1000,
+    )
+    t = sources_of(tox.corpus)
+    assert (t["seed"].max_tokens, t["test"].max_tokens, t["val"].path) == (
+        4072,
+        3_357_000,
+        "tomekkorbak/pile-toxicity-balanced",
+    )
+    assert (tox.retrieval.token_budget, tox.train.steps, tox.eval.tokens_for("test")) == (
+        5_250_000,
+        500,
+        3_357_000,
+    )
+    for cfg in (phys, tox):
+        assert cfg.sweep.tilt_strategies == ("dense",) and set(cfg.sweep.tilts) == {0.0, 500.0, 1e9}
+        assert len(cfg.sweep.lams) == 8 and len(cfg.sweep.seeds) == 3
+    for cfg in (phys, tox, bib):  # FAISS trains nlist lists on >= 39 vectors each: no silent cut
+        assert cfg.retrieval.train_sample >= 39 * cfg.retrieval.nlist, cfg.name
+    b = sources_of(bib.corpus)["corpus"]
+    assert (b.path, b.max_docs, b.first_tokens) == ("monology/pile-uncopyrighted", 10_800_000, 128)
+    assert (bib.train.lam, bib.train.scale_activations, bib.train.lr) == (0.1, False, 1e-4)
+    assert (bib.retrieval.token_budget, bib.retrieval.budget_unit) == (8_000_000, "lm")
+    assert (
+        bib.train.steps * bib.train.batch_tokens <= 8_000_000 < (bib.train.steps + 1) * bib.train.batch_tokens
+    )
+    assert (ts.model.source, ts.sae.hooks, ts.sae.d_sae) == (
+        "roneneldan/TinyStories-1M",
+        ("blocks.7.hook_resid_post",),
+        64,
+    )
+    assert (ts.train.batch_tokens, ts.train.pretrain_lr, ts.train.pretrain_lam) == (64, 1e-3, 0.01)
+    assert (ts.sweep.tilts, ts.sweep.match_l0, ts.train.tilt_mode) == ((0.0, 1e9), 16.0, "raw")
+    assert ts.eval.tokens_for("test") == 5_000_000
