@@ -27,8 +27,8 @@ CPU = ["ray.address=null", "ray.num_cpus=2", "sweep.gpus_per_trial=0", "sweep.cp
 GEMMA = ["sae.d_sae=256", "model.batch_size=8", "retrieval.embed_batch_size=32", "retrieval.num_embed_actors=1",
          "retrieval.index_type=ivf", "retrieval.nlist=8", "retrieval.nprobe=8", "retrieval.train_sample=2000",
          "retrieval.shard_size=2000", "train.batch_tokens=256", "train.steps=6", "train.decay_steps=3",
-         "train.checkpoint_every=3", "sweep.lams=[2,8]", "sweep.seeds=[0]", "eval.batch_size=8",
-         "eval.val_tokens=512", "eval.bootstrap=50", "train.cache_shard_tokens=4096"]  # fmt: skip
+         "train.checkpoint_every=3", "sweep.lams=[4]", "sweep.seeds=[0]", "eval.batch_size=8",
+         "eval.val_tokens=256", "eval.bootstrap=50", "train.cache_shard_tokens=4096"]  # fmt: skip
 
 
 def run_job(script: str, args: list[str], tmp_path: Path, hub_url: str, token: str | None = DEFAULT_TOKEN,
@@ -41,6 +41,7 @@ def run_job(script: str, args: list[str], tmp_path: Path, hub_url: str, token: s
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
     secs = time.perf_counter() - t0
     print(f"{script} {args[:2]}: {secs:.0f} s")
+    (tmp_path / "job.log").write_text(proc.stdout + proc.stderr)
     return proc, secs
 
 
@@ -49,6 +50,7 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_tinystories_term_end_to_end(local_hub, tmp_path):
     """tinystories-term on roneneldan/TinyStories-1M (GPT-Neo, real 8 layers) and roneneldan/TinyStories
     streamed from the Hub: ERM and TERM GSAEs of width 64 at blocks.7.hook_resid_post, the comparison
@@ -116,24 +118,26 @@ def test_paper_dataset_errors_before_heavy_work(hub_online, tmp_path):
 
 
 def _physics_like(work: Path, budget: int) -> list[str]:
-    """paper-physics / paper-toxicity shrunk: tokens, steps, widths, index sizes; every strategy."""
-    return [f"workdir={work}", *CPU, *GEMMA, "corpus.sources.corpus.max_docs=600", "retrieval.pq_m=8",
+    """paper-physics / paper-toxicity shrunk: tokens, steps, widths, index sizes; three strategies that
+    cover every retrieval code path (random, dense, BM25 then TracIn), TERM on dense."""
+    return [f"workdir={work}", *CPU, *GEMMA, "corpus.sources.corpus.max_docs=300", "retrieval.pq_m=8",
             f"retrieval.token_budget={budget}", "retrieval.tracin_fraction=0.5",
-            "sweep.strategies=[random,bm25,dense,dense+tracin,bm25+tracin]", "sweep.tilts=[0,1.0e9]"]  # fmt: skip
+            "sweep.strategies=[random,dense,bm25+tracin]", "sweep.tilts=[0,1.0e9]"]  # fmt: skip
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_paper_physics_end_to_end(local_hub, tmp_path):
     """paper-physics: gated google/gemma-2b with HF_TOKEN, gemma-2b-res-jb through sae-lens, OpenWebText's
     Parquet revision, arXiv physics split 60/20/20 with the seed from validation, the physics-instruct
     questions as OOD, Contriever IVF-PQ index, all five strategies (TERM on dense only), report."""
     work = tmp_path / "w"
-    args = [*_physics_like(work, 20000), "eval.test_tokens=2000", "eval.set_tokens={test: 2000, ood: 1000}"]
+    args = [*_physics_like(work, 20000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000, ood: 500}"]
     proc, secs = run_job("physics.py", ["--preset", "paper-physics", *args], tmp_path, local_hub.url)
     _ok(proc)
     report = next(work.glob("sweep/*/eval/report.md"))
     text = report.read_text()
-    for name in ("dense", "bm25", "random", "dense+tracin", "bm25+tracin"):
+    for name in ("dense", "random", "bm25+tracin"):
         assert name in text, name
     m = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())
     prep = m["prepared"]
@@ -147,11 +151,12 @@ def test_paper_physics_end_to_end(local_hub, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_paper_toxicity_end_to_end(local_hub, tmp_path):
     """jobs/toxicity.py: paper-toxicity with its own seed (4,072 tokens from validation), budget,
     500-step schedule shrunk, Pile toxicity test set capped in tokens; no OOD set."""
     work = tmp_path / "w"
-    args = [*_physics_like(work, 10000), "eval.test_tokens=2000", "eval.set_tokens={test: 2000}"]
+    args = [*_physics_like(work, 10000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000}"]
     proc, secs = run_job("toxicity.py", args, tmp_path, local_hub.url)
     _ok(proc)
     assert next(work.glob("sweep/*/eval/report.md")).is_file()
@@ -161,6 +166,7 @@ def test_paper_toxicity_end_to_end(local_hub, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_pythia_bib_end_to_end(local_hub, tmp_path):
     """pythia-70m-bib: EleutherAI/pythia-70m-deduped, the 19 ctigges SAEs through sae-lens, LabHC/bias_in_bios,
     monology/pile-uncopyrighted (jsonl.zst) streamed with max_docs and first 128 tokens, 5 seed bios,

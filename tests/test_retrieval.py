@@ -126,6 +126,17 @@ def test_fill_budget_dedups_and_stops_at_budget():
     assert short.exhausted and short.tokens == 20
 
 
+def test_fill_budget_in_lm_tokens():
+    """`budget_unit: lm`: the budget counts what `count` gives each passage (the LM's tokenizer),
+    not the retriever's per-passage counts."""
+    texts = ["one two three", "four five", "six seven eight nine", "ten"]
+    p = _FakePassages(texts, [100, 100, 100, 100])
+    words = lambda ts: [len(t.split()) for t in ts]  # noqa: E731
+    fill = fill_budget(Ranking(np.arange(4), np.zeros(4), None), p, budget=6, count=words)
+    assert fill.texts == texts[:3] and fill.tokens == 9 and not fill.exhausted
+    assert fill_budget(Ranking(np.arange(4), np.zeros(4), None), p, budget=6).tokens == 100
+
+
 # ---------------------------------------------------------------------------------------------
 # A built tiny index (real local Ray, real FAISS), shared by the tests below
 
