@@ -132,7 +132,7 @@ def test_paper_physics_end_to_end(local_hub, tmp_path):
     Parquet revision, arXiv physics split 60/20/20 with the seed from validation, the physics-instruct
     questions as OOD, Contriever IVF-PQ index, all five strategies (TERM on dense only), report."""
     work = tmp_path / "w"
-    args = [*_physics_like(work, 20000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000, ood: 500}"]
+    args = [*_physics_like(work, 10000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000, ood: 500}"]
     proc, secs = run_job("physics.py", ["--preset", "paper-physics", *args], tmp_path, local_hub.url)
     _ok(proc)
     report = next(work.glob("sweep/*/eval/report.md"))
@@ -145,7 +145,7 @@ def test_paper_physics_end_to_end(local_hub, tmp_path):
     assert prep["seed"]["lm_tokens"] == 9200 and prep["seed"]["from_split"] == "val"
     assert prep["ood"]["source"] == "AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k"
     sel = [json.loads(p.read_text()) for p in work.glob("selection/*/manifest.json")]
-    assert {s["token_unit"] for s in sel} == {"lm"} and all(s["tokens"] >= 20000 for s in sel)
+    assert {s["token_unit"] for s in sel} == {"lm"} and all(s["tokens"] >= 10000 for s in sel)
     trials = (report.parent.parent / "sweep_trials.csv").read_text()
     assert "bm25,1000000000" not in trials.replace(".0", "")  # TERM runs on dense only
 
@@ -156,7 +156,7 @@ def test_paper_toxicity_end_to_end(local_hub, tmp_path):
     """jobs/toxicity.py: paper-toxicity with its own seed (4,072 tokens from validation), budget,
     500-step schedule shrunk, Pile toxicity test set capped in tokens; no OOD set."""
     work = tmp_path / "w"
-    args = [*_physics_like(work, 10000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000}"]
+    args = [*_physics_like(work, 6000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000}"]
     proc, secs = run_job("toxicity.py", args, tmp_path, local_hub.url)
     _ok(proc)
     assert next(work.glob("sweep/*/eval/report.md")).is_file()
