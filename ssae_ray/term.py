@@ -6,8 +6,9 @@ appendix E (`train.l0_band` around `sweep.match_l0`), then compared on held-out 
 - reconstruction error per token: mean, p50, p99, max (Figure 22) and by token frequency (Fig. 3);
 - detection: the share of tokens on which some latent is above a threshold, for a grid of
   thresholds (Figure 23);
-- spliced CE, L0, the logit-lens coverage of token types, overall and in the rarest half
-  (the tail), and the decoder geometry of appendix N (cosines, PCA components);
+- spliced CE, L0, the logit-lens coverage of the test tokens (the share whose type some latent's
+  top-k logit lens names), overall and over the rarer half of the types (the tail), and the
+  decoder geometry of appendix N (cosines, PCA components);
 - auto-interpretation of both GSAEs' features (`autointerp.enabled`; the diversity score of Box 9).
 
 Every statistic comes with a percentile-bootstrap CI over the test documents, and the paired
@@ -152,11 +153,14 @@ def _stats(tail_types: np.ndarray, covered: dict[str, np.ndarray]) -> dict[str, 
     """Statistic name -> fn(tokens of one arm, token indices)."""
 
     def cov(arm: str, tail: bool) -> Callable:
+        # Token-weighted: the share of the (tail) tokens whose type some latent's logit lens names.
+        # A mean over tokens, so a document bootstrap brackets it (a share of distinct types would
+        # grow in resamples, which hold fewer types).
         def fn(t: Tokens, idx: np.ndarray) -> float:
-            types = np.unique(t.token[idx])
+            tok = t.token[idx]
             if tail:
-                types = types[np.isin(types, tail_types)]
-            return float(covered[arm][types].mean()) if len(types) else float("nan")
+                tok = tok[np.isin(tok, tail_types)]
+            return float(covered[arm][tok].mean()) if len(tok) else float("nan")
 
         return fn
 
@@ -239,7 +243,7 @@ def run_term(cfg: Config, eval_split: str | None = None, progress: bool = True) 
     folders = train_gsaes(cfg, lm, train, progress)
     saes = {arm: load_sae(f, str(lm.device)) for arm, f in folders.items()}
     histories = {arm: json.loads((f.parent / "history.json").read_text()) for arm, f in folders.items()}
-    key = stage_key("term-eval-v1", {a: str(f) for a, f in folders.items()}, str(corpus_dir), split,
+    key = stage_key("term-eval-v2", {a: str(f) for a, f in folders.items()}, str(corpus_dir), split,
                     cfg.eval, cfg.model.context_len, cfg.autointerp if cfg.autointerp.enabled else None)  # fmt: skip
 
     def build(out: Path) -> dict[str, Any]:
@@ -349,8 +353,8 @@ def report_markdown(cfg: Config, m: dict[str, Any]) -> str:
     lines += ["", f"Decoder geometry (appendix N): PCA components for 90% variance ERM {g['ERM']['pca_components_90']}, "
               f"TERM {g['TERM']['pca_components_90']}; mean decoder cosine ERM {g['ERM']['decoder_cos_mean']:.3f}, "
               f"TERM {g['TERM']['decoder_cos_mean']:.3f}.", "",
-              "error_* = squared reconstruction error per token; coverage = share of the test set's token types in "
-              "some latent's top-k logit lens; tail_coverage = the same over the rarer half of the types; "
+              "error_* = squared reconstruction error per token; coverage = share of the test tokens whose type is in "
+              "some latent's top-k logit lens; tail_coverage = the same over tokens of the rarer half of the types; "
               "ce = spliced next-token CE.", "",
               "Figures: fig22_error_distribution.png, fig23_detection.png, fig3_error_by_frequency.png, "
               "fig20_decoder_cosines.png." + (f" Auto-interp: {m['autointerp']}/report.md." if m["autointerp"] else "")]  # fmt: skip

@@ -44,7 +44,9 @@ def test_compare_finds_a_lighter_tail_and_pairs_the_difference():
     assert rows["error_p99"]["diff"] < 0
     assert rows["l0"]["diff"] == rows["l0"]["diff_lo"] == rows["l0"]["diff_hi"] == 0  # same tokens, same L0
     assert rows["coverage"]["ERM"] == 0 and rows["coverage"]["TERM"] > 0
-    assert rows["tail_coverage"]["TERM"] >= rows["coverage"]["TERM"]
+    assert rows["tail_coverage"]["TERM"] > rows["tail_coverage"]["ERM"] == 0
+    for stat in ("coverage", "tail_coverage", "l0", "ce", "error_mean", "error_p99"):  # CIs bracket the value
+        assert rows[stat]["TERM_lo"] <= rows[stat]["TERM"] <= rows[stat]["TERM_hi"], stat
     for r in rows.values():
         assert r["diff_lo"] <= r["diff"] <= r["diff_hi"]
 
