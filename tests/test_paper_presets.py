@@ -165,12 +165,19 @@ def test_paper_toxicity_end_to_end(local_hub, tmp_path):
     """jobs/toxicity.py: paper-toxicity with its own seed (4,072 tokens from validation), budget,
     500-step schedule shrunk, Pile toxicity test set capped in tokens; no OOD set."""
     work = tmp_path / "w"
-    args = [*_physics_like(work, 6000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000}"]
+    args = [
+        *_physics_like(work, 10000),
+        "eval.test_tokens=1000",
+        "eval.set_tokens={test: 1000}",
+        "sweep.l0_range=[125.7,126.5]",
+        "sweep.match_l0=126",
+    ]  # this selection's measured spans: 125.5-126.8
     proc, secs = run_job("toxicity.py", args, tmp_path, local_hub.url)
     _ok(proc)
     assert next(work.glob("sweep/*/eval/report.md")).is_file()
     prep = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())["prepared"]
-    assert prep["seed"]["lm_tokens"] == 4072 and prep["val"]["part_docs"] == 180  # 20% of 900
+    n = prep["val"]["source_docs"]  # the 900 train rows, duplicates counted once
+    assert prep["seed"]["lm_tokens"] == 4072 and prep["val"]["part_docs"] == round(0.8 * n) - round(0.6 * n)
     assert prep["test"]["source"] == "tomekkorbak/pile-toxicity-balanced" and "ood" not in prep
 
 
