@@ -80,6 +80,46 @@ class SAEConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """Where one split of the corpus comes from (`corpus.sources.<split>`): a Hugging Face dataset
+    (hub id or local dataset folder, streamed with `datasets`) or Parquet / JSONL files, which
+    field holds the text, and how the split is cut from it. See `ssae_ray/data/prepare.py`."""
+
+    path: str | None = None
+    """Hub dataset id (`anonymousdatasets/arxiv-physics`), a local dataset folder, or a Parquet /
+    JSONL file, folder or glob. None with `from_split`."""
+    split: str = "train"
+    """The dataset's own split to read (Hugging Face datasets; ignored for files)."""
+    text_field: str = "text"
+    """The field holding the document text (`question` for the physics-instruct OOD set)."""
+    name: str | None = None
+    """Hugging Face dataset config name, if the dataset has several."""
+    revision: str | None = None
+    """Hub branch, tag or commit, e.g. `refs/convert/parquet` where the main branch is a loading
+    script (OpenWebText)."""
+    data_files: tuple[str, ...] = ()
+    """Files (globs) inside the dataset repo to read, relative to its root at `revision`."""
+    part: str | None = None
+    """`train`, `val` or `test`: that part of a seeded split of the source by `fractions` (for
+    datasets that ship one split, e.g. arXiv physics 60/20/20). None takes the whole source."""
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """Shares of the train / val / test parts when `part` is set."""
+    from_split: str | None = None
+    """Draw this split from another split built from its own source (the paper's seed is drawn
+    from validation: `seed: {from_split: val, max_tokens: 9200}`); the docs are taken in the
+    other split's seeded order, so the result is a subset of it."""
+    max_docs: int | None = None
+    """Read at most this many documents of the source (before splitting / capping)."""
+    max_tokens: int | None = None
+    """Cap the split at this many LM tokens (documents in seeded order, the last one cut)."""
+    first_tokens: int | None = None
+    """Keep only each document's first this many LM tokens (pretraining corpora: the Pythia GSAEs'
+    Pile was first 128 tokens per document)."""
+    seed: int | None = None
+    """Seed of the split order and the 60/20/20 split; None uses `corpus.split_seed`."""
+
+
+@dataclass(frozen=True)
 class CorpusConfig:
     kind: str = "tiny"
     """`tiny` (generated), `local` (offline Wikipedia leads + sympy.physics), `parquet`,
@@ -103,6 +143,11 @@ class CorpusConfig:
     n_docs: int = 400
     """Documents of the generated `tiny` corpus."""
     split_seed: int = 0
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Per-split sources for `hf` / `parquet` / `jsonl` corpora, keyed by split (`corpus`, `seed`,
+    `val`, `test`, `ood`, `general_test`); an entry wins over `path` / `<split>_path`, which remain
+    the short form (one `text_field`, whole files). `corpus.sources.<split>=null` drops an entry
+    (a preset's OOD set, say). See `SourceConfig`."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +192,11 @@ class RetrievalConfig:
     tracin_fraction: float = 0.01
     """Share of the corpus kept by the first stage before TracIn reranking."""
     token_budget: int = 20_000
-    """Tokens of selected text (the paper: 13.9M), counted in retriever tokens (known per passage
-    without loading the LM; the manifest also reports LM tokens when an LM is given)."""
+    """Tokens of selected text (the paper: 13.9M), counted in `budget_unit` tokens."""
+    budget_unit: str = "retriever"
+    """`retriever`: the budget counts retriever tokens (known per passage without the LM); `lm`:
+    LM tokens, as the paper counts its 13.9M (the LM's tokenizer counts the passages as they are
+    selected). The manifest reports both when an LM is given."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +332,9 @@ class SweepConfig:
 class EvalConfig:
     test_tokens: int = 5_000
     """Tokens evaluated per test set."""
+    set_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens evaluated on named test sets, overriding `test_tokens` for them: the paper scores
+    `{test: 4800000, ood: 700000}` for physics, `{test: 3357000}` for toxicity."""
     val_tokens: int | None = None
     """Tokens of the validation set every sweep trial is scored on (at each checkpoint); None = the
     same as `test_tokens`."""
@@ -313,7 +364,10 @@ class EvalConfig:
     falls back to the GSAE when that strategy was not swept)."""
 
     def tokens_for(self, test_set: str) -> int:
-        """Tokens scored on `test_set`: `val_tokens` (or `test_tokens`) for "val", else `test_tokens`."""
+        """Tokens scored on `test_set`: `set_tokens[test_set]` when given, else `val_tokens` (or
+        `test_tokens`) for "val", else `test_tokens`."""
+        if test_set in self.set_tokens:
+            return self.set_tokens[test_set]
         return (self.val_tokens or self.test_tokens) if test_set == "val" else self.test_tokens
 
 
@@ -520,7 +574,17 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-PRESETS = ("tiny", "local", "local-converged", "paper-physics", "paper-toxicity", "pythia-70m-bib", "gemma-scope-physics")  # fmt: skip
+PRESETS = (
+    "tiny",
+    "local",
+    "local-converged",
+    "paper-physics",
+    "paper-toxicity",
+    "pythia-70m-bib",
+    "gemma-scope-physics",
+    "tinystories-term",
+    "term-local",
+)
 
 
 def preset_names() -> list[str]:
@@ -659,6 +723,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if len(args) == 2:  # typed mappings: each value checked like a field; null drops an entry
+            return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items() if v is not None}
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -859,6 +925,10 @@ CHECKS: dict[str, Check] = {
     "sae.arch": one_of("relu", "jumprelu", "topk", "batchtopk"),
     "sae.k": positive,
     "sweep.knob": one_of("lam", "k"),
+    "retrieval.budget_unit": one_of("retriever", "lm"),
+    "eval.set_tokens": lambda v: next(
+        (f"{k}={n}: must be >= 1 tokens" for k, n in v.items() if not (isinstance(n, int) and n >= 1)), None
+    ),
     "train.pretrain_steps": positive,
     "train.pretrain_lr": above(0),
     "train.pretrain_lam": non_negative,

@@ -48,7 +48,8 @@ class LM(NamedTuple):
     tokenizer: Any
     """Its tokenizer, with a pad token and right padding."""
     arch: str
-    """`gpt_neox`, `llama` or `gemma`: which module layout the hooks map onto."""
+    """`gpt_neox`, `gpt_neo`, `llama` or `gemma`: which module layout the hooks map onto (GPT-Neo
+    splices run the full forward: no layer-tail shortcut)."""
     n_layers: int
     d_model: int
     device: torch.device
@@ -272,20 +273,26 @@ def _arch_of(model: nn.Module) -> str:
     mt = getattr(model.config, "model_type", "")
     if mt == "gpt_neox":
         return "gpt_neox"
+    if mt == "gpt_neo":  # TinyStories-1M
+        return "gpt_neo"
     if mt in ("llama", "mistral", "qwen2", "smollm3"):
         return "llama"
     if mt.startswith("gemma"):
         return "gemma"
-    raise HookError(f"no hook registry for model_type {mt!r}; supported: gpt_neox, llama, gemma")
+    raise HookError(f"no hook registry for model_type {mt!r}; supported: gpt_neox, gpt_neo, llama, gemma")
 
 
 def _layers(model: nn.Module, arch: str) -> nn.ModuleList:
+    if arch == "gpt_neo":
+        return model.transformer.h
     return model.gpt_neox.layers if arch == "gpt_neox" else model.model.layers
 
 
 def _submodule(layer: nn.Module, arch: str, kind: str) -> nn.Module:
     if arch == "gpt_neox":
         return layer.attention if kind == "attn_out" else layer.mlp
+    if arch == "gpt_neo":
+        return layer.attn if kind == "attn_out" else layer.mlp
     return layer.self_attn if kind == "attn_out" else layer.mlp
 
 

@@ -380,6 +380,10 @@ def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
 
     tracking.check_tracking(tracking.tracking_uri(cfg))  # fail before hours of work
     corpus_dir = timer("corpus", lambda: stage_corpus(cfg, lm))
+    from ssae_ray.data import check_splits
+
+    # Before the GSAEs, index and caches: the sweep retrieves from the seed, selects on val, scores test.
+    check_splits(corpus_dir, ("seed", "val", "test"), "the physics sweep")
     gsae_dir = timer("gsaes", lambda: stage_gsaes(cfg, lm, corpus_dir))
     reserve = sweep_output_bytes(cfg, gsae_dir)
     caches = timer("retrieve+cache", lambda: stage_cache(cfg, None, lm, sweep_config(cfg).sae.hooks, reserve))
@@ -590,8 +594,11 @@ def stage_shift(cfg: Config) -> Path:
 def run_physics(cfg: Config, force: bool = False) -> Path:
     """The whole physics pipeline; returns the report. Prints the per-stage wall times. `force`
     retrains the sweep and re-evaluates (upstream stages are reused: they are keyed by their inputs)."""
+    from ssae_ray.data.corpus import preflight
+
     timer = Timer()
     t0 = time.perf_counter()
+    preflight(cfg)  # dataset sources open (split, repo, field, script) before the LM is downloaded
     if os.environ.get("RAY_ADDRESS") or cfg.ray.address:  # a cluster: refuse what can never be placed
         from ssae_ray.resources import check_schedulable
         from ssae_ray.runtime import init_ray

@@ -334,17 +334,17 @@ def test_user_corpus_build(tmp_path):
     assert load_split(capped, "corpus").num_rows == 10 and capped != folder
 
 
-def test_user_corpus_needs_a_seed(tmp_path):
+def test_user_corpus_seed_optional_but_never_blank(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "doc"}])
-    with pytest.raises(DataError, match="seed_path is required"):
-        build_corpus(user_cfg(tmp_path, path=str(corpus)))
+    # A retrieval corpus alone (SHIFT brings its own seed bios): built, with an empty seed split.
+    assert load_split(build_corpus(user_cfg(tmp_path, path=str(corpus))), "seed").num_rows == 0
     (tmp_path / "s.jsonl").write_text("")
     with pytest.raises(DataError, match="empty"):
         build_corpus(user_cfg(tmp_path, path=str(corpus), seed_path=str(tmp_path / "s.jsonl")))
     write_jsonl(tmp_path / "s2.jsonl", [{"text": "   "}])
     with pytest.raises(DataError, match="no documents"):
         build_corpus(user_cfg(tmp_path, path=str(corpus), seed_path=str(tmp_path / "s2.jsonl")))
-    assert not list((tmp_path / "work" / "corpus").glob("*/manifest.json"))  # nothing half-written
+    assert len(list((tmp_path / "work" / "corpus").glob("*/manifest.json"))) == 1  # nothing half-written
 
 
 def test_unknown_kind(tmp_path):

@@ -126,6 +126,17 @@ def test_fill_budget_dedups_and_stops_at_budget():
     assert short.exhausted and short.tokens == 20
 
 
+def test_fill_budget_in_lm_tokens():
+    """`budget_unit: lm`: the budget counts what `count` gives each passage (the LM's tokenizer),
+    not the retriever's per-passage counts."""
+    texts = ["one two three", "four five", "six seven eight nine", "ten"]
+    p = _FakePassages(texts, [100, 100, 100, 100])
+    words = lambda ts: [len(t.split()) for t in ts]  # noqa: E731
+    fill = fill_budget(Ranking(np.arange(4), np.zeros(4), None), p, budget=6, count=words)
+    assert fill.texts == texts[:3] and fill.tokens == 9 and not fill.exhausted
+    assert fill_budget(Ranking(np.arange(4), np.zeros(4), None), p, budget=6).tokens == 100
+
+
 # ---------------------------------------------------------------------------------------------
 # A built tiny index (real local Ray, real FAISS), shared by the tests below
 
@@ -298,10 +309,13 @@ def test_corrupted_shard_is_detected(built, tmp_path):
 @pytest.mark.ray
 def test_clear_errors_for_bad_inputs(built, tmp_path):
     cfg, corpus_dir, index_dir = built
-    empty = tmp_path / "seed.parquet"
-    pq.write_table(pa.table({"text": pa.array([" ", ""], pa.string())}), empty)
-    with pytest.raises(RetrievalError, match="empty"):
-        retrieve(cfg.replace(corpus={"seed_path": str(empty)}), corpus_dir, index_dir, "dense")
+    with pytest.raises(RetrievalError, match="no non-empty seed"):
+        retrieve(cfg, corpus_dir, index_dir, "dense", seed_texts=[" ", ""])
+    no_seed = tmp_path / "no_seed"
+    no_seed.mkdir()
+    pq.write_table(pa.table({"text": pa.array([" ", ""], pa.string())}), no_seed / "seed.parquet")
+    with pytest.raises(RetrievalError, match="seed set .* is empty: set corpus.seed_path"):
+        retrieve(cfg, no_seed, index_dir, "dense")
     with pytest.raises(RetrievalError, match="larger than the whole corpus"):
         retrieve(cfg.replace(retrieval={"token_budget": 10**9}), corpus_dir, index_dir, "bm25")
     other = make_tiny_encoder(tmp_path / "enc32", hidden=32)

@@ -36,8 +36,13 @@ def final_norm_scale(norm: nn.Module | None) -> tuple[Tensor | None, bool]:
 def lm_unembed(lm: Any) -> tuple[Tensor, nn.Module | None]:
     """(W_U [vocab, d], final norm module) of a loaded `models.LM`."""
     w_u = lm.model.get_output_embeddings().weight.detach().float()
-    inner = lm.model.gpt_neox if lm.arch == "gpt_neox" else lm.model.model
-    norm = getattr(inner, "final_layer_norm", None) or getattr(inner, "norm", None)
+    inner = {"gpt_neox": "gpt_neox", "gpt_neo": "transformer"}.get(lm.arch, "model")
+    inner = getattr(lm.model, inner)
+    norm = (
+        getattr(inner, "final_layer_norm", None)
+        or getattr(inner, "norm", None)
+        or getattr(inner, "ln_f", None)
+    )
     return w_u, norm
 
 

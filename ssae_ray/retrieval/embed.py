@@ -108,9 +108,9 @@ def _tiny_text() -> str:
     """Training text of the tiny WordPiece vocabulary: our words plus those of the generated
     `tiny` corpus, so its topic words are whole tokens."""
     try:
-        from ssae_ray import data
+        from ssae_ray.data import tiny
 
-        extra = " ".join([*data.TOPIC_WORDS.values(), " ".join(getattr(data, "_COMMON", []))])
+        extra = " ".join([*tiny.TOPIC_WORDS.values(), " ".join(getattr(tiny, "_COMMON", []))])
     except (ImportError, AttributeError):
         extra = ""
     return f"{_TINY_TEXT} {extra}"

@@ -3,7 +3,8 @@
 Strategies: `dense` (similarity to the seed embeddings, `dense_score` mean or max), `bm25` (the
 seed set as one query), `dense+tracin` / `bm25+tracin` (keep the top `tracin_fraction` of the
 passages, rerank by grad L(z) . grad L(seed) of the GSAE at the first hook of `cfg.sae.hooks`)
-and `random` (the paper's full-corpus baseline). The budget is counted in retriever tokens.
+and `random` (the paper's full-corpus baseline). The budget is counted in retriever tokens, or
+in LM tokens (`retrieval.budget_unit: lm`, as the paper counts its 13.9M).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,18 +80,17 @@ class Passages:
 
 
 def load_seed_texts(cfg: Config, corpus_dir: str | Path) -> list[str]:
-    path = (
-        Path(cfg.corpus.seed_path).expanduser() if cfg.corpus.seed_path else Path(corpus_dir) / "seed.parquet"
-    )
+    """The seed documents retrieval starts from: the built corpus's `seed.parquet` (the corpus
+    stage reads `corpus.seed_path` / `corpus.sources.seed` into it, capped and normalised)."""
+    path = Path(corpus_dir) / "seed.parquet"
     if not path.is_file():
-        raise RetrievalError(f"no seed set at {path}; run `ssae-ray corpus` or set corpus.seed_path")
-    field = cfg.corpus.text_field
-    table = pa.json.read_json(path) if path.suffix in (".jsonl", ".json") else pq.read_table(path)
-    if field not in table.column_names:
-        raise RetrievalError(f"the seed set {path} has no {field!r} column (corpus.text_field)")
-    texts = [t for t in table[field].to_pylist() if t and t.strip()]
+        raise RetrievalError(f"no seed set at {path}; build the corpus first (`ssae-ray corpus`)")
+    texts = [t for t in pq.read_table(path, columns=["text"])["text"].to_pylist() if t and t.strip()]
     if not texts:
-        raise RetrievalError(f"the seed set {path} is empty: give a few in-domain documents to retrieve from")
+        raise RetrievalError(
+            f"the seed set {path} is empty: set corpus.seed_path or corpus.sources.seed (a few in-domain "
+            "documents to retrieve from)"
+        )
     return texts
 
 
@@ -224,10 +225,11 @@ def _near_key(text: str) -> str:
     return hashlib.sha1(" ".join(re.findall(r"[a-z]+", text.lower())).encode()).hexdigest()
 
 
-def fill_budget(ranking: Ranking, passages: Passages, budget: int, chunk: int = 4096) -> Fill:
+def fill_budget(ranking: Ranking, passages: Passages, budget: int, chunk: int = 4096,
+                count: Callable[[list[str]], list[int]] | None = None) -> Fill:  # fmt: skip
     """Walk the ranking best first, skipping exact and near duplicates (same words ignoring case,
-    digits and punctuation), until `budget` retriever tokens are selected (the last passage may
-    cross it)."""
+    digits and punctuation), until `budget` tokens are selected (the last passage may cross it):
+    retriever tokens, or the tokens `count` gives each passage text (the LM's, `budget_unit: lm`)."""
     seen_exact: set[str] = set()
     seen_near: set[str] = set()
     picks: list[int] = []
@@ -235,7 +237,9 @@ def fill_budget(ranking: Ranking, passages: Passages, budget: int, chunk: int = 
     tokens = exact = near = 0
     for start in range(0, len(ranking.rows), chunk):
         rows = ranking.rows[start : start + chunk]
-        for j, (row, text) in enumerate(zip(rows, passages.texts(rows), strict=True)):
+        chunk_texts = passages.texts(rows)
+        sizes = count(chunk_texts) if count is not None else [int(passages.n_tokens[r]) for r in rows]
+        for j, (text, size) in enumerate(zip(chunk_texts, sizes, strict=True)):
             if tokens >= budget:
                 return Fill(np.array(picks, dtype=np.int64), texts, tokens, exact, near, False)
             h = hashlib.sha1(text.strip().encode()).hexdigest()
@@ -250,7 +254,7 @@ def fill_budget(ranking: Ranking, passages: Passages, budget: int, chunk: int = 
             seen_near.add(n)
             picks.append(start + j)
             texts.append(text)
-            tokens += int(passages.n_tokens[row])
+            tokens += int(size)
     return Fill(np.array(picks, dtype=np.int64), texts, tokens, exact, near, tokens < budget)
 
 
@@ -259,10 +263,11 @@ def fill_budget(ranking: Ranking, passages: Passages, budget: int, chunk: int = 
 
 
 def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strategy: str | None = None,
-             lm: Any = None, sae: Any = None) -> Path:  # fmt: skip
+             lm: Any = None, sae: Any = None, seed_texts: list[str] | None = None) -> Path:  # fmt: skip
     """Select `cfg.retrieval.token_budget` tokens of passages by `strategy` (default
     `cfg.retrieval.strategy`); writes `<workdir>/selection/<key>/selection.parquet` + manifest.
-    TracIn strategies use `lm` / `sae` (the GSAE at `cfg.sae.hooks[0]`) or load them from the config."""
+    TracIn strategies use `lm` / `sae` (the GSAE at `cfg.sae.hooks[0]`) or load them from the config.
+    The seed is the corpus's `seed.parquet`, or `seed_texts` when given (SHIFT's seed bios)."""
     r = cfg.retrieval
     strategy = strategy or r.strategy
     if strategy not in STRATEGIES:
@@ -273,8 +278,13 @@ def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strateg
     manifest = read_manifest(index_dir)
     if manifest is None:
         raise RetrievalError(f"no finished index at {index_dir}; run build_index (`ssae-ray index`) first")
-    seed_texts = load_seed_texts(cfg, corpus_dir)
-    if r.token_budget > manifest["n_tokens"]:
+    if seed_texts is None:
+        seed_texts = load_seed_texts(cfg, corpus_dir)
+    elif not [t for t in seed_texts if t and t.strip()]:
+        raise RetrievalError("retrieve(seed_texts=...) got no non-empty seed text")
+    if r.budget_unit not in ("retriever", "lm"):
+        raise RetrievalError(f"retrieval.budget_unit={r.budget_unit!r}: choose retriever or lm")
+    if r.budget_unit == "retriever" and r.token_budget > manifest["n_tokens"]:
         raise RetrievalError(
             f"retrieval.token_budget={r.token_budget} is larger than the whole corpus ({manifest['n_tokens']} "
             "retriever tokens): lower the budget or use a larger corpus"
@@ -286,6 +296,8 @@ def retrieve(cfg: Config, corpus_dir: str | Path, index_dir: str | Path, strateg
         from ssae_ray.saes import sae_hash
 
         extra = [cfg.train.lam, cfg.sae.hooks[0], cfg.model, sae_hash(sae)]
+    if r.budget_unit == "lm":  # the LM's tokenizer counts the budget
+        extra.append([cfg.model.source, cfg.model.gguf_file, cfg.model.tiny_arch])
     seed_sha = hashlib.sha256("\x00".join(seed_texts).encode()).hexdigest()
     key = stage_key("retrieve-v1", strategy, r, manifest["key"], seed_sha, cfg.seed, *extra)
 
@@ -313,6 +325,17 @@ def _lm_and_sae(cfg: Config, lm: Any, sae: Any) -> tuple[Any, Any]:
     return lm, sae
 
 
+def _lm_counter(cfg: Config, lm: Any) -> Callable[[list[str]], list[int]]:
+    """LM tokens of each passage (no special tokens), with the LM's tokenizer loaded alone if needed."""
+    if lm is not None:
+        tok = lm.tokenizer
+    else:
+        from ssae_ray.data.prepare import lm_tokenizer
+
+        tok = lm_tokenizer(cfg)
+    return lambda texts: [len(i) for i in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: str, seed_texts: list[str],
             lm: Any, sae: Any, out: Path) -> dict[str, Any]:  # fmt: skip
     r = cfg.retrieval
@@ -327,6 +350,7 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
         index = ShardedIndex(index_dir, nprobe=r.nprobe)  # the selection is keyed on r, nprobe included
         vec_to_row = pc.index_in(pa.array(index.pids()), value_set=passages.meta["pid"]).to_numpy()
     k = pool or min(n, max(100, 2 * math.ceil(r.token_budget / mean_tokens)))
+    counter = _lm_counter(cfg, lm) if r.budget_unit == "lm" else None
     while True:
         if first == "dense":
             ranking = dense_rank(index, vec_to_row, seed_emb, r.dense_score, k, r.normalize)
@@ -343,14 +367,14 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
             ranking = Ranking(rows, np.zeros(n, dtype=np.float32), None)
         if rerank:
             pool_tokens = int(passages.n_tokens[ranking.rows].sum())
-            if pool_tokens < r.token_budget:
+            if r.budget_unit == "retriever" and pool_tokens < r.token_budget:
                 raise RetrievalError(
                     f"the {first} first stage keeps {len(ranking.rows)} passages ({pool_tokens} tokens, "
                     f"tracin_fraction={r.tracin_fraction}) but the budget is {r.token_budget} tokens: raise "
                     "retrieval.tracin_fraction or lower retrieval.token_budget"
                 )
             ranking = tracin_rerank(cfg, ranking, passages, seed_texts, lm, sae)
-        fill = fill_budget(ranking, passages, r.token_budget)
+        fill = fill_budget(ranking, passages, r.token_budget, count=counter)
         grown = first != "random" and not rerank and fill.exhausted and k < n
         if grown and (r.threshold is None or len(ranking.rows) == k):
             k = min(n, 4 * k)
@@ -377,7 +401,8 @@ def _select(cfg: Config, index_dir: Path, manifest: dict[str, Any], strategy: st
         "strategy": strategy, "index_key": manifest["key"], "model_id": manifest["model_id"],
         "n_seed_docs": len(seed_texts), "n_passages": n, "n_candidates": int(len(ranking.rows)),
         "n_selected": int(len(rows)), "n_docs_selected": int(len(set(meta["doc_id"].to_pylist()))),
-        "tokens": fill.tokens, "token_unit": "retriever", "token_budget": r.token_budget,
+        "tokens": fill.tokens, "token_unit": r.budget_unit, "token_budget": r.token_budget,
+        "retriever_tokens": int(passages.n_tokens[rows].sum()),
         "budget_filled": not fill.exhausted, "exact_duplicates_dropped": fill.exact_dups,
         "near_duplicates_dropped": fill.near_dups, "dense_score": r.dense_score if first == "dense" else None,
         "threshold": r.threshold, "tracin_fraction": r.tracin_fraction if rerank else None,

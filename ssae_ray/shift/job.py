@@ -51,6 +51,10 @@ def run_bias_in_bios(
         return now
 
     say("data")
+    if with_ssae:  # the retrieval corpus's sources open before the LM is downloaded
+        from ssae_ray.data.corpus import preflight
+
+        preflight(cfg)
     data = load_bios(cfg)
     t = lap("data", t0)
     say(f"loading {cfg.model.source}")

@@ -121,22 +121,22 @@ def build_sae_sets(
     from ssae_ray.retrieval import build_index, retrieve
 
     seed_path = write_seed_bios(cfg, data)
-    rcfg = cfg.replace(corpus={"seed_path": str(seed_path)})
+    seed_texts = [json.loads(line)["text"] for line in seed_path.read_text().splitlines() if line.strip()]
     if corpus_dir is None:
         say("corpus")
-        corpus_dir = build_corpus(cfg, lm.tokenizer)
+        corpus_dir = build_corpus(cfg, lm.tokenizer)  # the retrieval corpus; its seed split is not used
     say("retrieval index (cached)")
-    index_dir = build_index(rcfg, corpus_dir)
+    index_dir = build_index(cfg, corpus_dir)
     say(f"retrieving {cfg.retrieval.token_budget} tokens with {cfg.shift.n_seed_examples} seed bios "
         f"({cfg.retrieval.strategy})")  # fmt: skip
-    sel_dir = retrieve(rcfg, corpus_dir, index_dir)
+    sel_dir = retrieve(cfg, corpus_dir, index_dir, seed_texts=seed_texts)
     texts = [t for t in pq.read_table(sel_dir / "selection.parquet").column("text").to_pylist() if t]
     sel_key = (read_manifest(sel_dir) or {}).get("key", file_sha256(sel_dir / "selection.parquet"))
     say(f"finetuning SSAEs on {len(texts)} retrieved passages")
-    sets["SSAE"] = finetuned(rcfg, lm, g, texts, "ssae", sel_key)
+    sets["SSAE"] = finetuned(cfg, lm, g, texts, "ssae", sel_key)
     if "Comp. GSAE" in sets:
         say("finetuning compressed SSAEs")
-        sets["Comp. SSAE"] = finetuned(rcfg, lm, sets["Comp. GSAE"], texts, "comp-ssae", sel_key)
+        sets["Comp. SSAE"] = finetuned(cfg, lm, sets["Comp. GSAE"], texts, "comp-ssae", sel_key)
     info.update(selection=str(sel_dir), n_passages=len(texts), strategy=cfg.retrieval.strategy,
                 seed_bios=cfg.shift.n_seed_examples)  # fmt: skip
     return {k: sets[k] for k in ("GSAE", "SSAE", "Comp. GSAE", "Comp. SSAE") if k in sets}, info
