@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import zipfile
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssae_ray import data
-from ssae_ray.config import CorpusConfig, load_config
+from ssae_ray.config import ConfigError, CorpusConfig, load_config
 from ssae_ray.data import SCHEMA, SPLITS, DataError, build_corpus, is_physics, load_split, read_docs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wiki_leads_small.json"
@@ -348,8 +349,12 @@ def test_user_corpus_seed_optional_but_never_blank(tmp_path):
 
 
 def test_unknown_kind(tmp_path):
+    with pytest.raises(ConfigError, match="corpus.kind=csv: must be one of"):  # refused at load
+        user_cfg(tmp_path, kind="csv")
+    cfg = user_cfg(tmp_path)  # a config built in code skips the load-time checks: the builder refuses it too
+    bad = dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, kind="csv"))
     with pytest.raises(DataError, match="corpus.kind"):
-        build_corpus(user_cfg(tmp_path, kind="csv"))
+        build_corpus(bad)
 
 
 # ---------------------------------------------------------------------------------------------
