@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -32,20 +33,8 @@ from ssae_ray.config import TrainConfig
 from ssae_ray.saes import make_random_sae
 from ssae_ray.training.loop import HookTrainer, train_step
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str, iters: int) -> float:
-    fn()  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / iters
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_training import timed  # noqa: E402
 
 
 def sae_lens_trainer(arch: str, sae, x: torch.Tensor, tc: TrainConfig, k: int, dead: float, device: str):

@@ -23,6 +23,19 @@ os.environ["HF_ENDPOINT"] = _HUB.url
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny steps: on a shared 2-core machine two OpenMP threads
+    spin against each other (measured 100x slower under load). Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The `tiny` preset with its work dir in a temp folder."""

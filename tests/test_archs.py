@@ -38,12 +38,7 @@ ARCHS = ("relu", "jumprelu", "topk", "batchtopk")
 CLASS = {"relu": StandardSAE, "jumprelu": JumpReLUSAE, "topk": TopKSAE, "batchtopk": JumpReLUSAE}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: see conftest
 
 
 def gsae(

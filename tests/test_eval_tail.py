@@ -16,13 +16,7 @@ from ssae_ray.eval.movement import control_check, decoder_movement
 from ssae_ray.eval.report import tail_findings
 from ssae_ray.eval.tail import doc_feature_counts, doc_token_counts, tail_test
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: see conftest
 
 
 # --------------------------------------------------------------------------------------------- movement

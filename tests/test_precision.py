@@ -18,14 +18,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids two OpenMP threads spinning against each other on a shared
-    2-core machine (as tests/test_training.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: see conftest
 
 
 @pytest.fixture

@@ -18,12 +18,7 @@ Q = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(5)
 """The planted dictionary: M orthonormal directions in R^D."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: see conftest
 
 
 def planted(n: int, seed: int) -> torch.Tensor:

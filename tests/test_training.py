@@ -56,14 +56,7 @@ def synthetic(n_batches: int, n: int = 128, d: int = 32, hooks=("a", "b"), seed:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These steps are tiny: on a shared 2-core machine two OpenMP threads spin against each other
-    (measured 100x slower under load), so this module runs torch on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: see conftest
 
 
 @pytest.fixture(scope="module")
