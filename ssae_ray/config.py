@@ -345,7 +345,8 @@ class EvalConfig:
     freq_buckets: int = 10
     """Token-frequency buckets of the logit-lens coverage and the error-vs-frequency diagnostic."""
     ci_level: float = 0.95
-    """Confidence level of the bootstrap intervals over test documents."""
+    """Confidence level of the bootstrap intervals (over test documents for CE, over token types or
+    latents for the tail test)."""
     bootstrap: int = 1000
     """Bootstrap resamples of the test documents for CE-difference CIs."""
     moved_cosine: float = 0.9
@@ -358,7 +359,7 @@ class EvalConfig:
     """... and its median decoder-row cosine to the GSAE is at least this."""
     tail_fraction: float = 0.5
     """Logit-lens tail coverage: the share of the test set's token types, rarest first, that count
-    as the tail (bootstrap CIs over test documents, `eval/tail.py`)."""
+    as the tail (bootstrap CIs over token types and latents, `eval/tail.py`)."""
     reference: str = "random"
     """Strategy the headline table's CE differences are taken against (the random-corpus finetune;
     falls back to the GSAE when that strategy was not swept)."""

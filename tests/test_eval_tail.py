@@ -175,3 +175,37 @@ def test_evaluation_report_has_movement_control_and_tail_sections(tiny_cfg, tmp_
     control = list(csv.DictReader(open(out.folder / "control.csv")))
     assert len(control) == 1 and control[0]["hook"] == h
     assert math.isclose(float(control[0]["median_cos"]), 1.0, abs_tol=1e-6)
+
+
+def test_every_ci_brackets_its_value_on_a_long_tailed_test_set():
+    """A resample of test documents holds fewer distinct (rare) types and fewer firing latents than
+    the test set, so a document bootstrap put the whole CI of coverage above the value (on `local`:
+    0.371 [0.377, 0.412]). The type / latent bootstrap brackets every value, differences included."""
+    rng = np.random.default_rng(3)
+    n_docs, vocab = 80, 3000
+    p = 1.0 / np.arange(1, vocab + 1) ** 1.05  # long tail: most types occur once or twice
+    ids = torch.from_numpy(rng.choice(vocab, size=(n_docs, 48), p=p / p.sum()))
+    types, counts = doc_token_counts(ids, torch.ones_like(ids), torch.arange(n_docs))
+    order = types[np.argsort(-counts.sum(0), kind="stable")]
+    tops = {  # GSAE covers a third of the frequent types; the SSAE also some rare ones
+        "GSAE": torch.from_numpy(order[: len(order) // 3 : 2][:, None]),
+        "SSAE": torch.from_numpy(
+            np.concatenate([order[: len(order) // 3 : 2], order[-len(order) // 4 :: 3]])[:, None]
+        ),
+    }
+    fires = rng.random((n_docs, 200)) < np.geomspace(0.2, 0.002, 200)  # many latents fire on 1-2 docs
+    feats = {
+        "GSAE": fires.astype(np.float32),
+        "SSAE": (fires | (rng.random((n_docs, 200)) < 0.004)).astype(np.float32),
+    }
+    rows = tail_test(types, counts, tops, feats, n_boot=400, seed=0)
+    checked = 0
+    for r in rows:
+        for s in ("coverage", "tail_coverage", "active_latents", "median_count", "d_coverage", "d_tail_coverage",
+                  "d_active_latents", "d_median_count"):  # fmt: skip
+            if s in r:
+                assert r[f"{s}_lo"] <= r[s] <= r[f"{s}_hi"], (r["sae"], s, r[s], r[f"{s}_lo"], r[f"{s}_hi"])
+                checked += 1
+    assert checked == 12
+    ssae = next(r for r in rows if r["sae"] == "SSAE")
+    assert ssae["d_tail_coverage_lo"] > 0  # the planted rare coverage is found

@@ -233,8 +233,10 @@ def _tail_section(cfg: Config, res: dict[str, Any]) -> list[str]:
         f"Logit-lens coverage (Fig. 2, 6): share of the in-domain test set's token types among the top-"
         f"{ec.logit_lens_topk} tokens of some latent; *tail*: the rarest {ec.tail_fraction:.0%} of the types. "
         "Activation counts (Fig. 7): share of latents active on the test set, median activation count over latents. "
-        f"{ec.ci_level:.0%} percentile bootstrap CIs over test documents ({ec.bootstrap} resamples; the tail is "
-        "recomputed in each), Δ paired against the GSAE. Same SAEs as the feature table.",
+        f"{ec.ci_level:.0%} percentile bootstrap CIs ({ec.bootstrap} resamples) over the units each statistic "
+        "averages: token types for coverage (the tail types for tail coverage), latents for the activation "
+        "statistics; Δ paired against the GSAE (by token type; by latent, an SSAE latent being finetuned from "
+        "the GSAE latent of the same index). Same SAEs as the feature table.",
         "",
         "| hook | SAE | L0 | coverage [CI] | tail coverage [CI] | Δ tail vs GSAE [CI] | active latents [CI] | "
         "median count [CI] | Δ median count [CI] |",
