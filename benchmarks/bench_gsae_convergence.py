@@ -98,8 +98,10 @@ def main() -> None:
     if ev is None or not (ev / "control.csv").is_file():
         print("\n(no evaluation with control.csv yet: run `python jobs/physics.py --preset local-converged`)")
         return
-    for name, title in (("control.csv", "Random-corpus control"), ("movement.csv", "Decoder movement"),
-                        ("tail.csv", "Tail concepts with CIs")):  # fmt: skip
+    for name, title in (("control.csv", "Random-corpus control"), ("vs_gsae.csv", "Each SSAE − GSAE at the GSAE's L0"),
+                        ("movement.csv", "Decoder movement"), ("tail.csv", "Tail concepts with CIs")):  # fmt: skip
+        if not (ev / name).is_file():
+            continue
         with open(ev / name) as f:
             rows = list(csv.DictReader(f))
         if rows:

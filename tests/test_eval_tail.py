@@ -175,6 +175,16 @@ def test_evaluation_report_has_movement_control_and_tail_sections(tiny_cfg, tmp_
     control = list(csv.DictReader(open(out.folder / "control.csv")))
     assert len(control) == 1 and control[0]["hook"] == h
     assert math.isclose(float(control[0]["median_cos"]), 1.0, abs_tol=1e-6)
+    # every SSAE against the GSAE at the GSAE's own L0: the random one is the control's own Δ
+    vs = {r["strategy"]: r for r in csv.DictReader(open(out.folder / "vs_gsae.csv"))}
+    assert set(vs) == {"dense", "random"} and "## Against the GSAE at its own L0" in report
+    for r in vs.values():
+        d, lo, hi = float(r["d_ce"]), float(r["d_ce_lo"]), float(r["d_ce_hi"])
+        assert lo <= d <= hi and math.isclose(
+            float(r["ce"]), float(r["gsae_ce"]) + d, abs_tol=1e-4
+        )  # CSV: 6 digits
+    assert math.isclose(float(vs["random"]["d_ce"]), float(control[0]["d_ce"]), rel_tol=1e-5)
+    assert float(vs["dense"]["d_ce"]) != float(vs["random"]["d_ce"])
 
 
 def test_every_ci_brackets_its_value_on_a_long_tailed_test_set():

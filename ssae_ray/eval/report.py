@@ -126,7 +126,8 @@ def write_report(cfg: Config, res: dict[str, Any], path: str | Path, sweep: Any 
                      f"{r['pca90']} | {_f(r['cos_mean'])} | {_f(r['err_mean'], 2)} | {_f(r['err_p99'], 2)} | "
                      f"{_f(r['err_max'], 2)} | {_f(r['entropy_mean'])} | {_f(r['max_act_mean'], 2)} | "
                      f"{_f(r['dead'])} |")  # fmt: skip
-    lines += _movement_section(cfg, res) + _control_section(cfg, res) + _tail_section(cfg, res)
+    lines += _vs_gsae_section(cfg, res) + _movement_section(cfg, res) + _control_section(cfg, res)
+    lines += _tail_section(cfg, res)
     figs = [f for f in res["files"] if f.endswith(".png")]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
     lines += ["", "Tables: " + ", ".join(f"`{f}`" for f in res["files"] if f.endswith(".csv")) + "."]
@@ -145,6 +146,27 @@ def _ci(r: dict[str, Any], key: str, nd: int = 3) -> str:
     if key not in r:
         return "–"
     return f"{_f(r[key], nd)} [{_f(r.get(key + '_lo'), nd)}, {_f(r.get(key + '_hi'), nd)}]"
+
+
+def _vs_gsae_section(cfg: Config, res: dict[str, Any]) -> list[str]:
+    rows = res.get("vs_gsae") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Against the GSAE at its own L0",
+        "",
+        "CE of each SSAE curve interpolated at the GSAE's L0 on that test set, minus the GSAE's CE (Δ, with a "
+        f"{cfg.eval.ci_level:.0%} bootstrap CI over test documents, paired per token). Negative: the finetune "
+        "reconstructs that text better than the GSAE at the same sparsity.",
+        "",
+        "| test | hook | SAE | GSAE L0 | GSAE CE | SSAE CE | Δ CE vs GSAE [CI] | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['test']} | `{r['hook']}` | {_name(r['strategy'], r['tilt'])} | {_f(r['gsae_l0'], 1)} | {_f(r['gsae_ce'])} | "
+                     f"{_f(r.get('ce'))} | {_ci(r, 'd_ce')} | {r.get('note', '')} |")  # fmt: skip
+    return lines
 
 
 def _movement_section(cfg: Config, res: dict[str, Any]) -> list[str]:

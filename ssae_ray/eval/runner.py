@@ -207,10 +207,37 @@ def write_tables(
     _csv(out / "movement.csv", move_rows)
     control = _control_rows(cfg, evals, curves, headline, moves, test_sets["test"], ref)
     _csv(out / "control.csv", control)
+    vs_gsae = _vs_gsae_rows(cfg, evals, curves, test_sets)
+    _csv(out / "vs_gsae.csv", vs_gsae)
     feats, tail = _feature_figures(cfg, lm, evals, gsaes, sweep, test_sets["test"], match, out, moves)
     return {"headline": headline, "auc": auc_rows, "term_vs_erm": term_rows, "match_l0": match,
             "reference": ref, "features": feats, "movement": move_rows, "control": control, "tail": tail,
+            "vs_gsae": vs_gsae,
             "files": sorted(p.name for p in out.iterdir())}  # fmt: skip
+
+
+def _vs_gsae_rows(cfg, evals, curves, test_sets) -> list[dict[str, Any]]:
+    """Per test set, hook and SSAE curve: CE of the SSAE at the GSAE's own L0 on that test set minus
+    the GSAE's CE, with a bootstrap CI over test documents (paired per token). A curve whose L0
+    span does not reach the GSAE's L0 gets a note instead."""
+    ec, rows = cfg.eval, []
+    for name, ts in test_sets.items():
+        for h in cfg.sae.hooks:
+            g = evals[(GSAE, 0.0, 0.0, 0, h, name)]
+            for (s, t, hh, nn), c in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+                if (hh, nn) != (h, name):
+                    continue
+                row: dict[str, Any] = {"test": name, "hook": h, "strategy": s, "tilt": t, "gsae_l0": g.l0,
+                                       "gsae_ce": g.ce_spliced}  # fmt: skip
+                try:
+                    d = C.diff_vs_loss(
+                        c, g.l0, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level
+                    )
+                    row.update(ce=g.ce_spliced + d.value, d_ce=d.value, d_ce_lo=d.lo, d_ce_hi=d.hi)
+                except EvalError as e:
+                    row["note"] = str(e).split(";")[0]
+                rows.append(row)
+    return rows
 
 
 def _control_rows(cfg, evals, curves, headline, moves, ts, ref) -> list[dict[str, Any]]:
