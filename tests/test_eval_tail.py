@@ -172,6 +172,15 @@ def test_evaluation_report_has_movement_control_and_tail_sections(tiny_cfg, tmp_
     tail = list(csv.DictReader(open(out.folder / "tail.csv")))
     assert {r["sae"] for r in tail} == {"GSAE", "dense", "random"}
     assert all(float(r["coverage_lo"]) <= float(r["coverage"]) <= float(r["coverage_hi"]) for r in tail)
+    # dense is also compared with the random-corpus finetune (the paper's Fig. 2 comparison), paired
+    by = {r["sae"]: r for r in tail}
+    dense_vr = float(by["dense"]["vr_tail_coverage"])
+    assert math.isclose(
+        dense_vr, float(by["dense"]["tail_coverage"]) - float(by["random"]["tail_coverage"]), abs_tol=1e-5
+    )
+    assert float(by["dense"]["vr_tail_coverage_lo"]) <= dense_vr <= float(by["dense"]["vr_tail_coverage_hi"])
+    assert by["random"].get("vr_tail_coverage", "") == "" and by["GSAE"].get("vr_tail_coverage", "") != ""
+    assert "Finding (tail coverage vs the random-corpus finetune" in report
     control = list(csv.DictReader(open(out.folder / "control.csv")))
     assert len(control) == 1 and control[0]["hook"] == h
     assert math.isclose(float(control[0]["median_cos"]), 1.0, abs_tol=1e-6)

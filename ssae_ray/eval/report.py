@@ -226,13 +226,15 @@ def _control_section(cfg: Config, res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def tail_findings(rows: list[dict[str, Any]], ref: str = "GSAE") -> list[str]:
-    """One sentence per SSAE: does it cover more tail token types than `ref`, with the CI."""
+def tail_findings(rows: list[dict[str, Any]], ref: str = "GSAE", prefix: str = "d_") -> list[str]:
+    """One sentence per SSAE: does it cover more tail token types than `ref`, with the CI
+    (`<prefix>tail_coverage` and its `_lo` / `_hi`: `d_` against the GSAE, `vr_` against random)."""
     out = []
+    key = f"{prefix}tail_coverage"
     for r in rows:
-        if r["sae"] == ref or not math.isfinite(r.get("d_tail_coverage", float("nan"))):
+        if r["sae"] == ref or not math.isfinite(r.get(key, float("nan"))):
             continue
-        lo, hi, d = r["d_tail_coverage_lo"], r["d_tail_coverage_hi"], r["d_tail_coverage"]
+        lo, hi, d = r[f"{key}_lo"], r[f"{key}_hi"], r[key]
         if lo > 0:
             verdict = "covers **more** tail token types than"
         elif hi < 0:
@@ -240,7 +242,8 @@ def tail_findings(rows: list[dict[str, Any]], ref: str = "GSAE") -> list[str]:
         else:
             verdict = "is **not distinguishable** in tail coverage from"
         out.append(
-            f"`{r['hook']}` {r['sae']} (L0 {_f(r['l0'], 1)}) {verdict} the {ref}: Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}]."
+            f"`{r['hook']}` {r['sae']} (L0 {_f(r['l0'], 1)}) {verdict} the {STRATEGY_NAMES.get(ref, ref)}: "
+            f"Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}]."
         )
     return out
 
@@ -260,15 +263,24 @@ def _tail_section(cfg: Config, res: dict[str, Any]) -> list[str]:
         "statistics; Δ paired against the GSAE (by token type; by latent, an SSAE latent being finetuned from "
         "the GSAE latent of the same index). Same SAEs as the feature table.",
         "",
-        "| hook | SAE | L0 | coverage [CI] | tail coverage [CI] | Δ tail vs GSAE [CI] | active latents [CI] | "
-        "median count [CI] | Δ median count [CI] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| hook | SAE | L0 | coverage [CI] | tail coverage [CI] | Δ tail vs GSAE [CI] | Δ tail vs random [CI] | "
+        "active latents [CI] | median count [CI] | Δ median count [CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(f"| `{r['hook']}` | {r['sae']} | {_f(r['l0'], 1)} | {_ci(r, 'coverage')} | "
-                     f"{_ci(r, 'tail_coverage')} | {_ci(r, 'd_tail_coverage')} | {_ci(r, 'active_latents')} | "
+                     f"{_ci(r, 'tail_coverage')} | {_ci(r, 'd_tail_coverage')} | {_ci(r, 'vr_tail_coverage')} | "
+                     f"{_ci(r, 'active_latents')} | "
                      f"{_ci(r, 'median_count', 1)} | {_ci(r, 'd_median_count', 1)} |")  # fmt: skip
     found = tail_findings(rows)
     if found:
         lines += ["", "Finding (tail coverage vs the GSAE):", ""] + [f"- {s}" for s in found]
+    found = tail_findings([r for r in rows if r["sae"] != "GSAE"], "random", "vr_")
+    if found:
+        lines += [
+            "",
+            "Finding (tail coverage vs the random-corpus finetune, as the paper's Fig. 2 compares):",
+            "",
+        ]
+        lines += [f"- {s}" for s in found]
     return lines

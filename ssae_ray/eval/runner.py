@@ -428,10 +428,18 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
             rows.append({"hook": h, "sae": label, "l0": e.l0, "ce": e.ce_spliced, "coverage": c.covered_share,
                          **{f"coverage_b{i}": v for i, v in enumerate(c.bucket_coverage)}, **d._asdict(), **move})  # fmt: skip
         ec = cfg.eval
+        # Paired differences against the GSAE and, as the paper's Fig. 2 compares, against the
+        # random-corpus finetune (`vr_*`); the same seed gives both calls the same draws.
+        vs_random = {}
+        if "random" in tops:
+            for r in tail_test(
+                types, doc_counts, tops, fdocs, "random", ec.tail_fraction, ec.bootstrap, ec.ci_level
+            ):
+                vs_random[r["sae"]] = {f"vr_{k[2:]}": v for k, v in r.items() if k.startswith("d_")}
         for r in tail_test(
             types, doc_counts, tops, fdocs, "GSAE", ec.tail_fraction, ec.bootstrap, ec.ci_level
         ):
-            tail_rows.append({"hook": h, "l0": chosen[r["sae"]][1].l0, **r})
+            tail_rows.append({"hook": h, "l0": chosen[r["sae"]][1].l0, **r, **vs_random.get(r["sae"], {})})
         tag = _safe(h)
         plots.coverage_buckets(
             cov, out / f"coverage_{tag}.png", f"logit-lens coverage per frequency bucket · {h}"
