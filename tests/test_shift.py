@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -412,3 +413,22 @@ def test_table_layout():
 def test_probe_module_is_plain_linear(tiny):
     *_, probe = tiny
     assert isinstance(probe, nn.Linear) and not probe.weight.requires_grad
+
+
+def test_bios_follow_the_gsaes_bos_convention(tiny):
+    """With model.prepend_bos (the GSAEs' sae-lens `prepend_bos`) every bio context starts with BOS
+    and keeps context_len tokens; without it, none does. Pooling skips position 0 either way."""
+    lm = tiny[0]
+    texts = ["she was a nurse in the city hospital for many years " * 4, "he"]
+    plain = tokenize_bios(lm.tokenizer, texts, 16)
+    bos = tokenize_bios(lm.tokenizer, texts, 16, prepend_bos=True)
+    b = lm.tokenizer.bos_token_id
+    assert b is not None and bos.input_ids.shape[1] == plain.input_ids.shape[1] == 16
+    assert (bos.input_ids[:, 0] == b).all() and not (plain.input_ids[:, 0] == b).any()
+    assert bos.input_ids[0, 1:].tolist() == plain.input_ids[0, :15].tolist()  # BOS + the first 15 text tokens
+    assert bos.attention_mask[1].tolist()[:2] == [1, 1]  # a one-token bio: BOS + it
+    x = pooled_reps(lm, bos, 1)
+    assert x.shape == (2, lm.d_model) and torch.isfinite(x).all()
+    no_bos = SimpleNamespace(bos_token_id=None)
+    with pytest.raises(ValueError, match="prepend_bos"):
+        tokenize_bios(no_bos, texts, 16, prepend_bos=True)

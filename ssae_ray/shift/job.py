@@ -67,7 +67,10 @@ def run_bias_in_bios(
     from ssae_ray.shift.probe import tokenize_bios
 
     test = tokenize_bios(
-        lm.tokenizer, data.balanced["test"].text, cfg.shift.context_len or cfg.model.context_len
+        lm.tokenizer,
+        data.balanced["test"].text,
+        cfg.shift.context_len or cfg.model.context_len,
+        cfg.model.prepend_bos,
     )
     active = {
         n: active_features(lm, test, s, result.layer, batch_size=cfg.shift.batch_size)

@@ -46,13 +46,24 @@ def probe_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def tokenize_bios(tokenizer: Any, texts: Sequence[str], context_len: int) -> TokenBatch:
-    """One right-padded context per bio: its first `context_len` tokens (no special tokens)."""
-    enc = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=context_len)
-    rows = [
-        ids if len(ids) >= 2 else ids + [tokenizer.pad_token_id or 0] * (2 - len(ids))
-        for ids in enc["input_ids"]
-    ]
+def tokenize_bios(
+    tokenizer: Any, texts: Sequence[str], context_len: int, prepend_bos: bool = False
+) -> TokenBatch:
+    """One right-padded context per bio: its first `context_len` tokens (no special tokens), or
+    with `prepend_bos` (`model.prepend_bos`, the convention the GSAEs were trained with) the
+    tokenizer's BOS then the first `context_len - 1` text tokens. Pooling skips position 0
+    (`shift.pool_skip_first`), so the BOS never enters a probe."""
+    bos = None
+    if prepend_bos:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError(
+                "model.prepend_bos is true but the tokenizer has no BOS token; set model.prepend_bos=false"
+            )
+    n = context_len - 1 if prepend_bos else context_len
+    enc = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=n)
+    rows = [([bos] if prepend_bos else []) + ids for ids in enc["input_ids"]]
+    rows = [ids if len(ids) >= 2 else ids + [tokenizer.pad_token_id or 0] * (2 - len(ids)) for ids in rows]
     ids, mask = pad_rows(rows, tokenizer.pad_token_id)
     return TokenBatch(ids, mask, torch.arange(len(rows)))
 

@@ -210,7 +210,7 @@ def run_shift(
     start = start if start <= layer and not any(parse_hook(h).layer < sc.ig_layers for h in hooks) else 0
 
     def make_set(bios: Bios) -> Set:
-        batch = tokenize_bios(lm.tokenizer, bios.text, T)
+        batch = tokenize_bios(lm.tokenizer, bios.text, T, cfg.model.prepend_bos)
         return batch, bios, make_prefix(lm, batch, start, sc.batch_size)
 
     say(f"tokenizing and running layers 0..{start - 1} once" if start else "tokenizing")
