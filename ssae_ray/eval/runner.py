@@ -205,10 +205,10 @@ def write_tables(
                   "median_cos": m.median_cos, "p01_cos": m.p01_cos, "moved": m.moved, "moved_share": m.moved_share,
                   "unmatched": m.unmatched, "n": m.n, "threshold": m.threshold} for k, m in moves.items()]  # fmt: skip
     _csv(out / "movement.csv", move_rows)
-    control = _control_rows(cfg, evals, curves, headline, moves, test_sets["test"], ref)
-    _csv(out / "control.csv", control)
     vs_gsae = _vs_gsae_rows(cfg, evals, curves, test_sets)
     _csv(out / "vs_gsae.csv", vs_gsae)
+    control = _control_rows(cfg, evals, curves, headline, moves, vs_gsae, ref)
+    _csv(out / "control.csv", control)
     feats, tail = _feature_figures(cfg, lm, evals, gsaes, sweep, test_sets["test"], match, out, moves)
     return {"headline": headline, "auc": auc_rows, "term_vs_erm": term_rows, "match_l0": match,
             "reference": ref, "features": feats, "movement": move_rows, "control": control, "tail": tail,
@@ -240,10 +240,11 @@ def _vs_gsae_rows(cfg, evals, curves, test_sets) -> list[dict[str, Any]]:
     return rows
 
 
-def _control_rows(cfg, evals, curves, headline, moves, ts, ref) -> list[dict[str, Any]]:
+def _control_rows(cfg, evals, curves, headline, moves, vs_gsae, ref) -> list[dict[str, Any]]:
     """Per hook, `movement.control_check` of the random-corpus SSAE on the in-domain test set: its CE
-    at the GSAE's own L0 minus the GSAE's (bootstrap CI over documents), the decoder movement of its
-    trial nearest that L0, and dense - random at matched L0 from the headline."""
+    at the GSAE's own L0 minus the GSAE's (bootstrap CI over documents; `_vs_gsae_rows`' row), the
+    decoder movement of its trial nearest that L0, and dense - random at matched L0 from the
+    headline."""
     ec, rows = cfg.eval, []
     for h in cfg.sae.hooks:
         g = evals[(GSAE, 0.0, 0.0, 0, h, "test")]
@@ -255,10 +256,15 @@ def _control_rows(cfg, evals, curves, headline, moves, ts, ref) -> list[dict[str
                 {**row, "note": "no random-corpus finetune in the sweep (add random to sweep.strategies)"}
             )
             continue
-        try:
-            d_ce = C.diff_vs_loss(c, g.l0, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
-        except EvalError as e:
-            row["ce_note"] = str(e).split(";")[0]
+        vs = next(
+            r
+            for r in vs_gsae
+            if (r["test"], r["hook"], r["strategy"], r["tilt"]) == ("test", h, "random", 0.0)
+        )
+        if "d_ce" in vs:
+            d_ce = CI(vs["d_ce"], vs["d_ce_lo"], vs["d_ce_hi"], ec.ci_level)
+        else:
+            row["ce_note"] = vs["note"]
         near = [k for k in moves if k[0] == "random" and k[1] == 0.0 and k[4] == h and (*k, "test") in evals]
         if near:
             k = min(near, key=lambda k: (abs(evals[(*k, "test")].l0 - g.l0), k[3]))
