@@ -64,7 +64,8 @@ def make_scorer(ai: AutoInterpConfig, api_key: Secret | None, limiter: Any, cach
 
 class InterpActor:
     """Scores features concurrently (an async Ray actor). `crash_after` / `crash_marker` inject one
-    crash (os._exit) after that many features, once per marker file: for fault-tolerance tests."""
+    crash (os._exit) when that many features have finished (the last one's row is lost with the
+    actor; its calls are in the cache), once per marker file: for fault-tolerance tests."""
 
     def __init__(
         self,
@@ -81,13 +82,16 @@ class InterpActor:
         self.crash_after, self.crash_marker = crash_after, crash_marker
 
     async def score(self, job: Job) -> dict[str, Any]:
+        row = await score_feature(job, self.scorer, self.ai.diversity)
+        self.done += 1
+        # The crash comes once `crash_after` features have *finished* on this actor, before the last
+        # one is returned: with more jobs than actors * crash_after some actor always gets there, so
+        # the injected fault does not depend on how the driver happened to spread the work.
         if self.crash_after is not None and self.done >= self.crash_after and self.crash_marker:
             marker = Path(self.crash_marker)
             if not marker.exists():
                 marker.touch()
                 os._exit(1)
-        row = await score_feature(job, self.scorer, self.ai.diversity)
-        self.done += 1
         return row
 
     def pid(self) -> int:
