@@ -120,6 +120,43 @@ def test_pretraining_stops_early_when_converged_and_continues_when_not():
     assert fresh.tokens == 300 * 128
 
 
+def test_ce_rule_of_the_converged_preset_watches_only_the_spliced_ce_points():
+    """`local-converged` stops on the spliced validation CE, scored every `pretrain_ce_every`-th
+    validation: only those points enter the rule, so it can fire only at a CE validation; the final
+    SAE always gets a CE. The CE here is a stand-in (3 + held-out loss): no LM on a planted problem."""
+    preset = PretrainPlan.from_config(load_config("local-converged").train)
+    assert preset.converge and preset.metric == "ce" and preset.ce_every == 5
+    preset.check(True)
+    calls = []
+
+    def validate_ce(trainers, with_ce):
+        calls.append(with_ce)
+        out = validate(trainers, with_ce)
+        if with_ce:
+            for v in out.values():
+                v["ce"] = 3.0 + v["loss"]
+        return out
+
+    def run(sae):
+        calls.clear()
+        tc = TrainConfig(lr=1e-3, lam=0.05, batch_tokens=128)
+        trainers = {"a": HookTrainer(tc, sae, "a", 1.0)}
+        plan = PretrainPlan(max_steps=300, lr=1e-3, converge=True, val_every=10, ce_every=3, metric="ce",
+                            window_tokens=50 * 128, rel_tol=0.01)  # fmt: skip
+        return train_gsaes(trainers, stream(), plan, validate_ce, progress=False)
+
+    done = run(solved_sae())
+    ce_steps = [p["step"] for p in done.curve if "ce" in p["a"]]
+    # CE at validations 0, 3, 6 (steps 10, 40, 70): the first full window before a CE point ends at 70,
+    # not at 60 where the loss rule fires; then a fifth of the whole run decays (17 steps), CE at the end.
+    assert done.stop_reason == "converged" and done.stable_end == 70 and done.steps == 87
+    assert ce_steps == [10, 40, 70, 87] and calls == [True, False, False] * 2 + [True, False, True]
+    fresh = run(make_random_sae(D, M, "a", seed=0))  # its CE still falls > 1% per window
+    assert fresh.stop_reason == "step_cap" and fresh.stable_end == 240 and fresh.steps == 300
+    ce = [p["a"]["ce"] for p in fresh.curve if "ce" in p["a"]]
+    assert len(ce) == 11 and ce[-1] < ce[0]  # steps 10, 40, ..., 280 and the final 300
+
+
 def test_plan_refuses_convergence_without_validation():
     plan = PretrainPlan(max_steps=10, lr=1e-3, converge=True)
     with pytest.raises(TrainingError, match="pretrain_val_tokens"):
