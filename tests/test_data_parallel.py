@@ -18,9 +18,10 @@ from ssae_ray.saes import make_random_sae
 from ssae_ray.training.loop import make_trainers, run_steps
 
 STEPS, N, D_IN, D_SAE, HOOK = 20, 256, 16, 64, "blocks.0.hook_resid_post"
+# precision fp32: exact comparisons (the bf16 step: test_bf16_replicas_stay_within_bf16s_own_error)
 TC = TrainConfig(lr=3e-3, batch_tokens=N, steps=STEPS, decay_steps=10, lam=2.0, tilt=2.0, tilt_mode="scaled",
                  l0_band=(4.0, 8.0), adapt_rate=0.05, dead_window_tokens=3 * N, seed=0,
-                 precision="fp32")  # fmt: skip  (exact comparisons; the bf16 step: test below)
+                 precision="fp32")  # fmt: skip
 
 
 def _batches() -> list[torch.Tensor]:

@@ -248,7 +248,10 @@ def test_bf16_test_set_and_splices_within_bf16_error_of_fp32(tiny, auto_bf16):
     for h in HOOKS:
         sae = make_random_sae(lm.d_model, 96, h, seed=1)
         splice = {h: sae_splice(sae)}
-        ev16, ev32 = evaluate_sae(lm16, sae, h, ts16, batch_size=5), evaluate_sae(lm, sae, h, ts, batch_size=5)
+        ev16, ev32 = (
+            evaluate_sae(lm16, sae, h, ts16, batch_size=5),
+            evaluate_sae(lm, sae, h, ts, batch_size=5),
+        )
         hg = _fp32_hidden_and_grads(lm, ids, mask, splice, real)
         assert_bf16_ce_close(ev16.loss[real], ev32.loss[real], *hg, _LOGIT_MATMULS, f"spliced CE {h}")
         full16 = token_losses(lm16, ids, mask, splice=splice).loss[real]
@@ -265,7 +268,11 @@ def _fp32_hidden_and_grads(lm, ids, mask, splice, real):
     head = lm.model.get_output_embeddings()
     got = {}
     grab = head.register_forward_hook(lambda m, a, o: got.__setitem__("h", a[0]))
-    hooks = hooked(lm, list(splice), lambda n, a: splice[n](a).to(a.dtype)) if splice else contextlib.nullcontext()
+    hooks = (
+        hooked(lm, list(splice), lambda n, a: splice[n](a).to(a.dtype))
+        if splice
+        else contextlib.nullcontext()
+    )
     try:
         with torch.no_grad(), hooks:
             logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][real]

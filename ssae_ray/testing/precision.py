@@ -87,7 +87,9 @@ def assert_bf16_close(
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     err = rel_err(actual, expected)
     bound = bf16_rtol(matmuls)
-    assert err <= bound, f"{what}: relative error {err:.2e} above the bf16 bound {bound:.2e} ({matmuls} matmuls)"
+    assert err <= bound, (
+        f"{what}: relative error {err:.2e} above the bf16 bound {bound:.2e} ({matmuls} matmuls)"
+    )
     if vs_fp32:
         assert err >= RAN_BF16, f"{what}: relative error {err:.1e} vs fp32: did this really run in bf16?"
     return err
