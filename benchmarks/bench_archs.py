@@ -118,7 +118,7 @@ def main() -> None:
     print(f"\n## Finetune step per architecture: d_in {d} -> d_sae {m}, {n}-token batches, k {args.k}, "
           f"dead share {args.dead:g}, {dev}, {torch.get_num_threads()} threads, median of {args.repeats}")  # fmt: skip
     print("| arch | ours ms/step (median, best) | ours tokens/s (median) | sae-lens ms/step (median, best) "
-          "| sae-lens tokens/s (median) | ours / sae-lens (median) | ours / sae-lens (best) |")  # fmt: skip
+          "| sae-lens tokens/s (median) | speed-up: sae-lens ms / ours ms (median) | (best) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for arch in args.archs.split(","):
         a, b = med[f"{arch}|ours"], med[f"{arch}|sae-lens"]

@@ -38,6 +38,10 @@ class ModelConfig:
     """File name inside `source` when `source` is a folder holding a GGUF file."""
     tiny_arch: str = "gpt_neox"
     """Architecture of the `tiny` model: `gpt_neox` or `llama`."""
+    tiny_train_steps: int = 0
+    """Steps of next-token training the `tiny` model gets on generated text of the `tiny` corpus's
+    topics (`ssae_ray/tinytext.py`) before it is saved: 0 keeps it random; a few hundred give it
+    real structure (zero-ablating a hook then costs nats), which end-to-end tests assert on."""
     dtype: str = "float32"
     context_len: int = 128
     """Tokens per context when the corpus is cut for activation capture and evaluation."""
@@ -869,6 +873,7 @@ REMOVED: dict[str, str] = {
 CHECKS: dict[str, Check] = {
     "name": matches(r"[A-Za-z0-9_.\-]+", "a name of letters, digits, '.', '_' or '-' (e.g. local)"),
     "model.tiny_arch": one_of("gpt_neox", "llama"),
+    "model.tiny_train_steps": non_negative,
     "model.dtype": one_of("float32", "float16", "bfloat16"),
     "model.context_len": at_least(2),
     "model.batch_size": positive,

@@ -129,9 +129,10 @@ def load_lm(cfg: ModelConfig, cache_dir: Path | str | None = None) -> LM:
 def _resolve_source(cfg: ModelConfig, cache: Path) -> tuple[str | Path, str | None]:
     src = cfg.source
     if src == "tiny":
-        folder = cache / f"tiny-{cfg.tiny_arch}"
+        steps = cfg.tiny_train_steps
+        folder = cache / (f"tiny-{cfg.tiny_arch}" + (f"-trained{steps}" if steps else ""))
         if not (folder / "config.json").is_file():
-            make_tiny_model(folder, cfg.tiny_arch)
+            make_tiny_model(folder, cfg.tiny_arch, train_steps=steps)
         return folder, None
     if src.startswith("wheel:"):
         pkg = src.split(":", 1)[1]
@@ -216,9 +217,10 @@ def _dequantized_gguf(folder: str | Path, gguf: str, cache: Path) -> Path:
     return out
 
 
-def make_tiny_model(folder: Path | str, arch: str = "gpt_neox", seed: int = 0) -> Path:
+def make_tiny_model(folder: Path | str, arch: str = "gpt_neox", seed: int = 0, train_steps: int = 0) -> Path:
     """A random GPT-NeoX or Llama with a small byte-level BPE tokenizer, saved with
-    `save_pretrained` so the real loader is exercised."""
+    `save_pretrained` so the real loader is exercised; with `train_steps`, first trained on the
+    `tiny` corpus's kind of text (`_train_tiny`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
@@ -249,10 +251,36 @@ def make_tiny_model(folder: Path | str, arch: str = "gpt_neox", seed: int = 0) -
     else:
         raise ValueError(f"tiny_arch must be gpt_neox or llama, got {arch!r}")
     model = Cls(config)
+    if train_steps:
+        _train_tiny(model, hf_tok, train_steps, seed)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         hf_tok.save_pretrained(tmp)
     return folder
+
+
+def _train_tiny(model: nn.Module, tok: Any, steps: int, seed: int, batch: int = 16, ctx: int = 64) -> None:
+    """Next-token training on generated documents of every `tiny` topic (`tinytext.tiny_docs`; a
+    different seed from the corpus's splits): AdamW, lr 3e-3 with a linear decay, fp32, seeded.
+    About 20 ms a step on 2 cores; 300 steps take the CE from ~6.2 (uniform over the vocabulary)
+    to ~1.7 nats on the tiny corpus."""
+    from ssae_ray.tinytext import tiny_docs
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(tok(" ".join(tiny_docs(2000, seed=10_000 + seed)))["input_ids"])
+    n = (len(ids) - 1) // ctx
+    windows = ids[: n * ctx].view(n, ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    model.train()
+    for _ in range(steps):
+        x = windows[torch.randint(0, n, (batch,), generator=g)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
 
 
 _TINY_TEXT = (

@@ -83,6 +83,37 @@ def mlflow_server(tmp_path_factory):
     tracking.stop_server(proc)
 
 
+@pytest.fixture
+def tiny_trial(tiny_cfg, mlflow_server, tmp_path):
+    """What `sweep.run_trial` takes, on the tiny preset, in this process (no Tune): `(cfg, ctx, val)`
+    with random GSAEs saved to disk, an activation cache of generated text, a validation set and a
+    fresh MLflow experiment on the session's server. `cfg` trains 4 steps of 64 tokens, scored and
+    checkpointed every 2, in fp32 (runs are compared exactly)."""
+    import random
+
+    from ssae_ray import tracking
+    from ssae_ray.eval.evaluate import prepare_test_set
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import load_gsaes, save_sae
+    from ssae_ray.training.cache import cache_activations
+
+    cfg = tiny_cfg.replace(train={"steps": 4, "checkpoint_every": 2, "batch_tokens": 64, "precision": "fp32"},
+                           model={"precision": "fp32"})  # fmt: skip
+    hooks = list(cfg.sae.hooks)
+    lm = load_lm(cfg.model, tmp_path / "models")
+    for h, s in load_gsaes(cfg, lm).items():
+        save_sae(s, tmp_path / "gsae" / h)
+    words = "the quantum field electron photon river city bread fish".split()
+    rnd = random.Random(0)
+    texts = [" ".join(rnd.choice(words) for _ in range(40)) for _ in range(14)]
+    cache = cache_activations(cfg, lm, texts[:10], hooks, progress=False)
+    val = prepare_test_set(lm, "val", texts[10:], hooks, cfg.model.context_len, 128)
+    _, exp = tracking.open_experiment(mlflow_server, tracking.experiment_name(cfg) + f"-{tmp_path.name}")
+    ctx = {"uri": mlflow_server, "exp_id": exp, "parent": None, "gsae_dir": str(tmp_path / "gsae"),
+           "caches": {"dense": str(cache)}, "lm_cache": str(tmp_path / "models")}  # fmt: skip
+    return cfg, ctx, val
+
+
 @pytest.fixture(scope="session")
 def local_hub():
     """The local Hub serving the fixture repos (tiny models, SAEs and datasets under their real ids;

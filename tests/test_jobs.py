@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from ssae_ray.config import load_config
+from ssae_ray.testing.results import check_physics_run
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -52,11 +55,29 @@ def head(tmp_path_factory):
     subprocess.run(["pkill", "-KILL", "-f", str(tmp)], capture_output=True)
 
 
-def _submit(url, env, workdir):
+# The tiny preset with an LM trained for 300 steps (so zero-ablating a hook costs nats), GSAEs
+# pretrained on its activations (they explain most of the variance), and a λ grid whose two SSAEs
+# both explain some variance and bracket the matched L0: results a correct run must show.
+OVERRIDES = [
+    "model.tiny_train_steps=300",
+    "sae.source=pretrain",
+    "sweep.lams=[0.3,3.0]",
+    "sweep.l0_range=[15.0,35.0]",
+]
+
+
+def _submit(url, env, workdir, *command):
+    """`ray job submit` of `jobs/physics.py` (or `ssae-ray <command>`) on the tiny preset."""
+    command = command or ("jobs/physics.py",)
+    cmd = (
+        [sys.executable, *command]
+        if command[0].endswith(".py")
+        else [sys.executable, "-m", "ssae_ray.cli", *command]
+    )
     for _ in range(30):  # a fresh head answers "No available agent" until its job agent is up
         out = subprocess.run(
             [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-             sys.executable, "jobs/physics.py", "--preset", "tiny", f"workdir={workdir}"],
+             *cmd, "--preset", "tiny", f"workdir={workdir}", *OVERRIDES],
             env=env, capture_output=True, text=True, timeout=1200,
         )  # fmt: skip
         if "No available agent" not in out.stdout + out.stderr:
@@ -67,7 +88,7 @@ def _submit(url, env, workdir):
 
 @pytest.mark.ray
 @pytest.mark.own_ray_cluster
-def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
+def test_ray_job_submit_physics_tiny_rerun_is_cached_and_force_reruns_what_it_says(head, tmp_path):
     url, env = head
     first = _submit(url, env, tmp_path / "work")
     out = first.stdout + first.stderr
@@ -76,8 +97,14 @@ def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     sweep_dirs = list((tmp_path / "work" / "sweep").iterdir())
     assert len(sweep_dirs) == 1
     report = sweep_dirs[0] / "eval" / "report.md"
-    assert report.is_file() and "GSAE" in report.read_text()
-    assert (sweep_dirs[0] / "dashboard" / "index.html").is_file()  # the dashboard stage ran
+    cfg = load_config("tiny", overrides=[f"workdir={tmp_path / 'work'}", *OVERRIDES])
+    check_physics_run(sweep_dirs[0], cfg)  # CE order, L0s, CIs, report = headline.csv, dashboard, MLflow
+    # The planted domain: dense retrieval from the physics seed selects physics passages at several
+    # times their share of the corpus; a random selection at about their share.
+    sel = [json.loads(p.read_text()) for p in (tmp_path / "work").glob("selection/*/manifest.json")]
+    sel = {m["strategy"]: m for m in sel}
+    assert sel["dense"]["precision"] >= 3 * sel["dense"]["base_rate"], sel["dense"]
+    assert sel["random"]["precision"] <= 2 * sel["random"]["base_rate"], sel["random"]
 
     second = _submit(url, env, tmp_path / "work")
     out2 = second.stdout + second.stderr
@@ -89,3 +116,33 @@ def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     assert "evaluation cached" in out2 and "dashboard cached" in out2
     # nothing was trained or built again
     assert "building" not in out2.split("== stage load LM")[-1], out2[-3000:]
+
+    # `eval --force` re-evaluates (a new report) and retrains nothing: the trials' files are untouched.
+    done = sorted(sweep_dirs[0].glob("trials/*/done.json"))
+    assert len(done) == 4
+    before = {p: p.stat().st_mtime_ns for p in done}
+    report_t = report.stat().st_mtime_ns
+    upstream = _upstream_stamps(tmp_path / "work")
+    assert len(upstream) >= 6, upstream  # corpus, GSAEs, index, two selections, two caches
+    third = _submit(url, env, tmp_path / "work", "eval", "--force")
+    out3 = third.stdout + third.stderr
+    assert third.returncode == 0, out3[-4000:]
+    assert "evaluation cached" not in out3 and report.stat().st_mtime_ns > report_t
+    assert {p: p.stat().st_mtime_ns for p in done} == before
+    # `physics --force` retrains every trial and re-evaluates; the stages upstream are reused.
+    report_t = report.stat().st_mtime_ns
+    fourth = _submit(url, env, tmp_path / "work", "jobs/physics.py", "--force")
+    out4 = fourth.stdout + fourth.stderr
+    assert fourth.returncode == 0, out4[-4000:]
+    assert all(p.stat().st_mtime_ns > before[p] for p in done), out4[-3000:]
+    assert report.stat().st_mtime_ns > report_t and not list((tmp_path / "work" / "sweep").glob("*.replaced"))
+    rows = {r["stage"]: r["cached"] for r in json.loads((report.parent / "timings.json").read_text())["rows"]}
+    assert rows["corpus"] and rows["gsaes"] and rows["retrieve+cache"] and not rows["sweep"], rows
+    assert _upstream_stamps(tmp_path / "work") == upstream
+    check_physics_run(sweep_dirs[0], cfg)
+
+
+def _upstream_stamps(workdir: Path) -> dict[Path, int]:
+    """Modification times of every manifest of the stages a forced sweep or eval must reuse."""
+    kinds = ("corpus", "gsae_pretrain", "index", "selection", "activations")
+    return {p: p.stat().st_mtime_ns for k in kinds for p in (workdir / k).glob("*/manifest.json")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 
 import pytest
 import torch
@@ -76,32 +75,16 @@ def test_log_metrics_records_non_finite_values(mlflow_server, tmp_path, caplog):
     assert f"MLflow run {rid}, step 3: non-finite val_fvu=nan, val_l0=inf" in caplog.text
 
 
-@pytest.mark.slow  # ~10 s alone, a tiny LM, cache and validation set
-@pytest.mark.ray
-def test_trial_never_keeps_a_nan_checkpoint_as_best(tiny_cfg, mlflow_server, monkeypatch, tmp_path):
+def test_trial_never_keeps_a_nan_checkpoint_as_best(tiny_trial, monkeypatch, tmp_path):
     """The in-process trial (the sweep's own selection, before select_best): a checkpoint scored NaN
     is recorded but never saved as best; a trial where every checkpoint is NaN fails naming it."""
     import json
 
     import ssae_ray.eval.evaluate as ev
-    from ssae_ray.eval.evaluate import prepare_test_set
-    from ssae_ray.models import load_lm
-    from ssae_ray.saes import load_gsaes, save_sae
-    from ssae_ray.training.cache import cache_activations
 
-    cfg = tiny_cfg.replace(train={"steps": 4, "checkpoint_every": 2, "batch_tokens": 64})
+    cfg, ctx, val = tiny_trial
     hooks = list(cfg.sae.hooks)
-    lm = load_lm(cfg.model, tmp_path / "models")
-    for h, s in load_gsaes(cfg, lm).items():
-        save_sae(s, tmp_path / "gsae" / h)
-    words = "the quantum field electron photon river city bread fish".split()
-    rnd = random.Random(0)
-    texts = [" ".join(rnd.choice(words) for _ in range(40)) for _ in range(14)]
-    cache = cache_activations(cfg, lm, texts[:10], hooks, progress=False)
-    val = prepare_test_set(lm, "val", texts[10:], hooks, cfg.model.context_len, 128)
-    client, exp = tracking.open_experiment(mlflow_server, f"trial-nan-{tmp_path.name}")
-    ctx = {"uri": mlflow_server, "exp_id": exp, "parent": None, "gsae_dir": str(tmp_path / "gsae"),
-           "caches": {"dense": str(cache)}, "lm_cache": str(tmp_path / "models")}  # fmt: skip
+    client, _ = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))
     real = ev.evaluate_sae
     nan_steps: set[int] = set()
     calls = []

@@ -33,11 +33,13 @@ GEMMA = ["sae.d_sae=256", "model.batch_size=8", "retrieval.embed_batch_size=32",
 
 def run_job(script: str, args: list[str], tmp_path: Path, hub_url: str, token: str | None = DEFAULT_TOKEN,
             timeout: int = 1800) -> tuple[subprocess.CompletedProcess, float]:  # fmt: skip
+    """`jobs/<script> args` (or `ssae-ray <script> args` when `script` has no `.py`) as a subprocess."""
     env = environ_with_hub(hub_url, token=token, home=tmp_path / "hf")
     env["RAY_AUTH_MODE"] = "disabled"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(ROOT / "jobs" / script)] if script.endswith(".py") else ["-m", "ssae_ray.cli", script]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, *cmd, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
     secs = time.perf_counter() - t0
     print(f"{script} {args[:2]}: {secs:.0f} s")
@@ -47,6 +49,38 @@ def run_job(script: str, args: list[str], tmp_path: Path, hub_url: str, token: s
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def measured_l0_range(work: Path) -> list[str]:
+    """`sweep.l0_range` and `sweep.match_l0` from the run itself: the validation-L0 span that every
+    curve (strategy, tilt, hook) of the finished sweep in `work` shares. A few finetune steps at the
+    paper's lr barely move the fixture GSAEs' L0, and where it sits depends on the CPU (bf16 or fp32
+    forwards), so no range fixed in advance fits every machine. The sweep is keyed without these
+    settings: the job run with them reuses every trial."""
+    import csv
+
+    trials = next(work.glob("sweep/*/sweep_trials.csv"))
+    with open(trials) as f:
+        rows = [r for r in csv.DictReader(f) if r["best_for_lam"] in ("1", "True", "true")]
+    hooks = [k.split("/", 1)[1] for k in rows[0] if k.startswith("val_l0/")] or [None]
+    spans: dict[tuple, list[float]] = {}
+    for r in rows:
+        for h in hooks:
+            spans.setdefault((r["strategy"], r["tilt"], h), []).append(
+                float(r[f"val_l0/{h}" if h else "val_l0"])
+            )
+    lo, hi = max(min(v) for v in spans.values()), min(max(v) for v in spans.values())
+    assert hi > lo, f"the curves share no validation L0 span: {spans}"
+    return [f"sweep.l0_range=[{lo},{hi}]", f"sweep.match_l0={(lo + hi) / 2}"]
+
+
+def run_with_measured_l0(
+    script: str, preset: list[str], args: list[str], tmp_path: Path, hub_url: str, work: Path
+):
+    """The sweep alone (`ssae-ray sweep`), then the job with the L0 range the sweep reached."""
+    proc, _ = run_job("sweep", [*preset, *args], tmp_path, hub_url)
+    _ok(proc)
+    return run_job(script, [*preset, *args, *measured_l0_range(work)], tmp_path, hub_url)
 
 
 @pytest.mark.slow
@@ -122,10 +156,7 @@ def _physics_like(work: Path, budget: int) -> list[str]:
     cover every retrieval code path (random, dense, BM25 then TracIn), TERM on dense."""
     return [f"workdir={work}", *CPU, *GEMMA, "corpus.sources.corpus.max_docs=300", "retrieval.pq_m=8",
             f"retrieval.token_budget={budget}", "retrieval.tracin_fraction=0.5",
-            "sweep.strategies=[random,dense,bm25+tracin]", "sweep.tilts=[0,1.0e9]",
-            # The fixture GSAEs fire ~124 of their 256 latents and 6 steps at lr 5e-5 barely move that:
-            # the L0 range is sized to them (measured validation spans 123-125 for lambda 1 and 12).
-            "sweep.l0_range=[124,125]", "sweep.match_l0=124.5"]  # fmt: skip
+            "sweep.strategies=[random,dense,bm25+tracin]", "sweep.tilts=[0,1.0e9]"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -136,7 +167,9 @@ def test_paper_physics_end_to_end(local_hub, tmp_path):
     questions as OOD, Contriever IVF-PQ index, all five strategies (TERM on dense only), report."""
     work = tmp_path / "w"
     args = [*_physics_like(work, 20000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000, ood: 500}"]
-    proc, secs = run_job("physics.py", ["--preset", "paper-physics", *args], tmp_path, local_hub.url)
+    proc, secs = run_with_measured_l0(
+        "physics.py", ["--preset", "paper-physics"], args, tmp_path, local_hub.url, work
+    )
     _ok(proc)
     report = next(work.glob("sweep/*/eval/report.md"))
     text = report.read_text()
@@ -165,14 +198,10 @@ def test_paper_toxicity_end_to_end(local_hub, tmp_path):
     """jobs/toxicity.py: paper-toxicity with its own seed (4,072 tokens from validation), budget,
     500-step schedule shrunk, Pile toxicity test set capped in tokens; no OOD set."""
     work = tmp_path / "w"
-    args = [
-        *_physics_like(work, 10000),
-        "eval.test_tokens=1000",
-        "eval.set_tokens={test: 1000}",
-        "sweep.l0_range=[125.7,126.5]",
-        "sweep.match_l0=126",
-    ]  # this selection's measured spans: 125.5-126.8
-    proc, secs = run_job("toxicity.py", args, tmp_path, local_hub.url)
+    args = [*_physics_like(work, 10000), "eval.test_tokens=1000", "eval.set_tokens={test: 1000}"]
+    proc, secs = run_with_measured_l0(
+        "toxicity.py", ["--preset", "paper-toxicity"], args, tmp_path, local_hub.url, work
+    )
     _ok(proc)
     assert next(work.glob("sweep/*/eval/report.md")).is_file()
     prep = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())["prepared"]

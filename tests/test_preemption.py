@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from ssae_ray import tracking
+from ssae_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 600, 100
@@ -93,7 +97,8 @@ def test_sigkilled_sweep_resumes_trials_from_their_checkpoints(tmp_path):
     _run(tmp_path, out)  # the same command again
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("ssae-ray")
+    exp = client.get_experiment_by_name(tracking.experiment_name(load_config("tiny")))
+    assert exp is not None, [e.name for e in client.search_experiments()]
     for tdir in sorted((out / "trials").iterdir()):
         done = json.loads((tdir / "done.json").read_text())
         attempts = done["attempts"]
@@ -123,3 +128,51 @@ def test_sigkilled_sweep_resumes_trials_from_their_checkpoints(tmp_path):
         assert steps == set(range(STEPS))
         if tdir.name in at_kill:
             assert runs[0].data.tags.get("ssae.resumed") == "true"
+
+
+class _Killed(BaseException):
+    """Stands in for the SIGKILL: raised from inside the trial, past every `except Exception`."""
+
+
+def test_in_process_trial_resumes_from_its_checkpoint(tiny_trial, tmp_path, caplog):
+    """The fast variant (no Ray, no subprocess): an in-process trial killed after its step-2
+    checkpoint is rerun, resumes at step 2 (its first step is the checkpoint's), continues its MLflow
+    child run, and ends with the SAEs of an uninterrupted trial."""
+    import logging
+
+    from sae_lens import SAE
+
+    from ssae_ray import sweep, tracking
+    from ssae_ray.sweep import Trial
+
+    cfg, ctx, val = tiny_trial
+    cfg = cfg.replace(train={"steps": 6})
+    t = Trial("dense", 1.0, 0.0, 0)
+    sweep.run_trial(cfg, t, ctx, val, tmp_path / "ref", report=lambda m: None)
+
+    def kill_at_4(m):
+        if m["step"] == 4:  # scored at step 4, killed before its checkpoint is written
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        sweep.run_trial(cfg, t, ctx, val, tmp_path / "t", report=kill_at_4)
+    progress = json.loads((tmp_path / "t" / "state" / "progress.json").read_text())
+    assert progress["step"] == 2 and not (tmp_path / "t" / "done.json").exists()
+    rid = json.loads((tmp_path / "t" / "run.json").read_text())["run_id"]
+    with caplog.at_level(logging.INFO, logger="ssae_ray"):
+        sweep.run_trial(cfg, t, ctx, val, tmp_path / "t", report=lambda m: None)
+    assert f"trial {t.name} resumes at step 2 of 6" in caplog.text
+    done = json.loads((tmp_path / "t" / "done.json").read_text())
+    assert done["attempts"] == [{"start": 0, "end": 4}, {"start": 2, "end": 6}]
+    assert done["run_id"] == rid and not (tmp_path / "t" / "state").exists()
+    run = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))[0].get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["ssae.resumed"] == "true"
+    ref = json.loads((tmp_path / "ref" / "done.json").read_text())
+    assert [c["step"] for c in done["checkpoints"]] == [c["step"] for c in ref["checkpoints"]] == [2, 4, 6]
+    for h in cfg.sae.hooks:
+        a, b = (
+            SAE.load_from_disk(tmp_path / "t" / "best" / h),
+            SAE.load_from_disk(tmp_path / "ref" / "best" / h),
+        )
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-6), (h, name)

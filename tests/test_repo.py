@@ -48,3 +48,22 @@ def test_cited_docs_exist():
     assert "docs/CALIBRATION.md" in cited
     missing = sorted(c for c in cited if not (ROOT / c).is_file())
     assert not missing, f"cited but not in the repository: {missing}"
+
+
+def test_readme_names_every_preset_and_the_stage_folders_the_code_writes():
+    """The README's preset list holds every shipped preset, and each `<folder>/<hash>` of its stage
+    table is a folder name a stage of the package writes (`run_stage(root, "<folder>", ...)` or `cfg.root / "<folder>"`)."""
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"preset \(`ssae_ray/presets/\*\.yaml`: (.*?)\)", readme, re.S)
+    assert listed, "the README's preset list moved: update this test"
+    names = set(re.findall(r"`([\w-]+)`", listed[1]))
+    shipped = {p.stem for p in (ROOT / "ssae_ray" / "presets").glob("*.yaml")}
+    assert shipped <= names, f"presets missing from the README's list: {sorted(shipped - names)}"
+    code = "\n".join(p.read_text() for p in (ROOT / "ssae_ray").rglob("*.py"))
+    staged = re.findall(r"run_stage\([^,]+,\s*\"(\w+)\"", code)
+    written = set(staged) | set(re.findall(r"root / \"(\w+)\"", code))
+    table = readme.split("| stage | what | cached under `<workdir>/` |", 1)[1].split("\n\n", 1)[0]
+    cited = set(re.findall(r"`(\w+)/<hash>", table))
+    assert cited and cited <= written, (
+        f"stage folders in the README that no stage writes: {sorted(cited - written)}"
+    )

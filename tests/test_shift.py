@@ -238,7 +238,6 @@ def test_attribution_patching_matches_true_feature_ablation(tiny):
     assert (true_t.abs() > 1e-4).all()  # the effects compared are not all zero
 
 
-@pytest.mark.slow
 def test_integrated_gradients_add_up_to_zeroing_the_hook(tiny):
     """IG's completeness: the features' and error's IEs of a hook sum to the effect of zeroing it."""
     lm, batch, prof, _, saes, probe = tiny
@@ -384,7 +383,6 @@ def test_choose_k_keeps_the_best_dev_profession_accuracy():
         ("b", 0), ("a", 0)]  # fmt: skip
 
 
-@pytest.mark.slow
 def test_run_shift_on_the_tiny_model_writes_table_one(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(
         shift={"n_train": 48, "n_dev": 24, "n_test": 48, "max_edge_nodes": 2, "skyline_grid": [1, 5]},
@@ -449,3 +447,46 @@ def test_bios_follow_the_gsaes_bos_convention(tiny):
     no_bos = SimpleNamespace(bos_token_id=None)
     with pytest.raises(ValueError, match="prepend_bos"):
         tokenize_bios(no_bos, texts, 16, prepend_bos=True)
+
+
+def test_bias_in_bios_job_on_the_tiny_model_end_to_end(tmp_path):
+    """The fast variant of the SHIFT job (`jobs/bias_in_bios.py`; the Hub run on pythia-70m-deduped
+    is slow, in tests/test_paper_presets.py): synthetic bios, the GSAE and an SSAE finetuned on text
+    retrieved with the ambiguous bios as seeds, each compressed too, through SHIFT: every row of
+    Table 1, its CSV, figures and the record of what ran."""
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [f"workdir={tmp_path / 'w'}", "sae.hooks=[blocks.1.hook_resid_post]", "train.steps=4", "train.decay_steps=2",
+            "corpus.n_docs=100", "shift.n_train=32", "shift.n_dev=16", "shift.n_test=32", "shift.skyline_grid=[1,2]",
+            "shift.max_edge_nodes=2"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "bias_in_bios.py"), "--preset", "tiny", *args],
+                          capture_output=True, text=True, timeout=900, cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = next((tmp_path / "w").glob("shift/*/result.json")).parent
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    sets = ["GSAE", "SSAE", "Comp. GSAE", "Comp. SSAE"]
+    expected = ["Original", "CBP", "Neuron skyline", "Neuron skyline+retrain"]
+    expected += [f"{s} SHIFT" for s in sets[:2]] + [f"{s} SHIFT+retrain" for s in sets[:2]]
+    expected += [f"{s} SHIFT" for s in sets[2:]] + [f"{s} SHIFT+retrain" for s in sets[2:]] + ["Oracle"]
+    assert [r["method"] for r in rows] == expected
+    for r in rows:
+        for k in ("profession", "gender", "worst"):
+            assert 0 <= float(r[k]) <= 100, r
+        assert float(r["worst"]) <= float(r["profession"]) + 1e-9, (
+            r
+        )  # the worst group is no better than the mean
+        assert (r["n_ablated"] != "") == ("SHIFT" in r["method"] or "skyline" in r["method"]), r
+    res = json.loads((out / "result.json").read_text())
+    assert set(res["active_features"]) == set(sets) and res["probe_layer"] == 1
+    ssae = res["sae_sets"]  # the SSAE's recipe: retrieved with the ambiguous bios as seeds
+    assert ssae["strategy"] == "dense" and ssae["seed_bios"] == 5 and ssae["n_passages"] > 0
+    assert res["active_features"]["GSAE"]["blocks.1.hook_resid_post"] == 128
+    assert res["active_features"]["Comp. GSAE"]["blocks.1.hook_resid_post"] == 32
+    for f in ("table.md", "table.png", "skyline.png"):
+        assert (out / f).stat().st_size > 0, f

@@ -8,49 +8,7 @@ from typing import Any
 
 from ssae_ray.config import CorpusConfig
 from ssae_ray.data.schema import DataError, table_of, write_splits
-
-_COMMON = "the a of and to in is was that with for as on by at from this which it its their".split()
-TOPIC_WORDS: dict[str, str] = {
-    "physics": "energy momentum photon electron quantum field particle wave charge mass velocity force "
-    "gravity magnetic spin neutron proton relativity entropy frequency laser",
-    "cooking": "bread butter oven flour garlic onion soup recipe salt pepper kitchen sauce roast dough "
-    "spoon pan dinner cheese tomato honey",
-    "sports": "team match goal player coach season league ball score stadium referee keeper striker "
-    "tournament champion pass defender training trophy fans",
-    "music": "song album guitar piano melody rhythm concert band singer orchestra chord tempo drum "
-    "symphony lyrics stage tour composer harmony violin",
-    "travel": "city river mountain village market harbour island road museum temple castle bridge hotel "
-    "valley coast train journey map tourist square",
-    "finance": "bank market price stock bond interest loan budget tax profit investor fund trade "
-    "currency debt revenue share growth inflation credit",
-}
-_VERBS = "is has shows makes gives finds moves keeps takes brings turns holds meets follows leaves".split()
-_ADJS = "large small new old strong bright quiet fast slow early late common rare simple high low".split()
-_OOD_TEMPLATES = (
-    "Returns the {w1} of the {w2} given the {w3}.",
-    "Parameters: {w1} : the {w2} in SI units; {w3} : optional {w4}.",
-    "Examples: compute the {w1} of a {w2} and print the {w3}.",
-    "This class represents a {w1} acting on a {w2} with {w3} and {w4}.",
-)
-
-
-def _sentence(rng: random.Random, words: list[str]) -> str:
-    w = rng.sample(words, 4)
-    c = rng.sample(_COMMON, 2)
-    s = f"{c[0]} {rng.choice(_ADJS)} {w[0]} {rng.choice(_VERBS)} {c[1]} {w[1]} and {w[2]} with {w[3]}"
-    return s[0].upper() + s[1:] + "."
-
-
-def _tiny_doc(rng: random.Random, topic: str, style: str = "prose") -> str:
-    words = TOPIC_WORDS[topic].split()
-    n = rng.randint(4, 9)
-    if style == "ood":
-        return " ".join(
-            rng.choice(_OOD_TEMPLATES).format(**dict(zip(("w1", "w2", "w3", "w4"), rng.sample(words, 4))))
-            for _ in range(n)
-        )
-    return " ".join(_sentence(rng, words) for _ in range(n))
-
+from ssae_ray.tinytext import TOPIC_WORDS, tiny_doc
 
 TINY_SPLIT_RULE = (
     "random.Random(split_seed): corpus of n_docs docs over {topics}, of which max(2, round(0.05 n_docs)) are "
@@ -71,7 +29,7 @@ def generate_tiny_corpus(n_docs: int, n_seed: int, seed: int = 0) -> dict[str, l
         out = []
         for i in range(n):
             topic = topics[i % len(topics)]
-            out.append({"id": f"tiny/{split}/{i:05d}", "text": _tiny_doc(rng, topic, style), "source": "tiny",
+            out.append({"id": f"tiny/{split}/{i:05d}", "text": tiny_doc(rng, topic, style), "source": "tiny",
                         "title": f"{topic} {split} {i}", "topic": topic, "is_domain": topic == "physics"})  # fmt: skip
         return out
 

@@ -107,12 +107,9 @@ def load_encoder(model: EmbedModel, max_tokens: int, device: str = "cpu") -> Any
 def _tiny_text() -> str:
     """Training text of the tiny WordPiece vocabulary: our words plus those of the generated
     `tiny` corpus, so its topic words are whole tokens."""
-    try:
-        from ssae_ray.data import tiny
+    from ssae_ray import tinytext
 
-        extra = " ".join([*tiny.TOPIC_WORDS.values(), " ".join(getattr(tiny, "_COMMON", []))])
-    except (ImportError, AttributeError):
-        extra = ""
+    extra = " ".join([*tinytext.TOPIC_WORDS.values(), " ".join(tinytext._COMMON)])
     return f"{_TINY_TEXT} {extra}"
 
 
