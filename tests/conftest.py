@@ -73,14 +73,33 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_root(tmp_path_factory):
+    """The session MLflow server's folder (its SQLite store is `mlflow.db` there)."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_root):
     """A real MLflow tracking server (SQLite backend, 127.0.0.1, a free port, one worker), shared
     by the session; yields its URL."""
     from ssae_ray import tracking
 
-    url, proc = tracking.start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port=tracking.free_port())
+    url, proc = tracking.start_mlflow_server(mlflow_root, port=tracking.free_port())
     yield url
     tracking.stop_server(proc)
+
+
+@pytest.fixture
+def migrated_mlflow_db(mlflow_server, mlflow_root, tmp_path):
+    """A copy (SQLite's online backup) of the session server's store, every MLflow migration already
+    run: a store that opens in a second where a fresh one spends ~10 s migrating. Returns its path."""
+    import sqlite3
+
+    dst = tmp_path / "migrated" / "mlflow.db"
+    dst.parent.mkdir(parents=True)
+    with sqlite3.connect(mlflow_root / "mlflow.db") as src, sqlite3.connect(dst) as out:
+        src.backup(out)
+    return dst
 
 
 @pytest.fixture

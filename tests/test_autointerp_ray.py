@@ -65,7 +65,6 @@ def test_crashed_actor_work_is_redone_from_cache(ray_local, setup, tmp_path):
             assert b"SECRET123" not in p.read_bytes(), p  # the key passed to the actors is never logged
 
 
-@pytest.mark.slow
 def test_spend_cap_on_ray_stops_cleanly(ray_local, setup, tmp_path):
     lm, texts, saes = setup
     with FakeAnthropic(latency_s=0.05) as server:

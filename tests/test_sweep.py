@@ -137,7 +137,6 @@ def test_tiny_sweep_logs_parent_and_child_runs(tiny_cfg, ray_local, mlflow_serve
     assert client.get_experiment(res.experiment_id).name == "ssae-ray-tiny"  # one experiment per preset
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_trial_runs_ray_train_inside_tune(tiny_cfg, ray_local, monkeypatch, tmp_path):
     """train.num_workers > 1: the Tune trial runs a TorchTrainer (Ray Train V2) and scores its result."""
