@@ -90,19 +90,6 @@ def mlflow_server(mlflow_root):
 
 
 @pytest.fixture
-def migrated_mlflow_db(mlflow_server, mlflow_root, tmp_path):
-    """A copy (SQLite's online backup) of the session server's store, every MLflow migration already
-    run: a store that opens in a second where a fresh one spends ~10 s migrating. Returns its path."""
-    import sqlite3
-
-    dst = tmp_path / "migrated" / "mlflow.db"
-    dst.parent.mkdir(parents=True)
-    with sqlite3.connect(mlflow_root / "mlflow.db") as src, sqlite3.connect(dst) as out:
-        src.backup(out)
-    return dst
-
-
-@pytest.fixture
 def tiny_trial(tiny_cfg, mlflow_server, tmp_path):
     """What `sweep.run_trial` takes, on the tiny preset, in this process (no Tune): `(cfg, ctx, val)`
     with random GSAEs saved to disk, an activation cache of generated text, a validation set and a

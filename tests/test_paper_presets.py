@@ -159,6 +159,33 @@ def _physics_like(work: Path, budget: int) -> list[str]:
             "sweep.strategies=[random,dense,bm25+tracin]", "sweep.tilts=[0,1.0e9]"]  # fmt: skip
 
 
+def test_paper_physics_sweep_fast(local_hub, tmp_path):
+    """The fast variant of the paper presets' runs (the whole jobs are slow, below):
+    `ssae-ray sweep --preset paper-physics`, shrunk to one trial, through every Hub path of the
+    preset: gated google/gemma-2b with HF_TOKEN, gemma-2b-res-jb through sae-lens and its fit check,
+    OpenWebText's Parquet revision and the arXiv physics splits streamed with `datasets`, Contriever
+    through sentence-transformers into an IVF-PQ index, dense retrieval of an LM-token budget, the
+    activation cache and one Tune trial scored on validation."""
+    import csv
+
+    work = tmp_path / "w"
+    args = [*_physics_like(work, 4000), "sweep.strategies=[dense]", "sweep.tilts=[0]", "sweep.lams=[1]",
+            "corpus.sources.corpus.max_docs=150", "train.steps=2", "train.checkpoint_every=2"]  # fmt: skip
+    proc, _ = run_job("sweep", ["--preset", "paper-physics", *args], tmp_path, local_hub.url)
+    _ok(proc)
+    prep = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())["prepared"]
+    assert prep["val"]["source"] == "anonymousdatasets/arxiv-physics" and prep["seed"]["from_split"] == "val"
+    assert prep["ood"]["source"] == "AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k"
+    ((sel,),) = [[json.loads(p.read_text()) for p in work.glob("selection/*/manifest.json")]]
+    assert sel["strategy"] == "dense" and sel["token_unit"] == "lm" and sel["model_id"].endswith("contriever")
+    index = json.loads(next(work.glob("index/*/manifest.json")).read_text())
+    assert index["index_type"] == "ivf" and index["n_vectors"] == sel["n_passages"]
+    with open(next(work.glob("sweep/*/sweep_trials.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["strategy"], float(r["lam"]), int(r["step"])) for r in rows} == {("dense", 1.0, 2)}
+    assert all(float(r["val_l0"]) > 0 and 0 <= float(r["val_fvu"]) < 1 for r in rows), rows
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_paper_physics_end_to_end(local_hub, tmp_path):

@@ -64,14 +64,8 @@ def test_tracking_uri_precedence_and_local_default(tiny_cfg, monkeypatch):
     assert tracking.tracking_uri(cfg) == "http://127.0.0.1:2"
 
 
-@pytest.mark.parametrize(
-    "store", [pytest.param("fresh", marks=pytest.mark.slow), "migrated"]
-)  # a fresh SQLite store runs every MLflow migration (~10 s); the fast variant opens a migrated copy
-def test_sqlite_store_logs_without_a_server(store, request, tmp_path):
-    db = tmp_path / "db" / "mlflow.db"
-    if store == "migrated":
-        db = request.getfixturevalue("migrated_mlflow_db")
-    uri = f"sqlite:///{db}"
+def test_sqlite_store_logs_without_a_server(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"  # a fresh store: every MLflow migration runs
     client, exp = tracking.open_experiment(uri, "local", tmp_path / "art")
     rid = tracking.start_run(client, exp, "r", {"a": 1})
     tracking.log_metrics(client, rid, {"x": 2.0}, 0)
@@ -85,18 +79,12 @@ def test_safe_params_and_flat_config(tiny_cfg):
     assert p == {"train.batch_tokens": "256"}
 
 
-@pytest.mark.parametrize("store", [pytest.param("fresh", marks=pytest.mark.slow), "migrated"])
-def test_cli_mlflow_serves_until_terminated(store, request, tmp_path):
-    """`ssae-ray mlflow` prints its URL, answers /health, and SIGTERM stops the server with it. The
-    fast variant starts it on a work dir whose store is already migrated (a rerun's case)."""
-    import shutil
+def test_cli_mlflow_serves_until_terminated(tmp_path):
+    """`ssae-ray mlflow` prints its URL, answers /health, and SIGTERM stops the server with it."""
     import subprocess
     import sys
     import time
 
-    if store == "migrated":
-        (tmp_path / "mlflow").mkdir()
-        shutil.copy(request.getfixturevalue("migrated_mlflow_db"), tmp_path / "mlflow" / "mlflow.db")
     port = tracking.free_port()
     cmd = [
         sys.executable,
