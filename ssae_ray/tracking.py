@@ -47,10 +47,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_mlflow_server(
-    root: str | Path, port: int = 5000, host: str = "127.0.0.1", timeout: float = 90.0
+    root: str | Path, port: int = 5000, host: str = "127.0.0.1", timeout: float = 300.0
 ) -> tuple[str, subprocess.Popen]:
     """Start `mlflow server` (SQLite backend, artifacts under `root`, one worker) and return its URL
-    and process once `/health` answers. The caller owns the process (terminate it when done)."""
+    and process once `/health` answers. The caller owns the process (terminate it when done). A
+    server that exits is reported at once; `timeout` only bounds one that hangs (it answers in ~5 s
+    on a quiet machine, in over 90 s on a heavily loaded one)."""
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     if not _port_free(host, port):
