@@ -84,8 +84,7 @@ def mlflow_server(mlflow_root):
     by the session; yields its URL."""
     from ssae_ray import tracking
 
-    # 300 s: MLflow's server takes ~5 s to answer on a quiet machine and over 90 s on a loaded one
-    url, proc = tracking.start_mlflow_server(mlflow_root, port=tracking.free_port(), timeout=300)
+    url, proc = tracking.start_mlflow_server(mlflow_root, port=tracking.free_port())
     yield url
     tracking.stop_server(proc)
 
