@@ -88,7 +88,9 @@ def test_collector_windows_histogram_and_prefix_property(lm, texts, specs):
     head = big.head(3, 4)
     # The same top values (contexts may differ only among ties) and the same random sample.
     assert torch.equal(head.top_acts, small.top_acts) and torch.equal(head.sample_ctx, small.sample_ctx)
-    assert torch.equal(big.hist.sum(1), big.n_active_tok)  # every activating token is in one bin
+    fires = big.n_active_tok > 0  # the range of the dashboard's histograms
+    assert torch.equal(big.max_act[fires], big.top_acts[fires, 0]) and (big.max_act[~fires] == 0).all()
+    assert (big.min_act[fires] > 0).all() and (big.min_act[fires] <= big.max_act[fires]).all()
     f = P
     k = 0
     c, s = int(big.top_ctx[f, k]), int(big.top_win.start[f, k])
@@ -145,34 +147,30 @@ def test_diff_ranks_the_replaced_decoder_row_first(built, specs, cfg):
 
 
 def test_export_one_record_per_feature_with_evaluate_values(built, specs, lm, texts):
-    out, _ = built
+    out, indexes = built
     sources = sorted((out / "neuronpedia").glob("*/*"))
+    assert [p.parent.name for p in sources] == ["tiny", "tiny"]  # Neuronpedia's model id: model.source
     assert [p.name for p in sources] == ["1-tiny-gsae", "1-tiny-ssae"]
     for name in ("release", "model", "sourceset", "source"):
         assert (sources[1] / f"{name}.jsonl").read_text().count("\n") == 1
     feats, acts = read_export(sources[1])
-    assert [f["index"] for f in feats] == list(range(128))
-    for key in ("maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str", "neg_values",
-                "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "modelId", "layer"):  # fmt: skip
-        assert key in feats[P], key
-    assert len(feats[P]["pos_str"]) == 10 and feats[P]["pos_values"] == sorted(
-        feats[P]["pos_values"], reverse=True
-    )
+    alive = (indexes["ssae"].max_act > 0).nonzero().flatten().tolist()
+    assert [f["index"] for f in feats] == alive and P in alive
+    feat = next(f for f in feats if f["index"] == P)
+    assert len(feat["pos_str"]) == 10 and feat["pos_values"] == sorted(feat["pos_values"], reverse=True)
     mine = [a for a in acts if a["index"] == P]
     assert len({a["id"] for a in acts}) == len(acts)
     top = [a for a in mine if a["binMin"] == -1]
-    assert top and top[0]["maxValue"] == pytest.approx(feats[P]["maxActApprox"], rel=1e-4)
-    # The same feature and tokens through evaluation's test-set capture.
-    sae = specs[1].sae
+    assert top and top[0]["maxValue"] == feat["maxActApprox"]
+    # The same feature and tokens through evaluation's test-set capture (an independent path).
+    sae, vocab = specs[1].sae, lm.tokenizer.convert_ids_to_tokens
     for rec in top[:3]:
-        doc = int(rec["dataIndex"])
-        ts = prepare_test_set(lm, "test", [texts[doc]], [HOOK], 32)
-        pos = token_positions(ts)[0]
-        f = sae.encode(ts.acts[HOOK][0]).detach()[:, P] * pos
-        strs = [lm.tokenizer.decode([i]) for i in ts.tokens.input_ids[0].tolist()]
+        ts = prepare_test_set(lm, "test", [texts[int(rec["dataIndex"])]], [HOOK], 32)
+        f = sae.encode(ts.acts[HOOK][0]).detach()[:, P] * token_positions(ts)[0]
+        strs = [t.replace("Ġ", " ") for t in vocab(ts.tokens.input_ids[0].tolist())]
         n = len(rec["tokens"])
         s = next(i for i in range(len(strs) - n + 1) if strs[i : i + n] == rec["tokens"])
-        np.testing.assert_allclose(rec["values"], f[s : s + n].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rec["values"], f[s : s + n].float().numpy(), rtol=1e-2, atol=1e-3)
 
 
 def test_corpus_text_is_escaped_never_injected(built):
