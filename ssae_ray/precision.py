@@ -9,6 +9,11 @@ a machine keeps fp32. `auto` therefore asks two questions: does the backend repo
 and is a bf16 matmul of the SAE step's shape measurably faster than fp32 here (a 0.1 s probe, once
 per process). `fp32` forces fp32 everywhere (exact comparisons); `bf16` forces bf16 (slow where it
 is emulated, with a warning).
+
+The environment variable `SSAE_RAY_AUTO_PRECISION` (`bf16` or `fp32`) makes `auto` resolve to that
+precision whatever the hardware: the test suite runs its bf16 paths with it on CPUs that only
+emulate bf16 (`SSAE_RAY_AUTO_PRECISION=bf16 make test`), and a user can keep `auto` presets on fp32
+without editing them. Ray workers inherit it from the environment the cluster was started with.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -25,6 +31,8 @@ import torch
 log = logging.getLogger("ssae_ray")
 
 CHOICES = ("auto", "fp32", "bf16")
+AUTO_ENV = "SSAE_RAY_AUTO_PRECISION"
+"""Environment variable: what `auto` resolves to regardless of the hardware (`bf16` or `fp32`)."""
 MIN_SPEEDUP = 1.3
 """`auto` takes bf16 on a CPU only when its bf16 matmul is at least this much faster than fp32."""
 
@@ -109,6 +117,16 @@ def bf16_support(device_type: str = "cpu") -> Bf16Support:
     return Bf16Support(True, speedup, f"CPU ({cap}) bf16 matmul {speedup:.1f}x fp32")
 
 
+def auto_override() -> str | None:
+    """`SSAE_RAY_AUTO_PRECISION` when set (`bf16` or `fp32`), else None."""
+    value = os.environ.get(AUTO_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in ("fp32", "bf16"):
+        raise PrecisionError(f"{AUTO_ENV} must be fp32 or bf16 (or unset), got {value!r}")
+    return value
+
+
 def resolve(setting: str, device: torch.device | str = "cpu") -> Precision:
     """The precision for `setting` (`auto`, `fp32`, `bf16`) on `device`."""
     if setting not in CHOICES:
@@ -116,7 +134,13 @@ def resolve(setting: str, device: torch.device | str = "cpu") -> Precision:
     device = torch.device(device)
     if setting == "fp32":
         return Precision("fp32", "forced by the config (precision=fp32)")
+    forced = auto_override() if setting == "auto" else None
+    if forced == "fp32":
+        return Precision("fp32", f"{AUTO_ENV}=fp32")
     sup = bf16_support(device.type)
+    if forced == "bf16":
+        how = "native" if sup.native else "emulated, slow"
+        return Precision("bf16", f"{AUTO_ENV}=bf16 ({sup.detail}; {how})")
     if setting == "bf16":
         if not sup.native:
             log.warning("precision=bf16 forced although %s: bf16 is emulated and slow here", sup.detail)

@@ -26,7 +26,7 @@ def make_texts(n: int = 60, seed: int = 0) -> list[str]:
 
 
 def tiny_lm(folder: Path) -> LM:
-    cfg = load_config("tiny", overrides=[f"workdir={folder}"])
+    cfg = load_config("tiny", overrides=[f"workdir={folder}", "model.precision=fp32"])  # exact comparisons
     return load_lm(cfg.model, folder / "models")
 
 

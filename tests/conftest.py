@@ -37,6 +37,18 @@ def one_thread():
 
 
 @pytest.fixture
+def auto_bf16(monkeypatch):
+    """`precision=auto` resolves to bf16 in this test, emulated where the CPU has no native bf16
+    (`SSAE_RAY_AUTO_PRECISION=bf16`): the bf16 paths run on every machine. Compare their results
+    with `ssae_ray.testing.precision.assert_bf16_close`."""
+    from ssae_ray import precision as prec
+
+    monkeypatch.setenv(prec.AUTO_ENV, "bf16")
+    assert prec.resolve("auto").bf16
+    return prec.resolve("auto")
+
+
+@pytest.fixture
 def tiny_cfg(tmp_path):
     """The `tiny` preset with its work dir in a temp folder."""
     from ssae_ray.config import load_config

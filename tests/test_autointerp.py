@@ -266,6 +266,20 @@ def test_streaming_scan_matches_dense(lm, saes, texts):
     )
 
 
+def test_bf16_scan_top_activations_within_bf16_error_of_fp32(lm, saes, texts, auto_bf16):
+    """`precision=auto` resolved to bf16 (forced where emulated): every feature's top activations
+    (sorted, so near-ties may swap contexts) within the bf16 bound of the fp32 scan, through the two
+    layers to the hook; the SAE itself runs in fp32."""
+    from ssae_ray.testing.precision import assert_bf16_close
+
+    ctx = tokenize_docs(lm.tokenizer, texts, 32)
+    idx32 = scan(lm, saes["gsae"], HOOK, ctx, k_top=4, k_sample=6, batch_size=7, progress=False)
+    idx16 = scan(lm._replace(precision=auto_bf16), saes["gsae"], HOOK, ctx, k_top=4, k_sample=6, batch_size=7,
+                 progress=False)  # fmt: skip
+    assert idx16.n_tokens == idx32.n_tokens
+    assert_bf16_close(idx16.top_acts.clamp_min(0), idx32.top_acts.clamp_min(0), 2 * 6, "top activations")
+
+
 def test_diversity_pool_is_the_top_half_of_a_uniform_sample():
     from ssae_ray.autointerp.examples import ActivationIndex
 

@@ -3,6 +3,7 @@ tail equals the full spliced forward); logit-lens coverage on a planted decoder;
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -167,7 +168,8 @@ def tiny(request, tmp_path_factory):
     from ssae_ray.config import ModelConfig
     from ssae_ray.models import load_lm
 
-    lm = load_lm(ModelConfig(source="tiny", tiny_arch=request.param), tmp_path_factory.mktemp("m"))
+    cfg = ModelConfig(source="tiny", tiny_arch=request.param, precision="fp32")  # exact comparisons
+    lm = load_lm(cfg, tmp_path_factory.mktemp("m"))
     return lm, prepare_test_set(lm, "test", TEXTS, HOOKS, context_len=16, batch_size=8)
 
 
@@ -220,6 +222,65 @@ def test_test_set_is_batched_longest_first_with_the_same_tokens(tiny):
         mine = ts.clean[rows][ts.mask[rows]].sort().values
         theirs = out.loss[out.mask].sort().values
         assert torch.allclose(mine, theirs, atol=1e-5), d
+
+
+# Matmuls on the path to each hook's output (6 per layer; `test_models._PATH_MATMULS`) and on to the
+# logits: the whole 2-layer stack plus the unembedding.
+_LOGIT_MATMULS = 2 * 6 + 1
+
+
+def test_bf16_test_set_and_splices_within_bf16_error_of_fp32(tiny, auto_bf16):
+    """`precision=auto` resolved to bf16 (forced where emulated): the clean CE of the test set and
+    every hook's spliced CE through the fast tail are within the bf16 bound of fp32 (propagated
+    from the final hidden states; `testing.precision.ce_bound`) and really computed in bf16; in
+    bf16 too the fast tail equals the full spliced forward."""
+    from ssae_ray.models import sae_splice, token_losses
+    from ssae_ray.saes import make_random_sae
+    from ssae_ray.testing.precision import assert_bf16_ce_close, ce_bound
+
+    lm, ts = tiny
+    lm16 = lm._replace(precision=auto_bf16)
+    ts16 = prepare_test_set(lm16, "test", TEXTS, HOOKS, context_len=16, batch_size=8)
+    ids, mask, real = ts.tokens.input_ids, ts.tokens.attention_mask, ts.mask
+    assert torch.equal(ts16.tokens.input_ids, ids) and torch.equal(ts16.mask, real)
+    hg = _fp32_hidden_and_grads(lm, ids, mask, {}, real)
+    assert_bf16_ce_close(ts16.clean[real], ts.clean[real], *hg, _LOGIT_MATMULS, "clean CE")
+    for h in HOOKS:
+        sae = make_random_sae(lm.d_model, 96, h, seed=1)
+        splice = {h: sae_splice(sae)}
+        ev16, ev32 = (
+            evaluate_sae(lm16, sae, h, ts16, batch_size=5),
+            evaluate_sae(lm, sae, h, ts, batch_size=5),
+        )
+        hg = _fp32_hidden_and_grads(lm, ids, mask, splice, real)
+        assert_bf16_ce_close(ev16.loss[real], ev32.loss[real], *hg, _LOGIT_MATMULS, f"spliced CE {h}")
+        full16 = token_losses(lm16, ids, mask, splice=splice).loss[real]
+        assert float((ev16.loss[real] - full16).norm()) <= ce_bound(*hg, _LOGIT_MATMULS), h
+
+
+def _fp32_hidden_and_grads(lm, ids, mask, splice, real):
+    """At the scored tokens (`real`, aligned with `TokenLoss`): the fp32 final hidden states (the
+    unembedding's input) with `splice` applied, and the gradient of each token's CE there,
+    W_U^T (softmax(z) - onehot(next token))."""
+    from ssae_ray.models import hooked
+
+    assert not lm.precision.bf16
+    head = lm.model.get_output_embeddings()
+    got = {}
+    grab = head.register_forward_hook(lambda m, a, o: got.__setitem__("h", a[0]))
+    hooks = (
+        hooked(lm, list(splice), lambda n, a: splice[n](a).to(a.dtype))
+        if splice
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.no_grad(), hooks:
+            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][real]
+    finally:
+        grab.remove()
+    p = logits.double().softmax(-1)
+    p[torch.arange(len(p)), ids[:, 1:][real]] -= 1
+    return got["h"][:, :-1][real], p @ head.weight.double()
 
 
 def test_missing_or_empty_test_set_is_a_clear_error(tiny):

@@ -30,7 +30,7 @@ TEXTS = [
 @pytest.fixture(scope="module", params=["gpt_neox", "llama"])
 def lm(request, tmp_path_factory):
     folder = make_tiny_model(tmp_path_factory.mktemp("m") / request.param, request.param)
-    return load_lm(ModelConfig(source=str(folder)))
+    return load_lm(ModelConfig(source=str(folder), precision="fp32"))  # exact comparisons
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,29 @@ def test_capture_matches_hidden_states_and_modules(lm, batch):
     torch.testing.assert_close(acts["blocks.1.hook_mlp_out"], got["mlp"])
     torch.testing.assert_close(acts["blocks.0.hook_attn_out"], got["attn"])
     assert list(acts) == hooks and all(a.shape == (*batch.input_ids.shape, 64) for a in acts.values())
+
+
+# Matmuls of each layer on the path to a hook: attention is q/k/v, scores, values, output (4), the
+# MLP two; GPT-NeoX adds both branches to the residual in parallel, Llama runs them in sequence.
+_PATH_MATMULS = {"blocks.0.hook_resid_pre": 0, "blocks.0.hook_attn_out": 4, "blocks.0.hook_resid_post": 6,
+                 "blocks.1.hook_mlp_out": 12}  # fmt: skip
+
+
+def test_capture_in_bf16_is_within_bf16_error_of_fp32(lm, batch, auto_bf16):
+    """`precision=auto` resolved to bf16 (forced where emulated): every hook's activations within
+    the bf16 bound of the fp32 capture, and really computed in bf16; the embeddings (no matmul)
+    are exact."""
+    from ssae_ray.testing.precision import assert_bf16_close
+
+    lm16 = lm._replace(precision=auto_bf16)
+    hooks = list(_PATH_MATMULS)
+    a32 = capture(lm, batch.input_ids, batch.attention_mask, hooks)
+    a16 = capture(lm16, batch.input_ids, batch.attention_mask, hooks)
+    assert torch.equal(a16["blocks.0.hook_resid_pre"], a32["blocks.0.hook_resid_pre"])
+    for h in hooks[1:]:
+        assert a16[h].dtype == torch.float32  # captured activations are always fp32
+        real = batch.attention_mask.bool()
+        assert_bf16_close(a16[h][real], a32[h][real], _PATH_MATMULS[h], h)
 
 
 def test_capture_stops_after_deepest_layer(lm, batch):

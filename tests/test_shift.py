@@ -49,7 +49,7 @@ HOOKS = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny GPT-NeoX, synthetic bios tokenized, random SAEs at every hook, a trained probe."""
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", overrides=["model.precision=fp32"])  # exact comparisons
     lm = load_lm(cfg.model, cache_dir=tmp_path_factory.mktemp("models"))
     rec = synthetic_records(8, seed=1)
     batch = tokenize_bios(lm.tokenizer, [r[0] for r in rec], 32)
@@ -174,6 +174,23 @@ def test_splicing_all_saes_with_error_terms_leaves_logits_unchanged(tiny):
     torch.testing.assert_close(spliced.squeeze(-1), clean, atol=1e-5, rtol=1e-5)
     without_error = probe(pooled_reps(lm, batch, 1, {h: sae_splice(s) for h, s in saes.items()})).squeeze(-1)
     assert (without_error - clean).abs().max() > 1e-3  # random SAEs reconstruct badly: the error term matters
+
+
+def test_bf16_probe_logits_and_error_term_splices(tiny, auto_bf16):
+    """`precision=auto` resolved to bf16 (forced where emulated): the probe's logits on the bf16
+    forward within the bf16 bound of fp32 (both layers' matmuls on the path), and splicing every
+    SAE with its error term leaves the bf16 forward's logits within the same bound."""
+    from ssae_ray.testing.precision import assert_bf16_close
+
+    lm, batch, _, _, saes, probe = tiny
+    lm16 = lm._replace(precision=auto_bf16)
+    with torch.no_grad():
+        clean32 = probe(pooled_reps(lm, batch, 1)).squeeze(-1)
+        clean = probe(pooled_reps(lm16, batch, 1)).squeeze(-1)
+        splice = {h: sae_splice(s, error_term=True) for h, s in saes.items()}
+        spliced = probe(pooled_reps(lm16, batch, 1, splice)).squeeze(-1)
+    assert_bf16_close(clean, clean32, 2 * 6, "probe logits")
+    assert_bf16_close(spliced, clean, 2 * 6, "error-term splices", vs_fp32=False)
 
 
 def test_forward_to_stops_at_the_probe_layer(tiny):

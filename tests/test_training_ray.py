@@ -29,8 +29,10 @@ def setup(tmp_path_factory):
     from ssae_ray.models import load_lm
 
     root = tmp_path_factory.mktemp("ray_train")
+    # precision fp32: the runs are compared exactly
     cfg = load_config("tiny", overrides=[f"workdir={root}", "train.steps=12", "train.checkpoint_every=4",
-                                         "train.pretrain_steps=10", "train.tilt=1.0", "train.max_failures=2"])  # fmt: skip
+                                         "train.pretrain_steps=10", "train.tilt=1.0", "train.max_failures=2",
+                                         "model.precision=fp32", "train.precision=fp32"])  # fmt: skip
     lm = load_lm(cfg.model, cache_dir=root / "models")
     gsaes = pretrain_gsaes(cfg, lm, TEXTS, progress=False)
     cache = cache_activations(cfg, lm, TEXTS, cfg.sae.hooks, progress=False)
