@@ -134,8 +134,7 @@ def build_dashboard(
             live = site.feature_pages(cfg, v, strings, tmp, explanations)
             pages += len(live)
             sae_data.append(site.index_entry(v, strings, explanations, live, d.new_cos))
-        if d.export:
-            _export(cfg, lm, views, tmp / "neuronpedia")
+        exported = _export(cfg, lm, views, tmp / "neuronpedia") if d.export else []
         overview = site.overview(views)
         (tmp / "index.html").write_text(H.index_page(title, {"saes": sae_data}, overview))
         sections = [
@@ -152,7 +151,7 @@ def build_dashboard(
         write_json_atomic(tmp / "manifest.json", {
             "stage": "dashboard", "key": key, "saes": [{"name": s.name, "label": s.label, "hook": s.hook,
                                             "d_sae": int(s.sae.W_dec.shape[0])} for s in specs],
-            "feature_pages": pages, "files": len(files), "bytes": sum(p.stat().st_size for p in files),
+            "feature_pages": pages, "neuronpedia": exported, "files": len(files), "bytes": sum(p.stat().st_size for p in files),
             "n_contexts": int(next(iter(indexes.values())).contexts.input_ids.shape[0]),
             "n_tokens": next(iter(indexes.values())).n_tokens, "general_tokens": n_gen,
             "seconds": {k: round(v, 2) for k, v in timings.items()},
@@ -160,13 +159,17 @@ def build_dashboard(
     return Path(out)
 
 
-def _export(cfg: Config, lm: LM, views: list[SAEView], out: Path) -> None:
-    """Every SAE's Neuronpedia source folder (`export.py`)."""
+def _export(cfg: Config, lm: LM, views: list[SAEView], out: Path) -> list[dict[str, Any]]:
+    """Every SAE's Neuronpedia source folder (`export.py`); what each holds, for the manifest."""
     vocab = X.vocab_strings(lm.tokenizer, int(lm.model.config.vocab_size))
+    done = []
     for v in views:
         src = X.source_for(cfg, v.spec.name, v.spec.hook)
         x = X.SAEInputs(v.stats, v.logits, v.spec.sae.W_dec, v.index.contexts)
-        X.write_source(out, cfg, src, x, _meta(cfg, lm, v.spec, v.index), vocab)
+        folder = X.write_source(out, cfg, src, x, _meta(cfg, lm, v.spec, v.index), vocab)
+        done.append({"sae": v.spec.name, "path": str(folder.relative_to(out.parent)), "features": len(v.stats.features),
+                     "skipped": int(v.spec.sae.W_dec.shape[0]) - len(v.stats.features)})  # fmt: skip
+    return done
 
 
 def _meta(cfg: Config, lm: LM, s: SAESpec, index: ActivationIndex) -> dict[str, Any]:

@@ -65,10 +65,11 @@ def vocab_strings(tokenizer: Any, vocab_size: int) -> list[str]:
     vocab = tokenizer.get_vocab()
     out = [OUT_OF_RANGE_TOKEN] * max(vocab_size, max(vocab.values(), default=-1) + 1)
     for s, i in vocab.items():
-        for bad, good in HTML_ANOMALIES.items():
-            s = s.replace(bad, good)
-        out[i] = s
-    return out[:vocab_size]
+        if i < vocab_size:  # `to_str_tokens_safe`: ids past the model's vocabulary are out of range
+            for bad, good in HTML_ANOMALIES.items():
+                s = s.replace(bad, good)
+            out[i] = s
+    return out
 
 
 def default_model_id(source: str) -> str:

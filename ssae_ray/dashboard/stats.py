@@ -227,7 +227,7 @@ def _top_pearson(n: int, xs: Tensor, x2: Tensor, ys: Tensor, y2: Tensor, xy: Ten
     pearson = num / (torch.sqrt(torch.outer(n * x2 - xs**2, n * y2 - ys**2)) + 1e-6)
     pearson = torch.nan_to_num(pearson)  # a zero-variance column under rounding
     if with_self:
-        d = torch.arange(cos.shape[0])
+        d = torch.arange(cos.shape[0], device=cos.device)
         cos[d, d] = 0.0
         pearson[d, d] = 0.0
     top = pearson.topk(min(CORR_ROWS, pearson.shape[1]), dim=1)

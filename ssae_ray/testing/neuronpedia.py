@@ -25,6 +25,7 @@ import gzip
 import json
 import re
 import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -328,8 +329,27 @@ def import_jsonl(conn: Any, table: str, data: str) -> None:
 # -- the import route -----------------------------------------------------------------------------
 
 
+_JS_DATE = re.compile(r"\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)?)?")
+
+
+def _js_date(value: Any) -> str:
+    """`new Date(value)` (an ISO string; one without a zone read as UTC here), as Prisma sends it."""
+    if not (isinstance(value, str) and _JS_DATE.fullmatch(value)):
+        raise ValueError(f"Prisma: Invalid Date from {value!r}")
+    d = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    d = d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+    return d.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """`downloadFileJsonlParsedLines` (`apps/webapp/lib/utils/s3.ts`): non-empty lines, `parseLine`
+    turning `createdAt` / `updatedAt` into Dates."""
+    rows = [json.loads(x) for x in path.read_text().split("\n") if x]
+    for row in rows:
+        for key in ("createdAt", "updatedAt"):
+            if row.get(key):
+                row[key] = _js_date(row[key])
+    return rows
 
 
 def import_source(conn: Any, folder: Path) -> None:
@@ -352,5 +372,6 @@ def import_source(conn: Any, folder: Path) -> None:
             hosts = line.get("inferenceHosts")
             prisma_create(conn, "Source", {**line, "inferenceHosts": hosts if hosts else _UNDEFINED})
     for table, sub in (("Neuron", "features"), ("Activation", "activations")):
+        # getFilesInPath: an S3 listing, in key order (batch-0, batch-1, batch-10, ...)
         for path in sorted((folder / sub).glob("*.jsonl.gz")):
             import_jsonl(conn, table, gzip.decompress(path.read_bytes()).decode())
