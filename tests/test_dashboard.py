@@ -389,28 +389,16 @@ def neuronpedia_db():
         yield server
 
 
-def _database(server, name: str):
-    import psycopg
-
-    from ssae_ray.testing.neuronpedia import create_schema
-
-    with psycopg.connect(server.conninfo, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    conn = psycopg.connect(server.conninfo.replace("dbname=postgres", f"dbname={name}"), autocommit=True)
-    create_schema(conn)
-    return conn
-
-
 def test_export_imports_into_neuronpedia(built, neuronpedia_db):
     """Neuronpedia's importer, step for step, into its schema on a real PostgreSQL: every exported row
     lands, the counts equal the export's, and a second import adds nothing."""
-    from ssae_ray.testing.neuronpedia import DEFAULT_USER, counts, import_source
+    from ssae_ray.testing.neuronpedia import DEFAULT_USER, counts, fresh_database, import_source
 
     out, _ = built
     sources = sorted((out / "neuronpedia").glob("*/*"))
     feats = [f for s in sources for f in read_export(s)[0]]
     acts = [a for s in sources for a in read_export(s)[1]]
-    with _database(neuronpedia_db, "sweep") as conn:
+    with fresh_database(neuronpedia_db, "sweep") as conn:
         for s in sources:
             import_source(conn, s)
         got = counts(conn)
@@ -442,7 +430,7 @@ def test_neuronpedias_schema_refuses_what_its_importer_would(built, neuronpedia_
     import at the model, and an empty batch file at its first line, as in Neuronpedia."""
     import psycopg
 
-    from ssae_ray.testing.neuronpedia import import_source
+    from ssae_ray.testing.neuronpedia import fresh_database, import_source
 
     out, _ = built
     src = sorted((out / "neuronpedia").glob("*/*"))[1]
@@ -450,13 +438,39 @@ def test_neuronpedias_schema_refuses_what_its_importer_would(built, neuronpedia_
     shutil.copytree(src, bad)
     model = json.loads((bad / "model.jsonl").read_text())
     (bad / "model.jsonl").write_text(json.dumps({**model, "creatorId": "ssae-ray"}) + "\n")
-    with _database(neuronpedia_db, "refuse") as conn:
+    with fresh_database(neuronpedia_db, "refuse") as conn:
         with pytest.raises(psycopg.errors.ForeignKeyViolation, match="Model_creatorId_fkey"):
             import_source(conn, bad)
         (bad / "model.jsonl").write_text(json.dumps(model) + "\n")
         (bad / "activations" / "batch-9.jsonl.gz").write_bytes(gzip.compress(b""))
         with pytest.raises(json.JSONDecodeError):
             import_source(conn, bad)
+
+
+def test_neuronpedia_ids_come_from_the_config_with_neuronpedias_defaults(cfg):
+    """The model id as Neuronpedia names it (not slugged), the source set from the config name, the
+    creator Neuronpedia's default user; a wrong value or the old key is a clear error."""
+    from ssae_ray.config import ConfigError
+
+    assert X.default_model_id("EleutherAI/pythia-70m-deduped") == "pythia-70m-deduped"
+    assert X.default_model_id("google/gemma-2-2b") == "gemma-2-2b"
+    src = X.source_for(cfg, "dense-tilt0.5-lam2-seed0", HOOK)
+    assert (src.model_id, src.set_name, src.source_id, src.release, src.creator_id) == (
+        "tiny",
+        "tiny-dense-tilt0-5-lam2-seed0",
+        "1-tiny-dense-tilt0-5-lam2-seed0",
+        "tiny",
+        "clkht01d40000jv08hvalcvly",
+    )
+    mine = cfg.replace(
+        dashboard={"neuronpedia": {"model": "llama3.1-8b", "set_name": "res-ssae", "release": "r1"}}
+    )
+    src = X.source_for(mine, "gsae", "blocks.12.hook_resid_post")
+    assert (src.model_id, src.source_id, src.release) == ("llama3.1-8b", "12-res-ssae-gsae", "r1")
+    with pytest.raises(ConfigError, match="dashboard.neuronpedia.model"):
+        load_config("tiny", overrides=["dashboard.neuronpedia_model=gemma-2-2b"])
+    with pytest.raises(ConfigError, match="dashboard.neuronpedia.set_name"):
+        load_config("tiny", overrides=["dashboard.neuronpedia.set_name=Res SSAE"])
 
 
 def test_corpus_text_is_escaped_never_injected(built):

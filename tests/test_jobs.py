@@ -78,6 +78,7 @@ def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     report = sweep_dirs[0] / "eval" / "report.md"
     assert report.is_file() and "GSAE" in report.read_text()
     assert (sweep_dirs[0] / "dashboard" / "index.html").is_file()  # the dashboard stage ran
+    _imports_into_neuronpedia(sweep_dirs[0] / "dashboard" / "neuronpedia")
 
     second = _submit(url, env, tmp_path / "work")
     out2 = second.stdout + second.stderr
@@ -89,3 +90,23 @@ def test_ray_job_submit_physics_tiny_and_rerun_is_cached(head, tmp_path):
     assert "evaluation cached" in out2 and "dashboard cached" in out2
     # nothing was trained or built again
     assert "building" not in out2.split("== stage load LM")[-1], out2[-3000:]
+
+
+def _imports_into_neuronpedia(export):
+    """The sweep's Neuronpedia export (GSAE and one SSAE per strategy) imports as Neuronpedia's importer
+    imports it, into its schema on PostgreSQL (the details: tests/test_dashboard.py)."""
+    from ssae_ray.dashboard.export import read_export
+    from ssae_ray.testing import postgres
+    from ssae_ray.testing.neuronpedia import counts, fresh_database, import_source
+
+    if postgres.missing():  # the rest of the job test still runs; test_dashboard.py skips with the reason
+        return
+    sources = sorted(export.glob("*/*"))
+    with postgres.PostgresServer() as server, fresh_database(server, "sweep") as conn:
+        for s in sources:
+            import_source(conn, s)
+        got = counts(conn)
+    assert (got["Source"], got["Neuron"], got["Activation"]) == (
+        3,
+        *(sum(len(read_export(s)[i]) for s in sources) for i in (0, 1)),
+    )

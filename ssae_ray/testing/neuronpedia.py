@@ -209,6 +209,18 @@ def create_schema(conn: Any) -> None:
         )
 
 
+def fresh_database(server: Any, name: str) -> Any:
+    """A new database `name` on a `postgres.PostgresServer`, with `create_schema` run: an open
+    autocommit `psycopg` connection."""
+    import psycopg
+
+    with psycopg.connect(server.conninfo, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    conn = psycopg.connect(server.conninfo.replace("dbname=postgres", f"dbname={name}"), autocommit=True)
+    create_schema(conn)
+    return conn
+
+
 def counts(conn: Any) -> dict[str, int]:
     with conn.cursor() as cur:
         return {t: cur.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES}
