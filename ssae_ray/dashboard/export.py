@@ -102,11 +102,13 @@ class Source(NamedTuple):
 
 
 def source_for(cfg: Config, sae_name: str, hook: str) -> Source:
+    """The model, source set, source, release and creator of one SAE, from `dashboard.neuronpedia`."""
     np_cfg = cfg.dashboard.neuronpedia
     prefix = np_cfg.set_name or slug(cfg.name)
     set_name = slug(f"{prefix}-{sae_name}")
     model_id = np_cfg.model or default_model_id(cfg.model.source)
-    # Zulu time with milliseconds: what Prisma's DateTime accepts and Postgres' timestamp(3) stores.
+    # UTC with milliseconds: the importer's `new Date(...)` reads it the same anywhere (SAEDashboard's
+    # zone-less times are read as the server's local time) and timestamp(3) keeps all of it.
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return Source(model_id, set_name, f"{layer_of(hook)}-{set_name}", np_cfg.release or prefix,
                   np_cfg.creator_id, now)  # fmt: skip
