@@ -100,7 +100,8 @@ def print_table(cfg, man, wall, peak, base, t_log) -> None:
             sec.get("stats", 0.0),
         ),
         ("tables, logit lens, nearest GSAE rows", sec["tables"]),
-        ("pages, index, diff, Neuronpedia export", sec["pages"]),
+        ("pages, index, diff", sec["pages"] - sec.get("export", 0.0)),
+        ("Neuronpedia export", sec.get("export", 0.0)),
     ]
     rows.append(("loading the SAEs, tokenising, other", wall - sum(v for _, v in rows)))
     saes = man["saes"]

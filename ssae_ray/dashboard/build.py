@@ -134,7 +134,9 @@ def build_dashboard(
             live = site.feature_pages(cfg, v, strings, tmp, explanations)
             pages += len(live)
             sae_data.append(site.index_entry(v, strings, explanations, live, d.new_cos))
+        t_export = time.perf_counter()
         exported = _export(cfg, lm, views, tmp / "neuronpedia") if d.export else []
+        timings["export"] = time.perf_counter() - t_export
         overview = site.overview(views)
         (tmp / "index.html").write_text(H.index_page(title, {"saes": sae_data}, overview))
         sections = [

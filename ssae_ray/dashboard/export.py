@@ -204,7 +204,23 @@ def feature_row(src: Source, x: SAEInputs, i: int, vocab: list[str], bins: int) 
             "sourceSetName": src.set_name}  # fmt: skip
 
 
-def activation_rows(src: Source, x: SAEInputs, i: int, vocab: list[str]) -> list[dict[str, Any]]:
+class Texts(NamedTuple):
+    """The scanned contexts as Python lists (read per row, so no per-element tensor access)."""
+
+    ids: list[list[int]]
+    lengths: list[int]
+    docs: list[int]
+    width: int
+
+    @classmethod
+    def of(cls, contexts: Any) -> Texts:
+        return cls(contexts.input_ids.tolist(), contexts.attention_mask.sum(1).tolist(),
+                   contexts.doc_index.tolist(), int(contexts.input_ids.shape[1]))  # fmt: skip
+
+
+def activation_rows(
+    src: Source, x: SAEInputs, i: int, vocab: list[str], texts: Texts
+) -> list[dict[str, Any]]:
     """The `Activation` rows of the `i`-th exported feature: its top tokens (`binMin` -1, `binMax` its
     max, `binContains` -1), then each interval's samples from the highest interval down, each showing
     its whole context but position 0 (`neuronpedia_converter.py`, `_create_activation`)."""
@@ -214,20 +230,20 @@ def activation_rows(src: Source, x: SAEInputs, i: int, vocab: list[str]) -> list
     for j in reversed(range(len(bounds) - 1)):
         lo, hi = float(f"{bounds[j]:.3f}"), float(f"{bounds[j + 1]:.3f}")
         groups.append((st.samples, j, lo, hi, interval_share(int(st.interval_n[i, j]), st.n_tokens)))
-    ids, lengths, docs = x.contexts.input_ids, x.contexts.attention_mask.sum(1), x.contexts.doc_index
-    t, out = ids.shape[1], []
+    out: list[dict[str, Any]] = []
     for kept, g, b_min, b_max, b_contains in groups:
-        for code, vals in zip(kept.code[i, g].tolist(), kept.rows[i, g]):
+        for code, vals in zip(kept.code[i, g].tolist(), kept.rows[i, g].numpy()):
             if code < 0:
                 continue
-            c, pos = divmod(code, t)
-            n = int(lengths[c])
-            values = [round(v, 4) for v in vals[1:n].tolist()]  # `SequenceData.feat_acts`: 4 decimals
+            c, pos = divmod(code, texts.width)
+            n = texts.lengths[c]
+            # `SequenceData.feat_acts`: Python's round to 4 decimals (most are exact zeros: kept as they are)
+            values = [round(v, 4) if v else 0.0 for v in vals[1:n].tolist()]
             m = max(values)
-            out.append({"id": activation_id(src, f, len(out)), "tokens": [vocab[k] for k in ids[c, 1:n].tolist()],
+            out.append({"id": activation_id(src, f, len(out)), "tokens": [vocab[k] for k in texts.ids[c][1:n]],
                         "index": f, "layer": src.source_id, "modelId": src.model_id, "maxValue": m,
                         "maxValueTokenIndex": values.index(m), "minValue": min(values), "values": values,
-                        "creatorId": src.creator_id, "dataSource": None, "dataIndex": str(int(docs[c])),
+                        "creatorId": src.creator_id, "dataSource": None, "dataIndex": str(texts.docs[c]),
                         "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None, "createdAt": src.created_at,
                         "lossValues": [], "logitContributions": None, "binMin": b_min, "binMax": b_max,
                         "binContains": b_contains, "qualifyingTokenIndex": pos - 1, "zIndices": None,
@@ -258,11 +274,11 @@ def write_source(
     d.mkdir(parents=True, exist_ok=True)
     for name, row in rows.items():
         (d / f"{name}.jsonl").write_bytes(_jsonl([row]))
-    bins = cfg.dashboard.neuronpedia.hist_bins
+    bins, texts = cfg.dashboard.neuronpedia.hist_bins, Texts.of(x.contexts)
     for n, batch in enumerate(x.stats.batches):
         feats, acts = [], []
         for i in batch:
-            feat, rows_i = feature_row(src, x, i, vocab, bins), activation_rows(src, x, i, vocab)
+            feat, rows_i = feature_row(src, x, i, vocab, bins), activation_rows(src, x, i, vocab, texts)
             feat["maxActApprox"] = max((a["maxValue"] for a in rows_i), default=0.0)
             feats.append(feat)
             acts += rows_i

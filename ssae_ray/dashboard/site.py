@@ -53,12 +53,14 @@ def feature_pages(
     d, s, index, table, fl = cfg.dashboard, v.spec, v.index, v.table, v.logits
     folder = tmp / "f" / s.name
     folder.mkdir(parents=True, exist_ok=True)
-    live = []
+    live: list[int] = []
+    if not d.feature_pages:
+        return live
     info = D.lookup(index)
     at = {f: i for i, f in enumerate(v.stats.features)}
     for f in range(int(s.sae.W_dec.shape[0])):
         top = D.top_contexts(index, f, d.n_top, info)
-        if not (d.feature_pages and top):
+        if not top:
             continue
         bands = D.sample_bands(index, f, d.bands, d.per_band, {c.ctx for c in top}, info)
         hist = D.histogram(v.stats, at[f]) if f in at else ([], [], [])

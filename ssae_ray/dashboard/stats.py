@@ -87,6 +87,26 @@ class FeatureStats(NamedTuple):
     corr_features: Corr | None
 
 
+def _pad(x: Tensor, k: int, fill: float) -> Tensor:
+    """[A, k'] -> [A, k], filled on the right (a batch with fewer than k tokens)."""
+    return torch.nn.functional.pad(x, (0, k - x.shape[1]), value=fill) if x.shape[1] < k else x
+
+
+def _group_bottom_k(group: Tensor, key: Tensor, code: Tensor, n_groups: int, k: int) -> tuple[Tensor, Tensor]:
+    """([n_groups, k] the k smallest keys of each group, inf where fewer; their codes, -1 where none)
+    of a sparse list of (group, key in [0, 1), code)."""
+    out_k = torch.full((n_groups, k), torch.inf, device=key.device)
+    out_c = torch.full((n_groups, k), -1, dtype=torch.long, device=key.device)
+    if key.numel():
+        order = torch.argsort(group.double() * 2 + key.double())  # keys < 1: groups stay apart, in order
+        g, kk, cc = group[order], key[order], code[order]
+        rank = torch.arange(len(g), device=g.device) - torch.searchsorted(g, g)
+        keep = rank < k
+        out_k[g[keep], rank[keep]] = kk[keep]
+        out_c[g[keep], rank[keep]] = cc[keep]
+    return out_k, out_c
+
+
 def export_batches(n: int, per_batch: int) -> list[list[int]]:
     """SAEDashboard's `NeuronpediaRunner.get_feature_batches`: `np.array_split` of the features into
     ceil(n / per_batch) near-equal groups (none when there are no features)."""
@@ -144,34 +164,47 @@ class _Run:
         valid = mask.to(fa.device).bool()
         shown = valid.clone()
         shown[:, 0] = False
-        self.n_tokens += int(valid.sum())
-        flat, v_ok, s_ok = fa.reshape(b * tb, a), valid.reshape(-1, 1), shown.reshape(-1, 1)
+        n_valid = int(valid.sum())
+        self.n_tokens += n_valid
+        flat, s_ok = fa.reshape(b * tb, a), shown.reshape(-1)
         nz = flat > 0
-        self.n_nonzero += nz.sum(0)
-        tok, feat = nz.nonzero(as_tuple=True)
-        bins = histc_bins(flat[tok, feat], self.lo[feat], self.hi[feat], self.bins)
+        tok, feat = nz.nonzero(as_tuple=True)  # the non-zero activations, sparse
+        vals = flat[tok, feat]
+        self.n_nonzero += torch.bincount(feat, minlength=a)
+        bins = histc_bins(vals, self.lo[feat], self.hi[feat], self.bins)
         self.hist.view(-1).index_add_(0, feat * self.bins + bins, torch.ones_like(bins))
         pos = torch.arange(tb, device=fa.device)
         code = ((start + torch.arange(b, device=fa.device)).unsqueeze(1) * self.t + pos).reshape(-1)
         kt = min(self.top.key.shape[-1], b * tb)
-        top = torch.where(nz & s_ok, flat, -torch.inf).topk(kt, dim=0)
+        top = torch.where(nz & s_ok[:, None], flat, -torch.inf).topk(kt, dim=0)
         self.top = _merge(self.top, top.values.T.unsqueeze(1), code[top.indices].T.unsqueeze(1), fa, start,
                           largest=True)  # fmt: skip
+        # Interval membership, both ends in: a non-zero activation can be in any interval, the zero
+        # tokens (padding aside) all lie in the first, [0, max / n].
+        inside = (vals[:, None] >= self.bounds[feat, :-1]) & (vals[:, None] <= self.bounds[feat, 1:])
+        self.interval_n.index_add_(0, feat, inside.long())
+        self.interval_n[:, 0] += n_valid - torch.bincount(feat, minlength=a)
         keys = torch.rand(b * tb, a, generator=self.gen, device=fa.device)
-        kq = min(self.samples.key.shape[-1], b * tb)
-        s_key, s_code = [], []
-        for j in range(self.bounds.shape[1] - 1):
-            inside = (flat >= self.bounds[:, j]) & (flat <= self.bounds[:, j + 1])
-            self.interval_n[:, j] += (inside & v_ok).sum(0)
-            low = torch.where(inside & s_ok, keys, torch.inf).topk(kq, dim=0, largest=False)
-            s_key.append(low.values.T)
-            s_code.append(code[low.indices].T)
-        if s_key:
-            self.samples = _merge(self.samples, torch.stack(s_key, 1), torch.stack(s_code, 1), fa, start,
-                                  largest=False)  # fmt: skip
+        self.samples = _merge(self.samples, *self._draws(flat, keys, code, s_ok, tok, feat, inside), fa, start,
+                              largest=False)  # fmt: skip
         if self.corr is not None:
-            keep = shown.reshape(-1)
-            self.corr.update(flat[keep], x.reshape(b * tb, -1)[keep].to(fa.device, torch.float32))
+            self.corr.update(flat[s_ok], x.reshape(b * tb, -1)[s_ok].to(fa.device, torch.float32))
+
+    def _draws(self, flat: Tensor, keys: Tensor, code: Tensor, s_ok: Tensor, tok: Tensor, feat: Tensor,
+               inside: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Each interval's `quantile_group_size` shown tokens with the smallest random keys (a uniform
+        draw without replacement): the first interval from all tokens, the others from the non-zero
+        activations only. ([A, n_quantiles, k] keys, codes)"""
+        a, kq = flat.shape[1], self.samples.key.shape[-1]
+        first = (flat >= self.bounds[:, 0]) & (flat <= self.bounds[:, 1]) & s_ok[:, None]
+        low = torch.where(first, keys, torch.inf).topk(min(kq, len(flat)), dim=0, largest=False)
+        key0, code0 = _pad(low.values.T, kq, torch.inf), _pad(code[low.indices].T, kq, -1)
+        nq = inside.shape[1]
+        j, n = (inside[:, 1:] & s_ok[tok, None]).nonzero(as_tuple=True)
+        t, fe = tok[j], feat[j]
+        k_rest, c_rest = _group_bottom_k(fe * (nq - 1) + n, keys[t, fe], code[t], a * (nq - 1), kq)
+        keys_all = torch.cat([key0.unsqueeze(1), k_rest.view(a, nq - 1, kq)], 1)
+        return keys_all, torch.cat([code0.unsqueeze(1), c_rest.view(a, nq - 1, kq)], 1)
 
     def result(self) -> FeatureStats:
         cpu = {k: getattr(self, k).cpu() for k in ("lo", "hi", "hist", "n_nonzero", "bounds", "interval_n")}
@@ -201,9 +234,10 @@ class _CorrSums:
         self.f2_sum += (f * f).sum(0).double()
         self.x_sum += x.sum(0).double()
         self.x2_sum += (x * x).sum(0).double()
-        self.fx += (f.T @ x).double()
+        ft = f.T.contiguous()
+        self.fx += (ft @ x).double()
         for (s, e), ff in zip(self.spans, self.ff):
-            ff += (f[:, s:e].T @ f[:, s:e]).double()
+            ff += (ft[s:e] @ ft[s:e].T).double()
 
     def tables(self, features: list[int]) -> tuple[Corr, Corr]:
         neurons = _top_pearson(self.n, self.f_sum, self.f2_sum, self.x_sum, self.x2_sum, self.fx, False)
