@@ -4,8 +4,8 @@
     python benchmarks/bench_dashboard.py --preset tiny workdir=/tmp/t
 
 Rebuilds the sweep's dashboard (its evaluation must exist; it is reused), logs it to the sweep's
-MLflow parent run as `ssae-ray dashboard --force` does, and prints the time of each part (in-domain + general LM forwards, the rest of the scans, tables and
-logit lens, pages and export), the process's peak resident memory above its level with the LM and
+MLflow parent run as `ssae-ray dashboard --force` does, and prints the time of each part (in-domain + general LM forwards, the rest of the scans, the second
+in-domain pass for SAEDashboard's statistics, tables and logit lens, pages and export), the process's peak resident memory above its level with the LM and
 the SAEs loaded, and the site's size.
 """
 
@@ -95,8 +95,13 @@ def print_table(cfg, man, wall, peak, base, t_log) -> None:
             "rest of the scans (SAE encode, top-k / sample / window merges, histograms)",
             sec["scan"] - sec["lm"],
         ),
+        (
+            "second in-domain pass: SAEDashboard's statistics (LM, histograms, token samples, correlations)",
+            sec.get("stats", 0.0),
+        ),
         ("tables, logit lens, nearest GSAE rows", sec["tables"]),
-        ("pages, index, diff, Neuronpedia export", sec["pages"]),
+        ("pages, index, diff", sec["pages"] - sec.get("export", 0.0)),
+        ("Neuronpedia export", sec.get("export", 0.0)),
     ]
     rows.append(("loading the SAEs, tokenising, other", wall - sum(v for _, v in rows)))
     saes = man["saes"]
@@ -113,6 +118,8 @@ def print_table(cfg, man, wall, peak, base, t_log) -> None:
         print(f"| MLflow logging (after the build) | {t_log:.1f} | |")
     print(f"\npeak RSS {peak:.0f} MiB; {peak - base:.0f} MiB above the {base:.0f} MiB with the LM loaded")
     print(f"site: {man['files']} files, {man['bytes'] / 2**20:.1f} MiB, {man['feature_pages']} feature pages")
+    for e in man.get("neuronpedia", []):
+        print(f"Neuronpedia source {e['path']}: {e['features']} features exported, {e['skipped']} never fire")
 
 
 def standin(cfg, lm, n: int) -> None:

@@ -44,6 +44,16 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "setup: no chromium; the dashboard's browser tests will skip (install it: apt-get install chromium)"
   fi
 fi
+# PostgreSQL for the Neuronpedia import test (tests/test_dashboard.py starts its own throwaway server
+# from Debian's binaries): the OS package, installed when missing and this runs as root.
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing postgresql (apt) for the Neuronpedia import test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "setup: no postgresql; the Neuronpedia import test will skip (install it: apt-get install postgresql)"
+  fi
+fi
 python - <<'PY'
 import torch
 print(f"setup: ok (torch {torch.__version__}, cuda={torch.cuda.is_available()})")

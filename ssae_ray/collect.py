@@ -4,9 +4,9 @@
 keeps, per SAE and feature, only bounded state (never a dense tokens x features matrix): the
 top-K contexts by max activation (a running `torch.topk` merge), a uniform sample of activating
 contexts (a bottom-k merge of random keys: priority sampling without replacement), counts, the
-sparse set of activating (context, feature) pairs, an exact histogram of token activations over
-fixed log-spaced bins, and optionally the token activations of a `window` around each kept
-context's strongest token (what a dashboard shows, so it needs no second LM pass).
+sparse set of activating (context, feature) pairs, each feature's largest and smallest non-zero
+activation (the range of the dashboard's histograms, `ssae_ray/dashboard/stats.py`), and optionally
+the token activations of a `window` around each kept context's strongest token.
 
 Auto-interp's example builder and the feature dashboard both read these indexes. Position 0 of
 every context is excluded (its norm is an outlier).
@@ -23,9 +23,28 @@ from tqdm.auto import tqdm
 
 from ssae_ray.models import LM, TokenBatch, capture, iter_batches
 
-HIST_EDGES = torch.logspace(-3, 3, 49)
-"""Edges of the activation histogram: 48 log-spaced bins over [1e-3, 1e3] (values outside fall in
-the end bins)."""
+
+def histc_bins(v: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """The bin `torch.histc(x, bins)` puts each value of `v` in, where x (one row of values) has
+    min `lo` and max `hi` (broadcast with `v`, e.g. one range per feature): histc's linear
+    interpolation in the values' dtype, `int((v - lo) * bins / (hi - lo))`, the top edge in the last
+    bin, and `lo == hi` widened to [lo - 1, hi + 1] as histc does (PyTorch's
+    `aten/src/ATen/native/cpu/HistogramKernel.cpp`, `histc_select_outer_bin_edges`). Values
+    outside [lo, hi] are clamped into the end bins (histc would drop them)."""
+    same = lo == hi
+    lo, hi = torch.where(same, lo - 1, lo), torch.where(same, hi + 1, hi)
+    pos = ((v - lo) * bins / (hi - lo)).long()
+    return pos.clamp(0, bins - 1)
+
+
+def histc_centres(lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """[R, bins] bar values of SAEDashboard's `HistogramData.from_data` (`sae_dashboard/utils_fns.py`)
+    for rows with data range [lo, hi] ([R] each): `torch.linspace(lo, hi, bins + 1)[:-1]` plus half
+    a bin, as it computes them (float32, unrounded)."""
+    rows = [
+        torch.linspace(a, b, bins + 1)[:-1] + (b - a) / bins / 2 for a, b in zip(lo.tolist(), hi.tolist())
+    ]
+    return torch.stack(rows) if rows else torch.zeros(0, bins)
 
 
 class Windows(NamedTuple):
@@ -54,8 +73,10 @@ class ActivationIndex(NamedTuple):
     """Tokens scanned (positions 1.. of real tokens)."""
     sample_acts: Tensor | None = None
     """[F, S] max activation of each sampled context (-inf where fewer)."""
-    hist: Tensor | None = None
-    """[F, len(HIST_EDGES) - 1] activating tokens per activation bin."""
+    max_act: Tensor | None = None
+    """[F] largest activation on any scanned token (0 where it never fires)."""
+    min_act: Tensor | None = None
+    """[F] smallest non-zero (> 0) activation (inf where it never fires)."""
     top_win: Windows | None = None
     """Windows of the top contexts (when scanned with `window > 0`)."""
     sample_win: Windows | None = None
@@ -130,7 +151,8 @@ class _Running:
         self.sample_acts = torch.full((d_sae, k_sample), -torch.inf)
         self.n_ctx = torch.zeros(d_sae, dtype=torch.long)
         self.n_tok = torch.zeros(d_sae, dtype=torch.long)
-        self.hist = torch.zeros(d_sae * (len(HIST_EDGES) - 1), dtype=torch.long)
+        self.max_act = torch.zeros(d_sae)
+        self.min_act = torch.full((d_sae,), torch.inf)
         self.pairs: list[Tensor] = []
         if window:
             self.top_win = Windows(torch.full((d_sae, k_top), -1), torch.zeros(d_sae, k_top, window))
@@ -141,11 +163,9 @@ class _Running:
         b, d = f.shape[0], self.d_sae
         active = f > self.threshold
         self.n_tok += active.sum((0, 1)).cpu()
-        nz = active.nonzero()
-        on = f[nz[:, 0], nz[:, 1], nz[:, 2]]
-        nb = len(HIST_EDGES) - 1
-        bins = (torch.bucketize(on, HIST_EDGES.to(on.device)) - 1).clamp(0, nb - 1)
-        self.hist += torch.bincount(nz[:, 2] * nb + bins, minlength=d * nb).cpu()
+        self.max_act = torch.maximum(self.max_act, f.amax((0, 1)).cpu())
+        pos_min = torch.where(f > 0, f, torch.inf).amin((0, 1)).cpu()
+        self.min_act = torch.minimum(self.min_act, pos_min)
         ctx_max = f.amax(1).cpu()
         ctx_active = active.any(1).cpu()
         self.n_ctx += ctx_active.sum(0)
@@ -172,7 +192,6 @@ class _Running:
         self.top_ctx[self.top_acts == -torch.inf] = -1
         self.sample_ctx[self.keys == torch.inf] = -1
         pairs = torch.cat(self.pairs).sort().values if self.pairs else torch.zeros(0, dtype=torch.long)
-        hist = self.hist.view(self.d_sae, -1)
         top_win = sample_win = None
         if self.window:
             top_win = self.top_win._replace(start=self.top_win.start.masked_fill(self.top_ctx < 0, -1))
@@ -180,7 +199,8 @@ class _Running:
                 start=self.sample_win.start.masked_fill(self.sample_ctx < 0, -1)
             )
         return ActivationIndex(contexts, self.top_acts, self.top_ctx, self.sample_ctx, self.n_ctx, self.n_tok,
-                               pairs, n_tokens, self.sample_acts, hist, top_win, sample_win)  # fmt: skip
+                               pairs, n_tokens, self.sample_acts, self.max_act, self.min_act, top_win,
+                               sample_win)  # fmt: skip
 
 
 def scan_many(

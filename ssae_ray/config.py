@@ -448,6 +448,50 @@ class AutoInterpConfig:
 
 
 @dataclass(frozen=True)
+class NeuronpediaConfig:
+    """The Neuronpedia export: the ids Neuronpedia's importer keys its rows by (model, source set,
+    creator), and what each feature shows, with the defaults of SAEDashboard's neuronpedia runner
+    (`sae_dashboard/neuronpedia/neuronpedia_runner_config.py`). See `ssae_ray/dashboard/export.py`."""
+
+    model: str | None = None
+    """Neuronpedia's id of the model (`gemma-2-2b`, `pythia-70m-deduped`, `llama3.1-8b`), written as it
+    is so the SAEs attach to the model Neuronpedia already has; None: the last part of `model.source`,
+    lower-cased (`EleutherAI/pythia-70m-deduped` -> `pythia-70m-deduped`)."""
+    set_name: str | None = None
+    """Source-set prefix: each SAE is the source set `<prefix>-<SAE name>` with the source
+    `<layer>-<prefix>-<SAE name>`; None: the config's `name`."""
+    release: str | None = None
+    """The release (Neuronpedia's group of source sets) every SAE of the sweep joins; None: the prefix."""
+    release_title: str | None = None
+    """The release's description; None: `<name>: specialized SAEs (ssae-ray)`."""
+    url: str | None = None
+    """A link shown with the release (paper, repository)."""
+    creator_id: str = "clkht01d40000jv08hvalcvly"
+    """`creatorId` of every row: an existing Neuronpedia user (a foreign key; the import aborts
+    otherwise). The default is Neuronpedia's `DEFAULT_CREATOR_USER_ID` (the seeded bot user, also in
+    its default `PUBLIC_ACTIVATIONS_USER_IDS`, whose activations it shows)."""
+    creator_name: str = "ssae-ray"
+    """Shown as the source set's and release's creator."""
+    dataset: str | None = None
+    """The source's `dataset` (a Hugging Face dataset id); None: the in-domain test source's Hub id
+    when it is one (`corpus.sources.test.path` or `corpus.test_path`), else empty."""
+    top_acts: int = 20
+    """Top-activating tokens exported per feature (SAEDashboard's `top_acts_group_size`)."""
+    n_quantiles: int = 5
+    """Equal activation intervals of [0, max] sampled per feature (`n_quantiles`)."""
+    quantile_group_size: int = 5
+    """Tokens sampled per interval (`quantile_group_size`)."""
+    hist_bins: int = 50
+    """Bins of the activation and logit histograms (SAEDashboard's `ActsHistogramConfig.n_bins`)."""
+    features_per_batch: int = 128
+    """Features per `batch-N.jsonl.gz` file, and the group correlated features are drawn from
+    (`n_features_at_a_time`)."""
+    correlations: bool = True
+    """Compute the correlated neurons (the SAE's input dimensions) and correlated features (within a
+    batch) tables; costs a [features x d_model] running sum per SAE."""
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     enabled: bool = True
     """Build the feature dashboard as a stage of the physics job (after evaluation and auto-interp);
@@ -479,9 +523,8 @@ class DashboardConfig:
     """Write a page per feature that fires (the index still lists every feature)."""
     export: bool = True
     """Also write the Neuronpedia export (SAEDashboard's `neuronpedia_export` layout) per SAE."""
-    neuronpedia_model: str | None = None
-    """Model id written into the export (Neuronpedia's id of the model, e.g. `gemma-2-2b`); None: a slug
-    of `model.source`."""
+    neuronpedia: NeuronpediaConfig = field(default_factory=NeuronpediaConfig)
+    """What the Neuronpedia export is keyed by and shows (`dashboard.neuronpedia.*`)."""
 
 
 @dataclass(frozen=True)
@@ -865,6 +908,7 @@ REMOVED: dict[str, str] = {
     "train.skip_first_position": "position 0 is always left out of training, caching and scoring "
     "(its norm is ~7x the median: docs/CALIBRATION.md)",
     "train.use_activation_cache": "sweeps and finetunes always train from the activation cache",
+    "dashboard.neuronpedia_model": "it moved to dashboard.neuronpedia.model (now written as it is, not slugged)",
     "train.shuffle_buffer_batches": "activation caches are read in a full seeded permutation per epoch; "
     "in-memory streams take `finetune(..., buffer_batches=N)`",
 }
@@ -1011,6 +1055,23 @@ CHECKS: dict[str, Check] = {
     "dashboard.general_contexts": positive,
     "dashboard.new_cos": between(-1, 1),
     "dashboard.diff_top": positive,
+    "dashboard.neuronpedia.model": matches(
+        r"[A-Za-z0-9][A-Za-z0-9._\-]*", "Neuronpedia's model id, e.g. gemma-2-2b"
+    ),
+    "dashboard.neuronpedia.set_name": matches(
+        r"[a-z0-9][a-z0-9\-]*", "lower-case letters, digits and '-', e.g. res-ssae"
+    ),
+    "dashboard.neuronpedia.release": matches(
+        r"[a-z0-9][a-z0-9.\-]*", "lower-case letters, digits, '.' and '-'"
+    ),
+    "dashboard.neuronpedia.creator_id": matches(
+        r"[a-z0-9]+", "a Neuronpedia user id, e.g. clkht01d40000jv08hvalcvly"
+    ),
+    "dashboard.neuronpedia.top_acts": positive,
+    "dashboard.neuronpedia.n_quantiles": positive,
+    "dashboard.neuronpedia.quantile_group_size": positive,
+    "dashboard.neuronpedia.hist_bins": positive,
+    "dashboard.neuronpedia.features_per_batch": positive,
     "shift.probe_lr": above(0),
     "shift.probe_epochs": positive,
     "shift.max_features": positive,

@@ -101,11 +101,15 @@ def test_defaults_and_presets_pass_the_value_checks():
     # every rule names a real key (a typo in the table would silently check nothing)
     import dataclasses
 
-    keys = {f.name for f in dataclasses.fields(Config)}
-    for f in dataclasses.fields(Config):
-        if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
-            keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)}
-    assert set(CHECKS) <= keys, sorted(set(CHECKS) - keys)
+    def keys(cls: type, where: str = "") -> set[str]:  # nested sections too (dashboard.neuronpedia.*)
+        out = set()
+        for f in dataclasses.fields(cls):
+            out.add(where + f.name)
+            if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                out |= keys(f.default_factory, f"{where}{f.name}.")
+        return out
+
+    assert set(CHECKS) <= keys(Config), sorted(set(CHECKS) - keys(Config))
 
 
 def test_a_field_can_carry_its_own_rule():

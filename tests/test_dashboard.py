@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import gzip
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -15,14 +17,17 @@ import torch
 from autointerp_fixtures import HOOK, make_texts, sparse_sae, tiny_lm
 from browser import Browser
 
-from ssae_ray.collect import feature_acts, scan_many
+from ssae_ray.collect import encode, feature_acts, scan_many
 from ssae_ray.config import load_config
 from ssae_ray.dashboard import SAESpec, build_dashboard, scan_contexts
+from ssae_ray.dashboard import export as X
 from ssae_ray.dashboard.build import diff_order, in_domain_contexts
 from ssae_ray.dashboard.export import read_export
+from ssae_ray.dashboard.stats import scan_stats
 from ssae_ray.dashboard.sweep import matched_ssaes
 from ssae_ray.eval.evaluate import prepare_test_set, token_positions
-from ssae_ray.models import TokenBatch, capture, tokenize_docs
+from ssae_ray.eval.logit_lens import feature_logits, final_norm_scale, lm_unembed
+from ssae_ray.models import TokenBatch, capture, iter_batches, tokenize_docs
 from ssae_ray.stages import StageError
 
 P = 7  # the planted feature: its decoder row replaced in the SSAE, encoder firing on ~10% of tokens
@@ -88,7 +93,9 @@ def test_collector_windows_histogram_and_prefix_property(lm, texts, specs):
     head = big.head(3, 4)
     # The same top values (contexts may differ only among ties) and the same random sample.
     assert torch.equal(head.top_acts, small.top_acts) and torch.equal(head.sample_ctx, small.sample_ctx)
-    assert torch.equal(big.hist.sum(1), big.n_active_tok)  # every activating token is in one bin
+    fires = big.n_active_tok > 0  # the range of the dashboard's histograms
+    assert torch.equal(big.max_act[fires], big.top_acts[fires, 0]) and (big.max_act[~fires] == 0).all()
+    assert (big.min_act[fires] > 0).all() and (big.min_act[fires] <= big.max_act[fires]).all()
     f = P
     k = 0
     c, s = int(big.top_ctx[f, k]), int(big.top_win.start[f, k])
@@ -145,34 +152,325 @@ def test_diff_ranks_the_replaced_decoder_row_first(built, specs, cfg):
 
 
 def test_export_one_record_per_feature_with_evaluate_values(built, specs, lm, texts):
-    out, _ = built
+    out, indexes = built
     sources = sorted((out / "neuronpedia").glob("*/*"))
+    assert [p.parent.name for p in sources] == ["tiny", "tiny"]  # Neuronpedia's model id: model.source
     assert [p.name for p in sources] == ["1-tiny-gsae", "1-tiny-ssae"]
     for name in ("release", "model", "sourceset", "source"):
         assert (sources[1] / f"{name}.jsonl").read_text().count("\n") == 1
     feats, acts = read_export(sources[1])
-    assert [f["index"] for f in feats] == list(range(128))
-    for key in ("maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str", "neg_values",
-                "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "modelId", "layer"):  # fmt: skip
-        assert key in feats[P], key
-    assert len(feats[P]["pos_str"]) == 10 and feats[P]["pos_values"] == sorted(
-        feats[P]["pos_values"], reverse=True
-    )
+    alive = (indexes["ssae"].max_act > 0).nonzero().flatten().tolist()
+    assert [f["index"] for f in feats] == alive and P in alive
+    feat = next(f for f in feats if f["index"] == P)
+    assert len(feat["pos_str"]) == 10 and feat["pos_values"] == sorted(feat["pos_values"], reverse=True)
     mine = [a for a in acts if a["index"] == P]
     assert len({a["id"] for a in acts}) == len(acts)
     top = [a for a in mine if a["binMin"] == -1]
-    assert top and top[0]["maxValue"] == pytest.approx(feats[P]["maxActApprox"], rel=1e-4)
-    # The same feature and tokens through evaluation's test-set capture.
-    sae = specs[1].sae
+    assert top and top[0]["maxValue"] == feat["maxActApprox"]
+    # The same feature and tokens through evaluation's test-set capture (an independent path).
+    sae, vocab = specs[1].sae, lm.tokenizer.convert_ids_to_tokens
     for rec in top[:3]:
-        doc = int(rec["dataIndex"])
-        ts = prepare_test_set(lm, "test", [texts[doc]], [HOOK], 32)
-        pos = token_positions(ts)[0]
-        f = sae.encode(ts.acts[HOOK][0]).detach()[:, P] * pos
-        strs = [lm.tokenizer.decode([i]) for i in ts.tokens.input_ids[0].tolist()]
+        ts = prepare_test_set(lm, "test", [texts[int(rec["dataIndex"])]], [HOOK], 32)
+        f = sae.encode(ts.acts[HOOK][0]).detach()[:, P] * token_positions(ts)[0]
+        strs = [t.replace("Ġ", " ") for t in vocab(ts.tokens.input_ids[0].tolist())]
         n = len(rec["tokens"])
         s = next(i for i in range(len(strs) - n + 1) if strs[i : i + n] == rec["tokens"])
-        np.testing.assert_allclose(rec["values"], f[s : s + n].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rec["values"], f[s : s + n].float().numpy(), rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Neuronpedia export: SAEDashboard's definitions, Neuronpedia's importer on a real PostgreSQL
+
+
+SWAPS = {"âĢĶ": "—", "âĢĵ": "–", "âĢľ": "“", "âĢĿ": "”", "âĢĺ": "‘", "âĢĻ": "’", "âĢĭ": " ", "Ġ": " ", "Ċ": "\n",
+         "ĉ": "\t"}  # fmt: skip
+"""SAEDashboard's `HTML_ANOMALIES` (`sae_dashboard/neuronpedia/neuronpedia_runner.py`)."""
+
+
+def _title_float(x: float, fmt: str) -> float:
+    """A number as it comes back out of SAEDashboard's sequence-group titles."""
+    return float(format(x, fmt).rstrip("%")) / (100 if fmt.endswith("%") else 1)
+
+
+@pytest.fixture(scope="module")
+def planted(built, specs, lm, cfg):
+    """The planted SSAE feature's activations on every scanned context, computed as the dashboard's
+    pass computes them (same batches: bit-identical in fp32 and bf16), and its exported rows."""
+    out, indexes = built
+    ctx = indexes["ssae"].contexts
+    sae, n, t = specs[1].sae, ctx.input_ids.shape[0], ctx.input_ids.shape[1]
+    acts, xs = torch.zeros(n, t, 128), torch.zeros(n, t, lm.d_model)
+    s = 0
+    for b in iter_batches(ctx, cfg.model.batch_size):
+        x = capture(lm, b.input_ids, b.attention_mask, [HOOK])[HOOK]
+        acts[s : s + len(x), : x.shape[1]] = encode(sae, x, b.attention_mask)
+        xs[s : s + len(x), : x.shape[1]] = x
+        s += len(x)
+    feats, rows = read_export(out / "neuronpedia" / "tiny" / "1-tiny-ssae")
+    return acts, xs, ctx, feats, rows
+
+
+def test_histograms_follow_saedashboards_definitions(planted, specs, lm):
+    acts, _, ctx, feats, _ = planted
+    feat = next(f for f in feats if f["index"] == P)
+    data = acts[..., P][ctx.attention_mask.bool()]  # every real token; position 0 is 0 (masked, like BOS)
+    nz = data[data > 0]
+    # sae_vis_runner.py: the density title, and HistogramData.from_data (utils_fns.py) of the non-zero acts.
+    assert feat["frac_nonzero"] == _title_float(nz.numel() / data.numel(), ".3%")
+    lo, hi = nz.min().item(), nz.max().item()
+    edges = torch.linspace(lo, hi, 51)
+    assert feat["freq_hist_data_bar_heights"] == torch.histc(nz, bins=50).int().tolist()
+    assert feat["freq_hist_data_bar_values"] == [
+        round(x, 5) for x in (edges[:-1] + (hi - lo) / 50 / 2).tolist()
+    ]
+    # The logit histogram over the vocabulary, and the logit table, of the same direction.
+    w_u, norm = lm_unembed(lm)
+    scale, centre = final_norm_scale(norm)
+    d = specs[1].sae.W_dec[P].detach().float()
+    logits = ((d - d.mean()) * scale if centre else d * scale) @ w_u.T
+    assert feat["logits_hist_data_bar_heights"] == torch.histc(logits, bins=50).int().tolist()
+    l_lo, l_hi = logits.min().item(), logits.max().item()
+    l_edges = torch.linspace(l_lo, l_hi, 51)
+    np.testing.assert_allclose(feat["logits_hist_data_bar_values"], (l_edges[:-1] + (l_hi - l_lo) / 100).tolist(),
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(feat["pos_values"], logits.topk(10).values.tolist(), atol=1e-5)
+    # Neuron alignment: the decoder row's top 3 and their share of its L1 norm (data_parsing_fns.py).
+    top3 = d.topk(3)
+    assert feat["neuron_alignment_indices"] == top3.indices.tolist()
+    np.testing.assert_allclose(
+        feat["neuron_alignment_l1"], (top3.values.abs() / d.abs().sum()).tolist(), atol=1e-5
+    )
+
+
+def test_bins_and_tokens_follow_saedashboards_definitions(planted, lm):
+    acts, _, ctx, feats, rows = planted
+    feat = next(f for f in feats if f["index"] == P)
+    mine = [r for r in rows if r["index"] == P]
+    a = acts[..., P]
+    valid = ctx.attention_mask.bool()
+    data, shown = a[valid], valid.clone()
+    shown[:, 0] = False  # SAEDashboard shows every position but the first
+    vocab = {i: s for s, i in lm.tokenizer.get_vocab().items()}
+    for k in list(vocab):
+        for bad, good in SWAPS.items():
+            vocab[k] = vocab[k].replace(bad, good)
+    # Each row: the whole context but position 0, vocabulary strings, activations to 4 decimals.
+    for r in mine:
+        cands = [c for c in range(len(a)) if int(ctx.doc_index[c]) == int(r["dataIndex"])]
+        c = next(c for c in cands if [vocab[i] for i in ctx.input_ids[c, 1 : len(r["tokens"]) + 1].tolist()]
+                 == r["tokens"])  # fmt: skip
+        n = int(ctx.attention_mask[c].sum())
+        assert len(r["tokens"]) == n - 1 and r["values"] == [round(v, 4) for v in a[c, 1:n].tolist()]
+        assert r["maxValue"] == max(r["values"]) and r["values"][r["maxValueTokenIndex"]] == r["maxValue"]
+        r["_act"] = a[c, r["qualifyingTokenIndex"] + 1].item()
+    assert any(t.startswith(" ") for r in mine for t in r["tokens"])  # `Ġ` swapped, as SAEDashboard does
+    assert feat["maxActApprox"] == max(r["maxValue"] for r in mine)
+    # Top activations: the 20 largest token activations (get_indices_dict; k_largest_indices).
+    top = [r for r in mine if r["binMin"] == -1]
+    best = a[shown & (a > 0)].topk(min(20, int((shown & (a > 0)).sum()))).values.tolist()
+    assert [r["_act"] for r in top] == best
+    assert {(r["binMax"], r["binContains"]) for r in top} == {(_title_float(data.max().item(), ".3f"), -1)}
+    # Intervals of linspace(0, max, 6), highest first: the share of all tokens in each (both ends in),
+    # and up to 5 of its tokens drawn from it.
+    q = torch.linspace(0, data.max().item(), 6)
+    groups = [r for r in mine if r["binMin"] != -1]
+    want = []
+    for i in range(4, -1, -1):
+        lower, upper = q[i : i + 2].tolist()
+        share = ((data >= lower) & (data <= upper)).float().mean().item()
+        inside = [r for r in groups if r["binMin"] == _title_float(lower, ".3f")]
+        assert len(inside) == min(5, int(((a >= lower) & (a <= upper) & shown).sum()))
+        assert all(
+            lower <= r["_act"] <= upper and r["binContains"] == _title_float(share, ".3%") for r in inside
+        )
+        assert all(r["binMax"] == _title_float(upper, ".3f") for r in inside)
+        want += [_title_float(lower, ".3f")] * len(inside)
+    assert [r["binMin"] for r in groups] == want  # in that order
+
+
+def test_correlated_neurons_and_features(planted, built):
+    acts, xs, ctx, feats, _ = planted
+    feat = next(f for f in feats if f["index"] == P)
+    keep = ctx.attention_mask.bool().clone()
+    keep[:, 0] = False
+    f, x = acts[keep].double().numpy(), xs[keep].double().numpy()
+    # Pearson of the feature with each input dimension of the SAE (RollingCorrCoef, utils_fns.py).
+    fc, xc = f[:, P] - f[:, P].mean(), x - x.mean(0)
+    pearson = (fc @ xc) / np.sqrt((fc @ fc) * (xc * xc).sum(0))
+    assert feat["correlated_neurons_indices"] == np.argsort(-pearson)[:3].tolist()
+    np.testing.assert_allclose(feat["correlated_neurons_pearson"], np.sort(pearson)[::-1][:3], atol=1e-4)
+    cos = (f[:, P] @ x) / np.sqrt((f[:, P] @ f[:, P]) * (x * x).sum(0))
+    np.testing.assert_allclose(
+        feat["correlated_neurons_l1"], cos[feat["correlated_neurons_indices"]], atol=1e-4
+    )
+    # ... and with the other features of its batch (the same 128-feature split as the files).
+    batch = next(b for b in _batches(built) if P in b)
+    g = f[:, batch] - f[:, batch].mean(0)
+    p = (g[:, batch.index(P)] @ g) / np.sqrt((g[:, batch.index(P)] ** 2).sum() * (g * g).sum(0))
+    p[batch.index(P)] = 0.0
+    assert feat["correlated_features_indices"] == [batch[i] for i in np.argsort(-p)[:3]]
+    np.testing.assert_allclose(feat["correlated_features_pearson"], np.sort(p)[::-1][:3], atol=1e-4)
+
+
+def _batches(built) -> list[list[int]]:
+    out, _ = built
+    folder = out / "neuronpedia" / "tiny" / "1-tiny-ssae" / "features"
+    return [[json.loads(x)["index"] for x in gzip.decompress(p.read_bytes()).splitlines()]
+            for p in sorted(folder.glob("*.jsonl.gz"))]  # fmt: skip
+
+
+def _stats(cfg, lm, sae, name, index):
+    """One SAE through the dashboard's second pass (what `build_dashboard` runs for every SAE)."""
+    stats = scan_stats(lm, {name: (sae, HOOK)}, {name: index}, cfg.dashboard.neuronpedia, cfg.model.batch_size,
+                       progress=False)[name]  # fmt: skip
+    w_u, norm = lm_unembed(lm)
+    fl = feature_logits(sae.W_dec, w_u, norm, 10, cfg.dashboard.neuronpedia.hist_bins)
+    return X.SAEInputs(stats, fl, sae.W_dec, index.contexts)
+
+
+def _export_one(cfg, lm, x, name, out, created_at="2026-01-01T00:00:00.000Z"):
+    """One SAE's source folder, written as `build_dashboard` writes it."""
+    src = X.source_for(cfg, name, HOOK)._replace(created_at=created_at)
+    vocab = X.vocab_strings(lm.tokenizer, int(lm.model.config.vocab_size))
+    meta = {"description": name, "d_model": lm.d_model, "n_layers": 2, "n_prompts": 1, "n_ctx": 32}
+    return X.write_source(out, cfg, src, x, meta, vocab)
+
+
+def test_two_saes_exported_in_the_same_second_keep_distinct_ids(cfg, lm, texts, specs, tmp_path):
+    """Identical SAEs, exported at the same instant under two names: no id in common (SAEDashboard's
+    pid + second + counter ids collide, and the importer's ON CONFLICT DO NOTHING drops the second's);
+    the same source exported again: the same ids (so a re-import adds nothing)."""
+    ctx = in_domain_contexts(cfg, lm, texts)
+    index = scan_many(lm, {"s": (specs[0].sae, HOOK)}, ctx, 1, 1, cfg.model.batch_size, progress=False)["s"]
+    x = _stats(cfg, lm, specs[0].sae, "s", index)
+    ids = {}
+    for name, out in (("a", "x"), ("b", "x"), ("a", "y")):
+        ids[name, out] = [r["id"] for r in read_export(_export_one(cfg, lm, x, name, tmp_path / out))[1]]
+    assert len(ids["a", "x"]) == len(ids["b", "x"]) > 0 and not set(ids["a", "x"]) & set(ids["b", "x"])
+    assert len(set(ids["a", "x"])) == len(ids["a", "x"]) and ids["a", "x"] == ids["a", "y"]
+    assert all(len(i) == 25 and i[0] == "c" and i.isalnum() for i in ids["a", "x"])
+
+
+def test_dead_features_are_skipped_and_no_batch_file_is_empty(cfg, lm, texts, specs, tmp_path):
+    ctx = in_domain_contexts(cfg, lm, texts)
+    c = cfg.replace(dashboard={"neuronpedia": {"features_per_batch": 32}})
+    part, dead = copy.deepcopy(specs[0].sae), copy.deepcopy(specs[0].sae)
+    with torch.no_grad():
+        part.b_enc[:40] = -1e4  # the first 40 features never fire: a whole batch of them
+        dead.b_enc[:] = -1e4
+    saes = {"part": (part, HOOK), "dead": (dead, HOOK)}
+    idx = scan_many(lm, saes, ctx, 1, 1, c.model.batch_size, progress=False)
+    folder = _export_one(c, lm, _stats(c, lm, part, "part", idx["part"]), "part", tmp_path)
+    feats, rows = read_export(folder)
+    alive = [f for f in range(128) if idx["part"].max_act[f] > 0]
+    assert (
+        min(alive) >= 40 and [f["index"] for f in feats] == alive and {r["index"] for r in rows} == set(alive)
+    )
+    n = -(-len(alive) // 32)
+    for sub in ("features", "activations"):
+        files = sorted((folder / sub).glob("*.jsonl.gz"))
+        assert [p.name for p in files] == sorted(f"batch-{i}.jsonl.gz" for i in range(n))
+        assert all(gzip.decompress(p.read_bytes()).count(b"\n") >= 1 for p in files)
+    skipped = json.loads((folder / "skipped_indexes.json").read_text())["skipped_indexes"]
+    assert skipped == [f for f in range(128) if f not in alive]
+    none = _export_one(c, lm, _stats(c, lm, dead, "dead", idx["dead"]), "dead", tmp_path)
+    assert not list(none.rglob("*.jsonl.gz"))
+    assert len(json.loads((none / "skipped_indexes.json").read_text())["skipped_indexes"]) == 128
+
+
+@pytest.fixture(scope="module")
+def neuronpedia_db():
+    """A fresh PostgreSQL server per module; each test makes its own database in it."""
+    from ssae_ray.testing import postgres
+
+    if postgres.missing():
+        pytest.skip(postgres.missing())
+    with postgres.PostgresServer() as server:
+        yield server
+
+
+def test_export_imports_into_neuronpedia(built, neuronpedia_db):
+    """Neuronpedia's importer, step for step, into its schema on a real PostgreSQL: every exported row
+    lands, the counts equal the export's, and a second import adds nothing."""
+    from ssae_ray.testing.neuronpedia import DEFAULT_USER, counts, fresh_database, import_source
+
+    out, _ = built
+    sources = sorted((out / "neuronpedia").glob("*/*"))
+    feats = [f for s in sources for f in read_export(s)[0]]
+    acts = [a for s in sources for a in read_export(s)[1]]
+    with fresh_database(neuronpedia_db, "sweep") as conn:
+        for s in sources:
+            import_source(conn, s)
+        got = counts(conn)
+        assert got == {"User": 1, "Model": 1, "SourceRelease": 1, "SourceSet": 2, "Source": 2,
+                       "Neuron": len(feats), "Activation": len(acts)}  # fmt: skip
+        neurons = conn.execute('SELECT "modelId", "layer", "index", "frac_nonzero", "freq_hist_data_bar_heights", '
+                               '"correlated_features_indices", "creatorId" FROM "Neuron"').fetchall()  # fmt: skip
+        want = {(f["modelId"], f["layer"], str(f["index"])): f for f in feats}
+        assert {n[:3] for n in neurons} == set(want)
+        for n in neurons:
+            f = want[n[:3]]
+            assert (n[3], n[4], n[5], n[6]) == (f["frac_nonzero"], f["freq_hist_data_bar_heights"],
+                                                f["correlated_features_indices"], DEFAULT_USER)  # fmt: skip
+        rows = conn.execute('SELECT "id", "tokens", "values", "binMin", "binContains", "qualifyingTokenIndex", '
+                            '"creatorId" FROM "Activation"').fetchall()  # fmt: skip
+        by_id = {a["id"]: a for a in acts}
+        assert {r[0] for r in rows} == set(by_id)
+        for r in rows:
+            a = by_id[r[0]]
+            assert list(r[1:]) == [a["tokens"], a["values"], a["binMin"], a["binContains"],
+                                   a["qualifyingTokenIndex"], DEFAULT_USER]  # fmt: skip
+        for s in sources:
+            import_source(conn, s)
+        assert counts(conn) == got
+
+
+def test_neuronpedias_schema_refuses_what_its_importer_would(built, neuronpedia_db, tmp_path):
+    """The database has teeth: a creatorId that is no user (the old export's `ssae-ray`) aborts the
+    import at the model, and an empty batch file at its first line, as in Neuronpedia."""
+    import psycopg
+
+    from ssae_ray.testing.neuronpedia import fresh_database, import_source
+
+    out, _ = built
+    src = sorted((out / "neuronpedia").glob("*/*"))[1]
+    bad = tmp_path / "tiny" / src.name
+    shutil.copytree(src, bad)
+    model = json.loads((bad / "model.jsonl").read_text())
+    (bad / "model.jsonl").write_text(json.dumps({**model, "creatorId": "ssae-ray"}) + "\n")
+    with fresh_database(neuronpedia_db, "refuse") as conn:
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="Model_creatorId_fkey"):
+            import_source(conn, bad)
+        (bad / "model.jsonl").write_text(json.dumps(model) + "\n")
+        (bad / "activations" / "batch-9.jsonl.gz").write_bytes(gzip.compress(b""))
+        with pytest.raises(json.JSONDecodeError):
+            import_source(conn, bad)
+
+
+def test_neuronpedia_ids_come_from_the_config_with_neuronpedias_defaults(cfg):
+    """The model id as Neuronpedia names it (not slugged), the source set from the config name, the
+    creator Neuronpedia's default user; a wrong value or the old key is a clear error."""
+    from ssae_ray.config import ConfigError
+
+    assert X.default_model_id("EleutherAI/pythia-70m-deduped") == "pythia-70m-deduped"
+    assert X.default_model_id("google/gemma-2-2b") == "gemma-2-2b"
+    src = X.source_for(cfg, "dense-tilt0.5-lam2-seed0", HOOK)
+    assert (src.model_id, src.set_name, src.source_id, src.release, src.creator_id) == (
+        "tiny",
+        "tiny-dense-tilt0-5-lam2-seed0",
+        "1-tiny-dense-tilt0-5-lam2-seed0",
+        "tiny",
+        "clkht01d40000jv08hvalcvly",
+    )
+    mine = cfg.replace(
+        dashboard={"neuronpedia": {"model": "llama3.1-8b", "set_name": "res-ssae", "release": "r1"}}
+    )
+    src = X.source_for(mine, "gsae", "blocks.12.hook_resid_post")
+    assert (src.model_id, src.source_id, src.release) == ("llama3.1-8b", "12-res-ssae-gsae", "r1")
+    with pytest.raises(ConfigError, match="dashboard.neuronpedia.model"):
+        load_config("tiny", overrides=["dashboard.neuronpedia_model=gemma-2-2b"])
+    with pytest.raises(ConfigError, match="dashboard.neuronpedia.set_name"):
+        load_config("tiny", overrides=["dashboard.neuronpedia.set_name=Res SSAE"])
 
 
 def test_corpus_text_is_escaped_never_injected(built):

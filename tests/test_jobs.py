@@ -105,6 +105,7 @@ def test_ray_job_submit_physics_tiny_rerun_is_cached_and_force_reruns_what_it_sa
     sel = {m["strategy"]: m for m in sel}
     assert sel["dense"]["precision"] >= 3 * sel["dense"]["base_rate"], sel["dense"]
     assert sel["random"]["precision"] <= 2 * sel["random"]["base_rate"], sel["random"]
+    _imports_into_neuronpedia(sweep_dirs[0] / "dashboard" / "neuronpedia")
 
     second = _submit(url, env, tmp_path / "work")
     out2 = second.stdout + second.stderr
@@ -146,3 +147,23 @@ def _upstream_stamps(workdir: Path) -> dict[Path, int]:
     """Modification times of every manifest of the stages a forced sweep or eval must reuse."""
     kinds = ("corpus", "gsae_pretrain", "index", "selection", "activations")
     return {p: p.stat().st_mtime_ns for k in kinds for p in (workdir / k).glob("*/manifest.json")}
+
+
+def _imports_into_neuronpedia(export):
+    """The sweep's Neuronpedia export (GSAE and one SSAE per strategy) imports as Neuronpedia's importer
+    imports it, into its schema on PostgreSQL (the details: tests/test_dashboard.py)."""
+    from ssae_ray.dashboard.export import read_export
+    from ssae_ray.testing import postgres
+    from ssae_ray.testing.neuronpedia import counts, fresh_database, import_source
+
+    if postgres.missing():  # the rest of the job test still runs; test_dashboard.py skips with the reason
+        return
+    sources = sorted(export.glob("*/*"))
+    with postgres.PostgresServer() as server, fresh_database(server, "sweep") as conn:
+        for s in sources:
+            import_source(conn, s)
+        got = counts(conn)
+    assert (got["Source"], got["Neuron"], got["Activation"]) == (
+        3,
+        *(sum(len(read_export(s)[i]) for s in sources) for i in (0, 1)),
+    )

@@ -3,7 +3,7 @@
 <out>/index.html              feature index of every SAE (sortable, filterable; self-contained)
 <out>/diff.html               GSAE -> SSAE diff (static)
 <out>/f/<sae>/<feature>.html  a static page per feature that fires
-<out>/neuronpedia/<model>/<layer>-<set>/...   the export (see `export.py`)
+<out>/neuronpedia/<model>/<layer>-<set>/...   the Neuronpedia export (see `export.py`)
 <out>/manifest.json           what was built, timings, sizes (written last)
 """
 
@@ -21,10 +21,12 @@ import torch
 from ssae_ray.collect import ActivationIndex, scan_many
 from ssae_ray.config import Config
 from ssae_ray.dashboard import data as D
+from ssae_ray.dashboard import export as X
 from ssae_ray.dashboard import html as H
 from ssae_ray.dashboard import site
 from ssae_ray.dashboard.data import SAESpec
 from ssae_ray.dashboard.site import Explanations, SAEView
+from ssae_ray.dashboard.stats import scan_stats
 from ssae_ray.eval.features import log2_count_ratio
 from ssae_ray.eval.logit_lens import feature_logits, lm_unembed
 from ssae_ray.models import LM, TokenBatch, tokenize_docs
@@ -101,6 +103,10 @@ def build_dashboard(
                          "corpus a general test split (corpus.general_test_path)")  # fmt: skip
     general = scan_many(lm, targets, gen_ctx, 1, 1, cfg.model.batch_size, cfg.autointerp.act_threshold,
                         cfg.seed, progress=False, timings=timings)  # fmt: skip
+    t_stats = time.perf_counter()
+    stats = scan_stats(lm, targets, {s.name: indexes[s.name] for s in specs}, d.neuronpedia, cfg.model.batch_size,
+                       cfg.seed, correlations=d.export and d.neuronpedia.correlations)  # fmt: skip
+    timings["stats"] = time.perf_counter() - t_stats
     t_tab = time.perf_counter()
     gen_mask = gen_ctx.attention_mask.bool().clone()
     gen_mask[:, 0] = False
@@ -114,10 +120,9 @@ def build_dashboard(
         table = D.feature_table(
             indexes[s.name], general[s.name], s.sae.W_dec, ref.W_dec, s.gsae is None, d.n_top
         )
-        fl = feature_logits(s.sae.W_dec, w_u, norm, d.logit_k, chunk=256)
-        views.append(
-            SAEView(s, indexes[s.name], general[s.name], table, fl, indexes[s.gsae] if s.gsae else None)
-        )
+        fl = feature_logits(s.sae.W_dec, w_u, norm, d.logit_k, d.neuronpedia.hist_bins, chunk=256)
+        gsae_index = indexes[s.gsae] if s.gsae else None
+        views.append(SAEView(s, indexes[s.name], general[s.name], table, fl, gsae_index, stats[s.name]))
     ids = {int(i) for i in next(iter(indexes.values())).contexts.input_ids.unique()}
     ids |= {int(i) for v in views for i in torch.cat([v.logits.top_ids, v.logits.bottom_ids]).unique()}
     strings = D.token_strings(lm.tokenizer, ids)
@@ -126,9 +131,12 @@ def build_dashboard(
         t1 = time.perf_counter()
         sae_data, pages = [], 0
         for v in views:
-            live = site.feature_pages(cfg, v, strings, tmp, explanations, _meta(cfg, lm, v.spec, v.index))
+            live = site.feature_pages(cfg, v, strings, tmp, explanations)
             pages += len(live)
             sae_data.append(site.index_entry(v, strings, explanations, live, d.new_cos))
+        t_export = time.perf_counter()
+        exported = _export(cfg, lm, views, tmp / "neuronpedia") if d.export else []
+        timings["export"] = time.perf_counter() - t_export
         overview = site.overview(views)
         (tmp / "index.html").write_text(H.index_page(title, {"saes": sae_data}, overview))
         sections = [
@@ -145,7 +153,7 @@ def build_dashboard(
         write_json_atomic(tmp / "manifest.json", {
             "stage": "dashboard", "key": key, "saes": [{"name": s.name, "label": s.label, "hook": s.hook,
                                             "d_sae": int(s.sae.W_dec.shape[0])} for s in specs],
-            "feature_pages": pages, "files": len(files), "bytes": sum(p.stat().st_size for p in files),
+            "feature_pages": pages, "neuronpedia": exported, "files": len(files), "bytes": sum(p.stat().st_size for p in files),
             "n_contexts": int(next(iter(indexes.values())).contexts.input_ids.shape[0]),
             "n_tokens": next(iter(indexes.values())).n_tokens, "general_tokens": n_gen,
             "seconds": {k: round(v, 2) for k, v in timings.items()},
@@ -153,11 +161,23 @@ def build_dashboard(
     return Path(out)
 
 
+def _export(cfg: Config, lm: LM, views: list[SAEView], out: Path) -> list[dict[str, Any]]:
+    """Every SAE's Neuronpedia source folder (`export.py`); what each holds, for the manifest."""
+    vocab = X.vocab_strings(lm.tokenizer, int(lm.model.config.vocab_size))
+    done = []
+    for v in views:
+        src = X.source_for(cfg, v.spec.name, v.spec.hook)
+        x = X.SAEInputs(v.stats, v.logits, v.spec.sae.W_dec, v.index.contexts)
+        folder = X.write_source(out, cfg, src, x, _meta(cfg, lm, v.spec, v.index), vocab)
+        done.append({"sae": v.spec.name, "path": str(folder.relative_to(out.parent)), "features": len(v.stats.features),
+                     "skipped": int(v.spec.sae.W_dec.shape[0]) - len(v.stats.features)})  # fmt: skip
+    return done
+
+
 def _meta(cfg: Config, lm: LM, s: SAESpec, index: ActivationIndex) -> dict[str, Any]:
-    return {"description": f"{cfg.name}: {s.label} at {s.hook}", "model": cfg.model.source,
-            "d_model": lm.d_model, "n_layers": getattr(lm.model.config, "num_hidden_layers", 0),
-            "n_prompts": int(index.contexts.input_ids.shape[0]), "n_ctx": cfg.model.context_len,
-            "dataset": f"{cfg.corpus.kind} in-domain test split"}  # fmt: skip
+    return {"description": f"{cfg.name}: {s.label} at {s.hook}", "d_model": lm.d_model,
+            "n_layers": getattr(lm.model.config, "num_hidden_layers", 0),
+            "n_prompts": int(index.contexts.input_ids.shape[0]), "n_ctx": cfg.model.context_len}  # fmt: skip
 
 
 def diff_order(

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ssae_ray.collect import HIST_EDGES, ActivationIndex, Windows
+from ssae_ray.collect import ActivationIndex, Windows
+from ssae_ray.dashboard.stats import FeatureStats
 
 
 class SAESpec(NamedTuple):
@@ -146,15 +147,14 @@ def sample_bands(
     return out
 
 
-def histogram(index: ActivationIndex, f: int) -> tuple[list[float], list[float], list[int]]:
-    """(bin lows, bin highs, counts) of the feature's token activations, trimmed to the bins used."""
-    assert index.hist is not None
-    h = index.hist[f]
-    nz = h.nonzero().flatten()
-    if nz.numel() == 0:
-        return [], [], []
-    a, b = int(nz[0]), int(nz[-1]) + 1
-    return HIST_EDGES[a:b].tolist(), HIST_EDGES[a + 1 : b + 1].tolist(), h[a:b].tolist()
+def histogram(stats: FeatureStats, i: int) -> tuple[list[float], list[float], list[int]]:
+    """(bin lows, bin highs, counts) of the activation histogram of the `i`-th feature of `stats`
+    (SAEDashboard's: equal-width bins over [min, max] of its non-zero activations)."""
+    lo, hi = float(stats.lo[i]), float(stats.hi[i])
+    if lo == hi:  # histc's range for a single value
+        lo, hi = lo - 1, hi + 1
+    edges = torch.linspace(lo, hi, stats.hist.shape[1] + 1).tolist()
+    return edges[:-1], edges[1:], stats.hist[i].tolist()
 
 
 def peak_tokens(index: ActivationIndex, n_top: int, most: int = 5) -> list[list[int]]:

@@ -14,7 +14,7 @@ from ssae_ray.config import Config, DashboardConfig
 from ssae_ray.dashboard import data as D
 from ssae_ray.dashboard import html as H
 from ssae_ray.dashboard.data import SAESpec
-from ssae_ray.dashboard.export import NeuronpediaWriter
+from ssae_ray.dashboard.stats import FeatureStats
 from ssae_ray.eval.features import log2_count_ratio
 from ssae_ray.eval.logit_lens import FeatureLogits
 
@@ -34,6 +34,8 @@ class SAEView(NamedTuple):
     logits: FeatureLogits
     gsae_index: ActivationIndex | None
     """The in-domain scan of the GSAE it was finetuned from (None for a GSAE)."""
+    stats: FeatureStats
+    """SAEDashboard's statistics from the second in-domain pass (histogram, export data)."""
 
 
 def _r(x: float) -> float | None:
@@ -46,21 +48,22 @@ def feature_pages(
     strings: dict[int, str],
     tmp: Path,
     explanations: Explanations,
-    meta: dict[str, Any],
 ) -> list[int]:
-    """Write the pages (and export records) of every feature; returns the features with a page."""
+    """Write the page of every feature that fires; returns the features with a page."""
     d, s, index, table, fl = cfg.dashboard, v.spec, v.index, v.table, v.logits
-    model_id = d.neuronpedia_model or cfg.model.source
-    writer = NeuronpediaWriter(tmp / "neuronpedia", model_id, f"{cfg.name}-{s.name}", s.hook, meta) \
-        if d.export else None  # fmt: skip
     folder = tmp / "f" / s.name
     folder.mkdir(parents=True, exist_ok=True)
-    live = []
+    live: list[int] = []
+    if not d.feature_pages:
+        return live
     info = D.lookup(index)
+    at = {f: i for i, f in enumerate(v.stats.features)}
     for f in range(int(s.sae.W_dec.shape[0])):
         top = D.top_contexts(index, f, d.n_top, info)
-        bands = D.sample_bands(index, f, d.bands, d.per_band, {c.ctx for c in top}, info) if top else []
-        hist = D.histogram(index, f)
+        if not top:
+            continue
+        bands = D.sample_bands(index, f, d.bands, d.per_band, {c.ctx for c in top}, info)
+        hist = D.histogram(v.stats, at[f]) if f in at else ([], [], [])
         lg = (
             fl.top_ids[f].tolist(),
             fl.top_values[f].tolist(),
@@ -68,40 +71,20 @@ def feature_pages(
             fl.bottom_values[f].tolist(),
         )
         mx = float(table.max_act[f])
-        if d.feature_pages and top:
-            expl, f1 = explanations.get((s.name, f), (None, None))
-            facts = [
-                ("in-domain frequency", f"{table.freq_in[f]:.4g}"), ("general frequency", f"{table.freq_gen[f]:.4g}"),
-                ("log10 ratio", f"{table.log_ratio[f]:.3f}"), ("max activation", f"{mx:.4g}"),
-                ("nearest other GSAE feature" if s.gsae is None else "nearest GSAE feature",
-                 f"{int(table.near_idx[f])} (decoder cosine {table.near_cos[f]:.3f})"),
-                ("explanation", H.esc(expl) if expl else "<span class='muted'>none</span>"),
-                ("F1", f"{f1:.3f}" if f1 is not None else ""),
-            ]  # fmt: skip
-            (folder / f"{f}.html").write_text(
-                H.feature_page(s.label, f, facts, top, bands, hist, lg, strings, mx)
-            )
-            live.append(f)
-        if writer:
-            recs = [_act_record(c, strings, -1.0, mx, -1.0) for c in top]
-            recs += [_act_record(c, strings, b.lo, b.hi, b.share) for b in bands for c in b.contexts]
-            writer.add(f, {
-                "maxActApprox": mx, "frac_nonzero": float(table.freq_in[f]),
-                "pos_str": [strings[i] for i in lg[0]], "pos_values": [round(v, 5) for v in lg[1]],
-                "neg_str": [strings[i] for i in lg[2]], "neg_values": [round(v, 5) for v in lg[3]],
-                "freq_hist_data_bar_heights": hist[2],
-                "freq_hist_data_bar_values": [round(math.sqrt(a * b), 5) for a, b in zip(hist[0], hist[1])],
-                "logits_hist_data_bar_heights": fl.hist_heights[f].tolist(),
-                "logits_hist_data_bar_values": [round(v, 5) for v in fl.hist_centres[f].tolist()],
-            }, recs)  # fmt: skip
-    if writer:
-        writer.flush()
+        expl, f1 = explanations.get((s.name, f), (None, None))
+        facts = [
+            ("in-domain frequency", f"{table.freq_in[f]:.4g}"), ("general frequency", f"{table.freq_gen[f]:.4g}"),
+            ("log10 ratio", f"{table.log_ratio[f]:.3f}"), ("max activation", f"{mx:.4g}"),
+            ("nearest other GSAE feature" if s.gsae is None else "nearest GSAE feature",
+             f"{int(table.near_idx[f])} (decoder cosine {table.near_cos[f]:.3f})"),
+            ("explanation", H.esc(expl) if expl else "<span class='muted'>none</span>"),
+            ("F1", f"{f1:.3f}" if f1 is not None else ""),
+        ]  # fmt: skip
+        (folder / f"{f}.html").write_text(
+            H.feature_page(s.label, f, facts, top, bands, hist, lg, strings, mx)
+        )
+        live.append(f)
     return live
-
-
-def _act_record(c: D.Context, strings: dict[int, str], lo: float, hi: float, share: float) -> dict[str, Any]:
-    return {"tokens": [strings[i] for i in c.ids], "values": [round(v, 5) for v in c.acts], "binMin": lo,
-            "binMax": hi, "binContains": share, "dataIndex": str(c.doc), "dataSource": None}  # fmt: skip
 
 
 def _status(s: SAESpec, cos: float, new_cos: float) -> str:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ssae_ray.collect import histc_bins, histc_centres
+
 
 def final_norm_scale(norm: nn.Module | None) -> tuple[Tensor | None, bool]:
     """(elementwise scale, centre?) of a final LayerNorm / RMSNorm, None for no norm."""
@@ -77,12 +79,13 @@ class FeatureLogits(NamedTuple):
     hist_heights: Tensor
     """[d_sae, bins] histogram of each row's logits over the whole vocabulary."""
     hist_centres: Tensor
-    """[d_sae, bins] centre of each row's bins (equal-width over the row's [min, max])."""
+    """[d_sae, bins] centre of each row's bins (equal-width over the row's [min, max]; SAEDashboard's
+    `HistogramData` bar values)."""
 
 
 @torch.no_grad()
 def feature_logits(
-    w_dec: Tensor, w_u: Tensor, norm: nn.Module | None = None, k: int = 10, bins: int = 40, chunk: int = 512
+    w_dec: Tensor, w_u: Tensor, norm: nn.Module | None = None, k: int = 10, bins: int = 50, chunk: int = 512
 ) -> FeatureLogits:
     """Top and bottom logit-lens tokens (ids and logits) of every decoder row, and the histogram of
     its logits over the vocabulary (the logits table and histogram of SAE dashboards)."""
@@ -93,12 +96,11 @@ def feature_logits(
         logits = _fold(w_dec[s : s + chunk].detach().float().to(w_u.device), scale, centre) @ w_u.T
         top, bot = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
         lo, hi = logits.amin(-1, keepdim=True), logits.amax(-1, keepdim=True)
-        width = ((hi - lo) / bins).clamp_min(1e-12)
-        b = ((logits - lo) / width).long().clamp(0, bins - 1)
+        b = histc_bins(logits, lo, hi, bins)  # SAEDashboard's histogram: torch.histc over [min, max]
         heights = torch.zeros(logits.shape[0], bins, device=logits.device).scatter_add_(
             1, b, torch.ones_like(logits)
         )
-        centres = lo + width * (torch.arange(bins, device=logits.device) + 0.5)
+        centres = histc_centres(lo.flatten().cpu(), hi.flatten().cpu(), bins)
         parts.append(
             tuple(t.cpu() for t in (top.values, top.indices, bot.values, bot.indices, heights, centres))
         )
