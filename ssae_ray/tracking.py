@@ -70,14 +70,18 @@ def start_mlflow_server(
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{host}:{port}"
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            tail = (root / "mlflow-server.log").read_text(errors="replace")[-2000:]
-            raise TrackingError(f"mlflow server exited with code {proc.returncode}:\n{tail}")
-        if _healthy(url, 1.0):
-            log.info("MLflow server at %s (store %s)", url, root)
-            return url, proc
-        time.sleep(0.3)
+    try:
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                tail = (root / "mlflow-server.log").read_text(errors="replace")[-2000:]
+                raise TrackingError(f"mlflow server exited with code {proc.returncode}:\n{tail}")
+            if _healthy(url, 1.0):
+                log.info("MLflow server at %s (store %s)", url, root)
+                return url, proc
+            time.sleep(0.3)
+    except BaseException:  # interrupted while waiting (Ctrl-C, SIGTERM): leave no server behind
+        stop_server(proc)
+        raise
     stop_server(proc)
     raise TrackingError(
         f"mlflow server did not answer at {url} within {timeout:.0f} s; see {root}/mlflow-server.log"
@@ -99,16 +103,19 @@ def serve_forever(cfg: Config, port: int = 5000) -> None:
     """`ssae-ray mlflow`: start a server under `<workdir>/mlflow`, print its URL, wait for Ctrl-C."""
     import signal
 
-    url, proc = start_mlflow_server(cfg.root / "mlflow", port)
-    print(
-        f"MLflow tracking server: {url}\n  export MLFLOW_TRACKING_URI={url}\n  (Ctrl-C stops it)", flush=True
-    )
-
     def _stop(*_a: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)  # `kill` stops the server too, not only Ctrl-C
+    # Before the server starts: a `kill` during its start-up stops it too (it runs in its own session)
+    signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    try:
+        url, proc = start_mlflow_server(cfg.root / "mlflow", port)
+    except KeyboardInterrupt:
+        return
+    print(
+        f"MLflow tracking server: {url}\n  export MLFLOW_TRACKING_URI={url}\n  (Ctrl-C stops it)", flush=True
+    )
     try:
         proc.wait()
     except KeyboardInterrupt:
