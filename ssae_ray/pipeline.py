@@ -107,15 +107,19 @@ def with_lm(cfg: Config, lm: Any, fn: Callable[..., T], *args: Any, name: str = 
     Ray task holding a GPU that loads the LM on that GPU (`fn` and `args` travel by pickle)."""
     if lm is not None or not offload(cfg):
         return fn(lm if lm is not None else _lm(cfg), *args)
+    from ssae_ray.multinode import was_checked
     from ssae_ray.resources import on_gpu_worker
 
-    return on_gpu_worker(_call_with_lm, cfg, fn, *args, name=name or getattr(fn, "__name__", "lm-task"))
+    return on_gpu_worker(_call_with_lm, cfg, fn, *args, name=name or getattr(fn, "__name__", "lm-task"),
+                         checked=was_checked(cfg.root))  # fmt: skip
 
 
-def _call_with_lm(cfg: Config, fn: Callable[..., T], *args: Any) -> T:
+def _call_with_lm(cfg: Config, fn: Callable[..., T], *args: Any, checked: bool = False) -> T:
+    from ssae_ray.multinode import check_here
     from ssae_ray.runtime import setup_logging
 
     setup_logging()
+    check_here(cfg.root, checked)  # a node that joined after the preflight must see the work dir too
     return fn(_lm(cfg), *args)
 
 

@@ -1,0 +1,98 @@
+"""Several Ray nodes on this machine (`ssae_ray.testing.cluster.LocalCluster`, the `ray_cluster`
+fixture): each worker has its own disk, one folder is shared as EFS would be, the head only drives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ssae_ray.testing.cluster import ClusterError, LocalCluster, _mounts, missing
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.own_ray_cluster,
+    pytest.mark.skipif(bool(missing()), reason=str(missing())),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_nodes_have_their_own_disk_and_see_the_shared_folder(ray_cluster, tmp_path):
+    c = ray_cluster
+    assert len(c.workers) == 2 and all(n.node_id for n in c.nodes)
+    # the head offers no CPU and no GPU; each worker one logical GPU
+    from ray.util.state import list_nodes
+
+    nodes = {n.node_id: n for n in list_nodes(address=c.dashboard, detail=True)}
+    head = nodes[c.head.node_id]
+    assert head.resources_total.get("CPU", 0) == 0 and head.resources_total.get("GPU", 0) == 0
+    for w in c.workers:
+        assert nodes[w.node_id].resources_total["GPU"] == 1 and nodes[w.node_id].state == "ALIVE"
+    # what the head (and this process) writes to /tmp, a worker does not see; the shared folder
+    # every node sees, with what any node wrote there
+    local = tmp_path / "head-only.txt"
+    local.write_text("head")
+    (c.shared / "from-head.txt").write_text("head wrote this\n")
+    for w in c.workers:
+        mine = f"/tmp/only-on-{w.name}"
+        r = c.run_on(w, ["sh", "-c", f"echo {w.name} > {mine}; echo {w.name} > {c.shared}/{w.name}.txt; "
+                         f"cat {c.shared}/from-head.txt; test -e {local} && echo SEEN || echo MISSING"],
+                     timeout=30)  # fmt: skip
+        assert r.stdout.split() == ["head", "wrote", "this", "MISSING"], (r.stdout, r.stderr)
+        assert not Path(mine).exists()  # its /tmp is its own
+        assert (c.shared / f"{w.name}.txt").read_text().strip() == w.name
+    other = c.run_on(c.workers[1], ["sh", "-c", f"test -e /tmp/only-on-{c.workers[0].name} && echo SEEN || echo MISSING"],
+                     timeout=30)  # fmt: skip
+    assert other.stdout.strip() == "MISSING"
+
+
+def test_tear_down_leaves_no_process_and_no_mount(tmp_path):
+    """A second, small cluster (one worker): started and stopped; nothing of it outlives stop()."""
+    before = _mounts()
+    t0 = time.perf_counter()
+    c = LocalCluster(tmp_path / "shared", workers=1, worker_cpus=1).start()
+    started = time.perf_counter() - t0
+    namespaces = [n.ns for n in c.nodes]
+    pids = [p for n in c.nodes for p in n.pids()]
+    assert len(pids) >= 6 and all(namespaces)  # gcs, raylets, dashboard, agents...
+    assert any("raylet" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace") for p in pids)
+    c.stop()
+    assert _mounts() == before
+    live = [p for p in pids if Path(f"/proc/{p}").exists()]
+    assert not live, live
+    leftover = subprocess.run(["pgrep", "-f", str(c.base)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+    print(f"one-worker cluster up in {started:.1f} s ({c.timings})")
+
+
+def test_cluster_refuses_to_start_without_root(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ClusterError, match="root"):
+        LocalCluster(tmp_path / "s")
+
+
+def test_a_work_dir_on_the_heads_own_disk_is_refused_at_once(ray_cluster, tmp_path):
+    """`ray job submit -- python jobs/physics.py` with the work dir on the head's /tmp (each worker
+    has its own): the preflight stops the job before any stage with one line naming the worker
+    node and the path, exit 2, in well under 30 s."""
+    work = tmp_path / "node-local-work"
+    t0 = time.perf_counter()
+    _, status, logs = ray_cluster.submit(
+        f"python jobs/physics.py --preset tiny workdir={work}", working_dir=ROOT, timeout=120
+    )
+    secs = time.perf_counter() - t0
+    assert status == "FAILED", logs[-3000:]
+    lines = [x for x in logs.splitlines() if x.startswith("ssae-ray physics: error:")]
+    assert len(lines) == 1, logs[-3000:]
+    line = lines[0]
+    worker_ids = [w.node_id[:12] for w in ray_cluster.workers]
+    assert "worker node 127.0.0.1" in line and any(i in line for i in worker_ids), line
+    assert str(work) in line and "EFS" in line and "workdir=" in line, line
+    assert "Traceback" not in logs
+    assert not (work / "corpus").exists()  # refused before any work
+    print(f"refused in {secs:.1f} s (job submit to FAILED)")
+    assert secs < 30
