@@ -553,6 +553,9 @@ def stage_dashboard(
     With `autointerp` (`run_autointerp`), auto-interp runs on the same in-domain LM pass."""
     from ssae_ray.dashboard import build_sweep_dashboard, log_dashboard
 
+    if lm is None and offload(cfg):  # a CPU head: evaluate (GPU tasks), then build on a GPU worker
+        report = report or stage_eval(cfg)
+        return with_lm(cfg, None, _dashboard_with, cfg, report, autointerp, force, name="dashboard")
     lm = lm or _lm(cfg)
     report = report or stage_eval(cfg, lm=lm)
     corpus_dir = stage_corpus(cfg, lm)
@@ -586,6 +589,10 @@ def stage_dashboard(
     except Exception as e:  # the site is on disk; never fail a finished job over logging it
         log.warning("could not log the dashboard to MLflow: %s", e)
     return out / "index.html"
+
+
+def _dashboard_with(lm: Any, cfg: Config, report: Path, autointerp: Callable | None, force: bool) -> Path:
+    return stage_dashboard(cfg, lm, report, autointerp, force)
 
 
 def stage_shift(cfg: Config) -> Path:

@@ -3,6 +3,7 @@ fixture): each worker has its own disk, one folder is shared as EFS would be, th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -96,3 +97,70 @@ def test_a_work_dir_on_the_heads_own_disk_is_refused_at_once(ray_cluster, tmp_pa
     assert not (work / "corpus").exists()  # refused before any work
     print(f"refused in {secs:.1f} s (job submit to FAILED)")
     assert secs < 30
+
+
+# The tiny preset shaped for the cluster: one trial per 1-GPU worker at a time.
+CLUSTER = ["sweep.gpus_per_trial=1", "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2"]
+RAY_INTERNAL = ("JobSupervisor", "_StatsActor", "AutoscalingRequester", "SplitCoordinator")
+
+
+def _placement(cluster) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(tasks, actors) of the cluster's jobs as (name, node name) from Ray's state API, Ray's own
+    bookkeeping (the job supervisor, Ray Data's stats actor) left out."""
+    from ray.util.state import list_actors, list_tasks
+
+    tasks = list_tasks(address=cluster.dashboard, detail=True, limit=10000, raise_on_missing_output=False)
+    actors = list_actors(address=cluster.dashboard, detail=True, limit=10000, raise_on_missing_output=False)
+    t = [(x.name, cluster.node_name(x.node_id)) for x in tasks
+         if x.type != "DRIVER_TASK" and not x.name.split(".")[0].startswith(RAY_INTERNAL)
+         and x.node_id]  # fmt: skip
+    a = [(x.class_name, cluster.node_name(x.node_id)) for x in actors
+         if not x.class_name.startswith(RAY_INTERNAL) and x.node_id]  # fmt: skip
+    return t, a
+
+
+def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
+    """`ray job submit --working-dir . -- python jobs/physics.py --preset tiny` on the cluster,
+    work dir on the shared folder: it runs end to end; Ray's state API shows every task and actor on
+    the workers, none on the head; the driver (on the head) never creates a parameter or opens a
+    weight file; the head's MLflow server holds one sweep parent and one child per trial."""
+    from ssae_ray.config import load_config
+    from ssae_ray.sweep import grid
+    from ssae_ray.testing.results import check_mlflow
+
+    c = ray_cluster
+    work = c.shared / "tiny-mn"
+    audit = c.shared / "driver-audit.json"
+    site = "ssae_ray/testing/audit_site"
+    t0 = time.perf_counter()
+    _, status, logs = c.submit(
+        f"env PYTHONPATH=$PWD/{site}:$PWD SSAE_RAY_DRIVER_AUDIT={audit} "
+        f"python jobs/physics.py --preset tiny workdir={work} {' '.join(CLUSTER)}",
+        working_dir=ROOT, timeout=900,
+    )  # fmt: skip
+    secs = time.perf_counter() - t0
+    (c.shared / "job.log").write_text(logs)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "is shared: seen by 3 nodes" in logs
+    # the head only drove
+    tasks, actors = _placement(c)
+    workers = {w.name for w in c.workers}
+    assert tasks and actors, (tasks, actors)
+    on_head = [x for x in tasks + actors if x[1] not in workers]
+    assert not on_head, on_head
+    assert {n for _, n in tasks} == workers  # the work went to both workers
+    rep = json.loads(audit.read_text())
+    assert rep["argv"][0].endswith("physics.py")
+    assert rep["parameters"] == 0 and rep["loader_calls"] == [] and rep["weight_files_opened"] == [], rep
+    # MLflow: the head's server (its store on the shared folder), one parent, a child per trial
+    cfg = load_config("tiny", overrides=[f"workdir={work}", *CLUSTER])
+    (sweep_dir,) = (work / "sweep").iterdir()
+    rec = json.loads((sweep_dir / "mlflow_parent_run.json").read_text())
+    server = json.loads((work / "mlflow" / "server.json").read_text())
+    assert rec["tracking_uri"] == server["url"] and server["url"].startswith("http://")
+    _, children = check_mlflow(sweep_dir, len(grid(cfg)))
+    assert (sweep_dir / "eval" / "report.md").is_file()
+    dbs = sorted(p for p in c.shared.rglob("mlflow.db"))
+    assert dbs == [work / "mlflow" / "mlflow.db"], dbs  # no node wrote a store of its own
+    rows = json.loads((sweep_dir / "eval" / "timings.json").read_text())["rows"]
+    print(f"physics job on the cluster: {secs:.0f} s; stages: {[(r['stage'], r['seconds']) for r in rows]}")
