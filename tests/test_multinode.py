@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ssae_ray.testing.cluster import ClusterError, LocalCluster, _mounts, missing
+from ssae_ray.testing.cluster import ClusterError, LocalCluster, _mounts, _procs_in, missing
 
 pytestmark = [
     pytest.mark.ray,
@@ -51,6 +52,7 @@ def test_nodes_have_their_own_disk_and_see_the_shared_folder(ray_cluster, tmp_pa
     assert other.stdout.strip() == "MISSING"
 
 
+@pytest.mark.slow  # a second cluster: ~30 s (the session fixture's own stop() checks the same)
 def test_tear_down_leaves_no_process_and_no_mount(tmp_path):
     """A second, small cluster (one worker): started and stopped; nothing of it outlives stop()."""
     before = _mounts()
@@ -68,6 +70,22 @@ def test_tear_down_leaves_no_process_and_no_mount(tmp_path):
     leftover = subprocess.run(["pgrep", "-f", str(c.base)], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
     print(f"one-worker cluster up in {started:.1f} s ({c.timings})")
+
+    # The process that started a cluster SIGKILLed (a test killed by its timeout): its nodes die too.
+    code = (f"import sys, time; from ssae_ray.testing.cluster import LocalCluster\n"
+            f"c = LocalCluster({str(tmp_path / 'shared2')!r}, workers=1, worker_cpus=1).start()\n"
+            f"print(' '.join(n.ns for n in c.nodes), flush=True); time.sleep(600)")  # fmt: skip
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    namespaces = owner.stdout.readline().split()
+    assert len(namespaces) == 2, namespaces
+    assert all(_procs_in(ns) for ns in namespaces)
+    owner.kill()
+    owner.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_procs_in(ns) for ns in namespaces):
+        time.sleep(0.2)
+    assert not any(_procs_in(ns) for ns in namespaces)
+    assert _mounts() == before
 
 
 def test_cluster_refuses_to_start_without_root(monkeypatch, tmp_path):
@@ -119,6 +137,8 @@ def _placement(cluster) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return t, a
 
 
+@pytest.mark.slow  # ~4 min quiet, ~15 min on the shared 2-core machine under load
+@pytest.mark.timeout(2400)
 def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
     """`ray job submit --working-dir . -- python jobs/physics.py --preset tiny` on the cluster,
     work dir on the shared folder: it runs end to end; Ray's state API shows every task and actor on
@@ -163,4 +183,154 @@ def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
     dbs = sorted(p for p in c.shared.rglob("mlflow.db"))
     assert dbs == [work / "mlflow" / "mlflow.db"], dbs  # no node wrote a store of its own
     rows = json.loads((sweep_dir / "eval" / "timings.json").read_text())["rows"]
+    phases = {"physics job": secs}
+
+    # `ssae-ray dashboard` and the TERM job on the same cluster: the driver stays free of models too
+    term = ["sae.hooks=[blocks.1.hook_resid_post]", "sae.d_sae=32", "sae.source=pretrain",
+            "train.pretrain_steps=40", "train.pretrain_tokens=4000", "train.batch_tokens=64",
+            "sweep.tilts=[0,1.0e9]", "sweep.match_l0=8", "train.l0_band=[7.5,8.5]", "eval.test_tokens=500",
+            "eval.bootstrap=50"]  # fmt: skip
+    for name, cmd in [
+        ("dashboard", f"-m ssae_ray.cli dashboard --force --preset tiny workdir={work} {' '.join(CLUSTER)}"),
+        ("term job", f"jobs/tinystories_term.py --preset tiny workdir={c.shared / 'term'} {' '.join(term)}"),
+    ]:
+        audit.unlink()
+        t0 = time.perf_counter()
+        _, status, logs = c.submit(
+            f"env PYTHONPATH=$PWD/{site}:$PWD SSAE_RAY_DRIVER_AUDIT={audit} python {cmd}",
+            working_dir=ROOT, timeout=900,
+        )  # fmt: skip
+        phases[name] = time.perf_counter() - t0
+        assert status == "SUCCEEDED", (name, logs[-5000:])
+        rep = json.loads(audit.read_text())
+        assert rep["parameters"] == 0 and rep["loader_calls"] == [] and rep["weight_files_opened"] == [], (
+            name,
+            rep,
+        )
+        tasks, actors = _placement(c)
+        assert not [x for x in tasks + actors if x[1] not in workers], name
+    assert (sweep_dir / "dashboard" / "index.html").is_file()
+    assert list((c.shared / "term").glob("term/*/report.md"))
+    print(f"phases (s): { ({k: round(v) for k, v in phases.items()}) }, cluster start: {c.timings}")
     print(f"physics job on the cluster: {secs:.0f} s; stages: {[(r['stage'], r['seconds']) for r in rows]}")
+
+
+STEPS, EVERY = 300, 50
+SWEEP = r"""
+import random, sys
+from pathlib import Path
+from ssae_ray import multinode, sweep
+from ssae_ray.config import load_config
+from ssae_ray.eval.evaluate import prepare_test_set
+from ssae_ray.models import load_lm
+from ssae_ray.runtime import setup_logging
+from ssae_ray.saes import load_gsaes, save_sae
+from ssae_ray.training.cache import cache_activations
+
+setup_logging()
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = load_config("tiny", overrides=[f"workdir={work}", "train.steps=STEPS", "train.checkpoint_every=EVERY",
+                                     "train.batch_tokens=64", "train.lr=0.01", "train.decay_steps=50",
+                                     "sweep.lams=[0.5,5.0]", "sweep.strategies=[dense]", "train.max_failures=3",
+                                     "sweep.max_concurrent_trials=2", "sweep.gpus_per_trial=1",
+                                     "model.precision=fp32", "train.precision=fp32"])
+cfg = multinode.prepare(cfg)
+lm = load_lm(cfg.model, work / "models")
+if not (work / "gsae").is_dir():
+    for h, s in load_gsaes(cfg, lm).items():
+        save_sae(s, work / "gsae" / h)
+words = "the quantum field electron photon river city bread fish king queen music".split()
+rnd = random.Random(0)
+texts = [" ".join(rnd.choice(words) for _ in range(60)) for _ in range(40)]
+caches = {"dense": cache_activations(cfg, lm, texts[:30], cfg.sae.hooks, progress=False)}
+val = prepare_test_set(lm, "val", texts[30:], cfg.sae.hooks, cfg.model.context_len, 256)
+res = sweep.run_sweep(cfg, work / "gsae", caches, val, out, work / "models")
+print("DONE", res.parent_run_id)
+""".replace("STEPS", str(STEPS)).replace("EVERY", str(EVERY))
+
+
+@pytest.mark.slow  # its own cluster and two sweeps: ~5 min on the shared 2-core machine
+@pytest.mark.timeout(1800)
+def test_a_lost_worker_node_its_trial_resumes_on_the_other_from_its_checkpoint(tmp_path):
+    """Two trials, one per 1-GPU worker; once both checkpointed, worker1's raylet is SIGKILLed (Ray
+    loses the node and its trial actor). Tune restarts that trial on worker2, which resumes it from
+    its checkpoint on the shared storage (its first step is the checkpoint's step), continues its
+    MLflow child run, and ends with the SAEs of an uninterrupted run of the same sweep."""
+    from mlflow.tracking import MlflowClient
+    from sae_lens import SAE
+
+    shared = tmp_path / "efs"
+    with LocalCluster(shared, workers=2, worker_cpus=1) as c:
+        script = shared / "sweep.py"
+        script.write_text(SWEEP)
+        work = shared / "work"
+        t0 = time.perf_counter()
+        _, status, logs = c.submit(f"python {script} {work} {shared / 'ref'}", working_dir=ROOT, timeout=900)
+        ref_secs = time.perf_counter() - t0
+        assert status == "SUCCEEDED", logs[-5000:]
+
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(c.dashboard)
+        out = shared / "sweep"
+        job = client.submit_job(entrypoint=f"python {script} {work} {out}",
+                                runtime_env={"working_dir": str(ROOT), "excludes": [".venv", ".git"]})  # fmt: skip
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            prog = list(out.glob("trials/*/state/progress.json"))
+            if len(prog) == 2:
+                break
+            assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), client.get_job_logs(job)[
+                -4000:
+            ]
+            time.sleep(0.2)
+        t_kill = time.perf_counter()
+        c.kill_raylet(c.workers[0])
+        at_kill = {
+            p.parents[1].name: json.loads(p.read_text())["step"]
+            for p in out.glob("trials/*/state/progress.json")
+        }
+        while str(client.get_job_status(job).value) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+            time.sleep(1)
+        logs = client.get_job_logs(job)
+        after_kill = time.perf_counter() - t_kill
+        assert str(client.get_job_status(job).value) == "SUCCEEDED", logs[-6000:]
+
+        resumed = []
+        server = json.loads((work / "mlflow" / "server.json").read_text())["url"]
+        mc = MlflowClient(server)
+        parent = json.loads((out / "mlflow_parent_run.json").read_text())["run_id"]
+        for tdir in sorted((out / "trials").iterdir()):
+            done = json.loads((tdir / "done.json").read_text())
+            attempts = done["attempts"]
+            if len(attempts) > 1:  # the trial on the lost node: its next attempt starts at its checkpoint
+                resumed.append(tdir.name)
+                assert attempts[-1] == {"start": at_kill[tdir.name], "end": STEPS}, (attempts, at_kill)
+                assert 0 < at_kill[tdir.name] < STEPS and at_kill[tdir.name] % EVERY == 0
+            assert [ck["step"] for ck in done["checkpoints"]] == list(range(EVERY, STEPS + 1, EVERY))
+            ref = json.loads((shared / "ref" / "trials" / tdir.name / "done.json").read_text())
+            best = min(done["checkpoints"], key=lambda ck: ck["val"]["val_ce"])["step"]
+            assert best == min(ref["checkpoints"], key=lambda ck: ck["val"]["val_ce"])["step"]
+            for h in (tdir / "best").iterdir():  # the SAEs of the uninterrupted run (test_preemption's bound)
+                a, b = (
+                    SAE.load_from_disk(h),
+                    SAE.load_from_disk(shared / "ref" / "trials" / tdir.name / "best" / h.name),
+                )
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                    assert (getattr(a, name) - getattr(b, name)).abs().max() <= 1e-5, (
+                        tdir.name,
+                        h.name,
+                        name,
+                    )
+            # its MLflow child run continued on the head's server: one run, finished, every step logged
+            run = mc.get_run(done["run_id"])
+            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+            assert {m.step for m in mc.get_metric_history(done["run_id"], "train/loss")} == set(range(STEPS))
+            if tdir.name in resumed:
+                assert run.data.tags.get("ssae.resumed") == "true"
+                assert json.loads((tdir / "run.json").read_text())["run_id"] == done["run_id"]
+        assert len(resumed) == 1, resumed
+    print(
+        f"lost node: reference sweep {ref_secs:.0f} s; after the kill the sweep ended in {after_kill:.0f} s; "
+        f"at the kill: {at_kill}"
+    )

@@ -68,6 +68,13 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it exits."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _pidns(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
@@ -219,10 +226,13 @@ class LocalCluster:
             )
         log = self.base / f"{name}.log"
         env = {**self.env, "SSAE_SHARED": str(self.shared), "SSAE_NODE_CACHE": str(self.node_cache)}
-        full = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--mount-proc",
-                "bash", "-c", script, name, *cmd]  # fmt: skip
+        # --kill-child: the namespace's first process (and so the whole node) dies with `unshare`,
+        # which dies with this process (PR_SET_PDEATHSIG): a test killed by a timeout leaves no node.
+        full = ["unshare", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "--propagation", "private",
+                "--mount-proc", "bash", "-c", script, name, *cmd]  # fmt: skip
         with open(log, "ab") as f:
-            proc = subprocess.Popen(full, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(full, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)  # fmt: skip
         node = Node(name, head, proc, p, log=log)
         self.nodes.append(node)
         for _ in range(200):  # the namespace exists once unshare has forked its child
