@@ -130,8 +130,11 @@ def _tokenizer(cfg: Config) -> Any:
         from transformers import AutoTokenizer
 
         from ssae_ray.models import _resolve_source
+        from ssae_ray.resources import on_gpu_worker
 
-        folder, gguf = _resolve_source(cfg.model, cfg.root / "models")
+        # `tiny` builds its model folder on first use: on a GPU worker, so the driver creates no weights
+        where = on_gpu_worker if cfg.model.source == "tiny" else (lambda f, *a, **_k: f(*a))
+        folder, gguf = where(_resolve_source, cfg.model, cfg.root / "models", name="tiny-model")
         return None if gguf is not None else AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - token counts are a convenience
         log.warning("no tokenizer on the driver (%s); the corpus manifest gets no LM token counts", e)

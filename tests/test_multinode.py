@@ -117,6 +117,24 @@ def test_a_work_dir_on_the_heads_own_disk_is_refused_at_once(ray_cluster, tmp_pa
     assert secs < 30
 
 
+@pytest.mark.slow  # one more node: ~40 s on the shared machine
+def test_a_node_without_the_shared_mount_is_named(ray_cluster):
+    """Two workers mount the shared folder; a third joins without it (a misconfigured node): the
+    preflight names that node, and only it, with the work dir's path."""
+    c = ray_cluster
+    bad = c.add_worker("worker3", shared=False)
+    try:
+        work = c.shared / "needs-every-node"
+        _, status, logs = c.submit(f"python jobs/physics.py --preset tiny workdir={work}", working_dir=ROOT,
+                                   timeout=120)  # fmt: skip
+        assert status == "FAILED", logs[-3000:]
+        (line,) = [x for x in logs.splitlines() if x.startswith("ssae-ray physics: error:")]
+        assert bad.node_id[:12] in line and str(work) in line, line
+        assert not any(w.node_id[:12] in line for w in c.workers if w is not bad)
+    finally:
+        c.remove(bad)
+
+
 # The tiny preset shaped for the cluster: one trial per 1-GPU worker at a time.
 CLUSTER = ["sweep.gpus_per_trial=1", "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2"]
 RAY_INTERNAL = ("JobSupervisor", "_StatsActor", "AutoscalingRequester", "SplitCoordinator")

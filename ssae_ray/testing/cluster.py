@@ -185,9 +185,7 @@ class LocalCluster:
             self.timings["head"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             for i in range(self.n_workers):
-                self._launch(f"worker{i + 1}", False, [
-                    f"--address={self.gcs}", f"--num-cpus={self.worker_cpus}", f"--num-gpus={self.worker_gpus}",
-                ], _free_ports(7))  # fmt: skip
+                self._launch(f"worker{i + 1}", False, self._worker_args(), _free_ports(7))
             self._wait_nodes(1 + self.n_workers, timeout, t1)
             self._wait_job_agent(timeout, t1)
             self.timings["workers"] = time.perf_counter() - t1
@@ -196,7 +194,27 @@ class LocalCluster:
             raise
         return self
 
-    def _launch(self, name: str, head: bool, args: list[str], ports: list[int]) -> Node:
+    def _worker_args(self) -> list[str]:
+        return [f"--address={self.gcs}", f"--num-cpus={self.worker_cpus}", f"--num-gpus={self.worker_gpus}"]
+
+    def add_worker(self, name: str, shared: bool = True, timeout: float = 180.0) -> Node:
+        """One more worker node (as the autoscaler adds one); `shared=False`: a node whose shared
+        storage is not mounted (a misconfigured node: the shared path is on its own disk)."""
+        node = self._launch(name, False, self._worker_args(), _free_ports(7), shared=shared)
+        self._wait_nodes(len(self.nodes), timeout, time.perf_counter())
+        return node
+
+    def remove(self, node: Node, timeout: float = 30.0) -> None:
+        """SIGKILL every process of `node` (a node the autoscaler removed, or a crashed machine)."""
+        for pid in [*node.pids(), node.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.proc.wait(timeout)
+        self.nodes.remove(node)
+
+    def _launch(self, name: str, head: bool, args: list[str], ports: list[int], shared: bool = True) -> Node:
         keys = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
                 "runtime-env-agent", "metrics-export", "worker-base"]  # fmt: skip
         p = dict(zip(keys, ports, strict=True))
@@ -221,7 +239,12 @@ class LocalCluster:
                 "mount -t tmpfs -o mode=1777,size=4g ssae-node-tmp /tmp; "
                 "mount -t tmpfs -o mode=1777,size=1g ssae-node-shm /dev/shm; "
                 'mkdir -p "$SSAE_NODE_CACHE"; mount -t tmpfs -o size=4g ssae-node-cache "$SSAE_NODE_CACHE"; '
-                'mkdir -p "$SSAE_SHARED"; mount --no-canonicalize --bind /proc/self/fd/3 "$SSAE_SHARED"; exec 3<&-; '
+                + (
+                    'mkdir -p "$SSAE_SHARED"; mount --no-canonicalize --bind /proc/self/fd/3 "$SSAE_SHARED"; '
+                    if shared
+                    else ""
+                )
+                + "exec 3<&-; "
                 'exec "$@"'
             )
         log = self.base / f"{name}.log"
