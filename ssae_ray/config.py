@@ -344,6 +344,9 @@ class EvalConfig:
     same as `test_tokens`."""
     batch_size: int = 8
     """Contexts per forward when scoring spliced CE."""
+    saes_in_flight: int = 8
+    """SAEs scored together in one streaming pass over a test set (one LM forward per batch for all
+    of them; memory: one batch of activations plus each SAE's weights and sums)."""
     logit_lens_topk: int = 10
     """Tokens per latent read through the unembedding (the paper: top-10)."""
     freq_buckets: int = 10

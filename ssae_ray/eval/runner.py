@@ -20,7 +20,7 @@ from ssae_ray.config import Config
 from ssae_ray.eval import curves as C
 from ssae_ray.eval import features as F
 from ssae_ray.eval import plots
-from ssae_ray.eval.evaluate import SAEEval, TestSet, evaluate_sae
+from ssae_ray.eval.evaluate import SAEEval, TestSet, evaluate_saes_on, iter_captured
 from ssae_ray.eval.logit_lens import feature_top_tokens, lm_unembed, tail_coverage, token_counts
 from ssae_ray.eval.metrics import CI, EvalError, pareto_auc, perplexity
 from ssae_ray.eval.movement import Movement, control_check, decoder_movement
@@ -79,26 +79,31 @@ def evaluate_sweep(
     bs = cfg.eval.batch_size
     evals: dict[tuple, SAEEval] = {}  # (strategy, tilt, lam, seed, hook, test) -> SAEEval
     moves: dict[tuple, Movement] = {}  # (strategy, tilt, lam, seed, hook) -> decoder movement from the GSAE
+    fly = max(1, int(getattr(cfg.eval, "saes_in_flight", 8)))
     for name, ts in test_sets.items():
-        for h in hooks:
-            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs).check_finite(
-                "the GSAE"
-            )
-    bar = tqdm(total=len(sweep.best) * len(hooks) * len(test_sets), desc="eval SSAEs", unit="sae")
-    for t, rec in sweep.best.items():
-        for h in hooks:
-            sae = load_sae(Path(rec.path) / h, str(lm.device))
+        # Per-token statistics are only used on the in-domain test set (the feature figures).
+        got = evaluate_saes_on(lm, [(gsaes[h], h) for h in hooks], ts, bs, per_token=name == "test")
+        for h, e in zip(hooks, got, strict=True):
+            evals[(GSAE, 0.0, 0.0, 0, h, name)] = e.check_finite("the GSAE")
+    jobs = [(t, rec, h) for t, rec in sweep.best.items() for h in hooks]
+    bar = tqdm(total=len(jobs) * len(test_sets), desc="eval SSAEs", unit="sae")
+    for g0 in range(0, len(jobs), fly):
+        # `fly` SAEs at a time: one streaming pass over each test set scores all of them.
+        group = jobs[g0 : g0 + fly]
+        saes = [load_sae(Path(rec.path) / h, str(lm.device)) for _, rec, h in group]
+        for (t, _, h), sae in zip(group, saes, strict=True):
             if sae.W_dec.shape == gsaes[h].W_dec.shape:
                 moves[(t.strategy, t.tilt, t.lam, t.seed, h)] = decoder_movement(
                     sae.W_dec, gsaes[h].W_dec, cfg.eval.moved_cosine
                 )
-            for name, ts in test_sets.items():
-                e = evaluate_sae(lm, sae, h, ts, bs).check_finite(f"the SSAE of trial {t.name} ({rec.path})")
-                if name != "test":  # per-token statistics are only used on the in-domain test set
-                    e = e._replace(token_ids=e.token_ids[:0], sse=e.sse[:0], entropy=e.entropy[:0],
-                                   max_act=e.max_act[:0])  # fmt: skip
+        for name, ts in test_sets.items():
+            got = evaluate_saes_on(lm, [(sae, h) for sae, (_, _, h) in zip(saes, group, strict=True)], ts, bs,
+                                   per_token=name == "test")  # fmt: skip
+            for (t, rec, h), e in zip(group, got, strict=True):
+                e.check_finite(f"the SSAE of trial {t.name} ({rec.path})")
                 evals[(t.strategy, t.tilt, t.lam, t.seed, h, name)] = e
                 bar.update(1)
+        del saes
     bar.close()
     with atomic_dir(Path(out)) as tmp:
         res = write_tables(cfg, lm, evals, test_sets, gsaes, sweep, tmp, moves)
@@ -373,7 +378,7 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
     import torch
 
     from ssae_ray.eval.evaluate import token_positions
-    from ssae_ray.eval.tail import doc_feature_counts, doc_token_counts, tail_test
+    from ssae_ray.eval.tail import doc_token_counts, tail_test
     from ssae_ray.saes import load_sae
 
     moves = moves or {}
@@ -405,13 +410,13 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
                 evals[(s, tilt, t.lam, t.seed, h, "test")],
             )
         cov, cum, rank, ratio, cos, errf, ent, mx, pca = {}, {}, {}, {}, {}, {}, {}, {}, {}
-        tops, fdocs = {}, {}
-        x = ts.acts[h][pos]
+        tops = {}
+        fdocs = _doc_feature_counts(lm, {k: v[0] for k, v in chosen.items()}, h, ts, tok_doc, len(docs),
+                                    cfg.eval.batch_size)  # fmt: skip
         g_counts = chosen["GSAE"][1].feature_counts
         for label, (sae, e) in chosen.items():
             top = feature_top_tokens(sae.W_dec, w_u, norm, cfg.eval.logit_lens_topk)
             tops[label] = top
-            fdocs[label] = doc_feature_counts(sae, x, tok_doc, len(docs))
             c = tail_coverage(top, counts, cfg.eval.freq_buckets)
             cov[f"{label} (L0 {e.l0:.0f})"] = c.bucket_coverage
             cum[label] = (c.cum_tokens, c.cum_covered)
@@ -472,3 +477,24 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
     _csv(out / "features.csv", rows)
     _csv(out / "tail.csv", tail_rows)
     return rows, tail_rows
+
+
+def _doc_feature_counts(lm: Any, saes: dict[str, Any], hook: str, ts: TestSet, tok_doc: Any, n_docs: int,
+                        batch_size: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """`tail.doc_feature_counts` of several SAEs at `hook`, streamed over the test set one batch at
+    a time (`tok_doc` [M]: the document, 0..n_docs-1, of each scored token in order)."""
+    import torch
+
+    out = {k: torch.zeros(n_docs, sae.cfg.d_sae, dtype=torch.float32) for k, sae in saes.items()}
+    i = 0
+    with torch.no_grad():
+        for c in iter_captured(lm, ts, [hook], batch_size):
+            x = c.acts[hook][c.pos.to(c.acts[hook].device)]
+            d = tok_doc[i : i + x.shape[0]].long()
+            i += x.shape[0]
+            for k, sae in saes.items():
+                dev, dtype = sae.W_dec.device, sae.W_dec.dtype
+                for s in range(0, x.shape[0], 4096):
+                    f = sae.encode(x[s : s + 4096].to(dev, dtype)).float().cpu()
+                    out[k].index_add_(0, d[s : s + 4096], (f != 0).float())
+    return {k: v.numpy() for k, v in out.items()}
