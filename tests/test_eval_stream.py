@@ -222,3 +222,39 @@ def test_eval_peak_rss_flat_at_a_size_the_old_eval_would_not_fit(tmp_path):
     ~45 MB at 8x; streaming stays within 1.2x of the 1x peak."""
     got = _peak_rss(tmp_path, 40)
     assert got["8"]["peak"] <= 1.2 * got["1"]["peak"], got
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_groups_of_saes_spread_over_ray_tasks_score_the_same(ray_local, tiny_cfg, tmp_path, caplog):
+    """`eval.workers=2` on a 2-CPU Ray node: the groups of SSAEs are scored in two Ray tasks (each
+    loading the LM), with the numbers of the in-process evaluation, groups back in order."""
+    import logging
+
+    from ssae_ray.eval.runner import eval_slots, score_groups
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import make_random_sae
+
+    h = "blocks.1.hook_resid_post"
+    cfg = tiny_cfg.replace(eval={"workers": 2, "saes_in_flight": 2})
+    lm = load_lm(cfg.model, cfg.root / "models")
+    test = {
+        "test": prepare_test_set(lm, "test", TEXTS, [h], 16),
+        "ood": prepare_test_set(lm, "ood", TEXTS[:3], [h], 16),
+    }
+    groups = [[i, i + 1] for i in range(0, 6, 2)]
+
+    def load(group):
+        return [(make_random_sae(lm.d_model, 48, h, seed=i), h) for i in group]
+
+    assert eval_slots(cfg) == (2, {"num_cpus": 1})
+    with caplog.at_level(logging.INFO, logger="ssae_ray"):
+        remote = list(score_groups(cfg, lm, groups, load, test, 4))
+    assert "over 2 Ray tasks" in caplog.text
+    local = list(score_groups(cfg.replace(eval={"workers": 1}), lm, groups, load, test, 4))
+    assert [g for g, _, _ in remote] == groups
+    for (_, _, a), (_, _, b) in zip(remote, local, strict=True):
+        for name in ("test", "ood"):
+            for x, y in zip(a[name], b[name], strict=True):
+                assert x.row() == pytest.approx(y.row()) and torch.equal(x.feature_counts, y.feature_counts)
+        assert a["test"][0].sse.numel() > 0 and a["ood"][0].sse.numel() == 0

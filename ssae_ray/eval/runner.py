@@ -87,23 +87,22 @@ def evaluate_sweep(
             evals[(GSAE, 0.0, 0.0, 0, h, name)] = e.check_finite("the GSAE")
     jobs = [(t, rec, h) for t, rec in sweep.best.items() for h in hooks]
     bar = tqdm(total=len(jobs) * len(test_sets), desc="eval SSAEs", unit="sae")
-    for g0 in range(0, len(jobs), fly):
-        # `fly` SAEs at a time: one streaming pass over each test set scores all of them.
-        group = jobs[g0 : g0 + fly]
-        saes = [load_sae(Path(rec.path) / h, str(lm.device)) for _, rec, h in group]
-        for (t, _, h), sae in zip(group, saes, strict=True):
+    groups = [jobs[g0 : g0 + fly] for g0 in range(0, len(jobs), fly)]
+
+    def load(group: list) -> list[tuple[Any, str]]:
+        return [(load_sae(Path(rec.path) / h, str(lm.device)), h) for _, rec, h in group]
+
+    for group, saes, scored in score_groups(cfg, lm, groups, load, test_sets, bs):
+        for (t, _, h), (sae, _) in zip(group, saes, strict=True):
             if sae.W_dec.shape == gsaes[h].W_dec.shape:
                 moves[(t.strategy, t.tilt, t.lam, t.seed, h)] = decoder_movement(
-                    sae.W_dec, gsaes[h].W_dec, cfg.eval.moved_cosine
+                    sae.W_dec.to(gsaes[h].W_dec.device), gsaes[h].W_dec, cfg.eval.moved_cosine
                 )
-        for name, ts in test_sets.items():
-            got = evaluate_saes_on(lm, [(sae, h) for sae, (_, _, h) in zip(saes, group, strict=True)], ts, bs,
-                                   per_token=name == "test")  # fmt: skip
+        for name, got in scored.items():
             for (t, rec, h), e in zip(group, got, strict=True):
                 e.check_finite(f"the SSAE of trial {t.name} ({rec.path})")
                 evals[(t.strategy, t.tilt, t.lam, t.seed, h, name)] = e
                 bar.update(1)
-        del saes
     bar.close()
     with atomic_dir(Path(out)) as tmp:
         res = write_tables(cfg, lm, evals, test_sets, gsaes, sweep, tmp, moves)
@@ -112,6 +111,78 @@ def evaluate_sweep(
         write_report(cfg, res, tmp / "report.md", sweep)
     final = Path(out)
     return EvalOutputs(final, res["headline"], res["auc"], res["term_vs_erm"])
+
+
+def score_group(
+    lm: Any, saes: list[tuple[Any, str]], test_sets: dict[str, TestSet], bs: int
+) -> dict[str, list[SAEEval]]:
+    """One group of (SAE, hook) on every test set, one streaming pass per set (per-token
+    statistics on the in-domain set only: the feature figures use no others)."""
+    return {
+        name: evaluate_saes_on(lm, saes, ts, bs, per_token=name == "test") for name, ts in test_sets.items()
+    }
+
+
+def _score_group_task(cfg: Config, saes: list[tuple[Any, str]], test_sets: dict[str, TestSet],
+                      bs: int) -> tuple[int, dict[str, list[SAEEval]]]:  # fmt: skip
+    """`score_group` in a Ray task: loads the LM there, moves the SAEs to its device."""
+    import os
+
+    from ssae_ray.models import load_lm
+    from ssae_ray.runtime import setup_logging
+
+    setup_logging()
+    lm = load_lm(cfg.model, cfg.root / "models")
+    return os.getpid(), score_group(lm, [(s.to(lm.device), h) for s, h in saes], test_sets, bs)
+
+
+def eval_slots(cfg: Config) -> tuple[int, dict[str, float]]:
+    """(tasks at once, resources of each) for spreading evaluation over the cluster: one free GPU
+    each where the cluster has free GPUs, else one CPU each; (0, {}) to evaluate in this process."""
+    want = int(getattr(cfg.eval, "workers", 1))
+    if want <= 1:
+        return 0, {}
+    import ray
+
+    if not ray.is_initialized():
+        return 0, {}
+    free = ray.available_resources()
+    if free.get("GPU", 0) >= 1:
+        return min(want, int(free["GPU"])), {"num_gpus": 1, "num_cpus": min(1.0, free.get("CPU", 0))}
+    n = min(want, int(free.get("CPU", 0)))
+    return (n, {"num_cpus": 1}) if n >= 1 else (0, {})
+
+
+def score_groups(cfg: Config, lm: Any, groups: list[list], load: Any, test_sets: dict[str, TestSet], bs: int):
+    """Yield (group, its [(SAE, hook)], {test set: [SAEEval]}) for each group of SSAEs: here one
+    group after another, or (`eval.workers` > 1 with Ray running and resources free) in up to that
+    many Ray tasks at once, the test sets shared through the object store. Groups come back in
+    order; at most `slots` groups' SAEs are held at a time."""
+    slots, res = eval_slots(cfg)
+    if slots == 0:
+        for group in groups:
+            saes = load(group)
+            yield group, saes, score_group(lm, saes, test_sets, bs)
+        return
+    import ray
+
+    log.info("evaluation: %d groups of SSAEs over %d Ray tasks (%s each)", len(groups), slots, res)
+    task = ray.remote(max_retries=1, **res)(_score_group_task)
+    shared = ray.put(test_sets)
+    pending: list[tuple[list, list, Any]] = []
+    it = iter(groups)
+    while True:
+        while len(pending) < slots:
+            group = next(it, None)
+            if group is None:
+                break
+            saes = [(s.to("cpu"), h) for s, h in load(group)]
+            pending.append((group, saes, task.remote(cfg, saes, shared, bs)))
+        if not pending:
+            return
+        group, saes, ref = pending.pop(0)
+        _, scored = ray.get(ref)
+        yield group, saes, scored
 
 
 def log_to_mlflow(sweep: Any, outputs: EvalOutputs, extra: dict[str, str | Path] | None = None) -> None:
