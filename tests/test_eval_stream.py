@@ -10,11 +10,12 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from ssae_ray.eval import metrics
-from ssae_ray.eval.evaluate import evaluate_sae, evaluate_saes_on, prepare_test_set
+from ssae_ray.eval.evaluate import doc_counts, evaluate_sae, evaluate_saes_on, prepare_test_set
 from ssae_ray.eval.splice import resid_hook_for, spliced_losses
 from ssae_ray.models import (
     by_length,
@@ -146,6 +147,16 @@ def test_streaming_eval_matches_the_whole_test_set_reference(tiny):
             assert torch.equal(ev.feature_counts, want["feature_counts"]) and torch.equal(
                 ev.token_ids, want["token_ids"]
             )
+    # Per-document sums instead of per-token CE: the same CE and the same bootstrap CIs.
+    docs = evaluate_saes_on(lm, saes, ts, batch_size=4, doc_loss=True)
+    counts = doc_counts(ts)
+    for full, d in zip(together, docs, strict=True):
+        sums, n = metrics.doc_sums(full.loss, ts.mask, ts.tokens.doc_index, ts.n_docs)
+        assert d.loss.shape == (ts.n_docs,) and np.allclose(d.loss.numpy(), sums, atol=1e-4)
+        assert np.array_equal(counts.numpy(), n) and d.ce_spliced == pytest.approx(full.ce_spliced, rel=1e-6)
+    a = metrics.ce_diff_ci(together[0].loss, together[1].loss, ts.mask, ts.tokens.doc_index, 200)
+    b = metrics.ce_diff_ci(docs[0].loss, docs[1].loss, counts, None, 200)
+    assert (a.value, a.lo, a.hi) == pytest.approx((b.value, b.lo, b.hi), abs=1e-6)
     light = evaluate_saes_on(lm, saes[:1], ts, per_token=False)[0]
     assert (
         light.sse.numel() == 0 and light.token_ids.numel() == 0 and light.l0 == pytest.approx(together[0].l0)

@@ -164,7 +164,8 @@ class SAEEval(NamedTuple):
     ppl: float
     """Perplexity with the SAE spliced in: exp(ce_spliced)."""
     loss: Tensor
-    """[N, T-1] spliced per-token CE, for CIs against another SAE on the same tokens."""
+    """[N, T-1] spliced per-token CE, for CIs against another SAE on the same tokens; or (scored
+    with `doc_loss`) its per-document sums [n_docs], float64."""
     feature_counts: Tensor
     """[d_sae] number of evaluated tokens on which each latent is active."""
     token_ids: Tensor
@@ -196,6 +197,14 @@ class SAEEval(NamedTuple):
         return self
 
 
+def doc_counts(test: TestSet) -> Tensor:
+    """[n_docs] float64: valid target tokens of each document (the weights of `doc_loss` sums)."""
+    k, w1 = test.mask.shape
+    doc = test.tokens.doc_index[:, None].expand(k, w1)
+    out = torch.zeros(test.n_docs, dtype=torch.float64)
+    return out.index_add_(0, doc[test.mask], torch.ones(int(test.mask.sum()), dtype=torch.float64))
+
+
 def token_positions(test: TestSet) -> Tensor:
     """[N, T] bool: real tokens except position 0 (what SAEs are scored on)."""
     m = test.tokens.attention_mask.bool().clone()
@@ -206,15 +215,18 @@ def token_positions(test: TestSet) -> Tensor:
 class _Acc:
     """Running sums of one SAE's scores over the batches of a test set (float64 where summed)."""
 
-    def __init__(self, sae: Any, hook: str, test: TestSet, per_token: bool) -> None:
-        self.sae, self.hook, self.per_token = sae, hook, per_token
+    def __init__(self, sae: Any, hook: str, test: TestSet, per_token: bool, doc_loss: bool = False) -> None:
+        self.sae, self.hook, self.per_token, self.doc_loss = sae, hook, per_token, doc_loss
         self.n = 0
         self.l0_sum = 0.0
         self.sse_sum = 0.0
         self.mean = torch.zeros(0, dtype=torch.float64)  # running mean of x (Chan et al.)
         self.m2 = 0.0  # running sum of squared deviations from the mean
         self.counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-        self.loss = torch.zeros_like(test.clean)
+        # [N, T-1] per-token CE, or (doc_loss) its per-document sums [n_docs] in float64
+        self.loss = (
+            torch.zeros(test.n_docs, dtype=torch.float64) if doc_loss else torch.zeros_like(test.clean)
+        )
         self.tok: list[Tensor] = []
         self.sse: list[Tensor] = []
         self.ent: list[Tensor] = []
@@ -253,11 +265,23 @@ class _Acc:
                 self.sse.append(err.float())
                 self.tok.append(ids[s : s + 4096])
 
+    def add_loss(self, test: TestSet, start: int, loss: Tensor, valid: Tensor) -> None:
+        """The spliced CE of the contexts from `start` ([k, w-1], zero where not `valid`)."""
+        k, w1 = loss.shape
+        if not self.doc_loss:
+            self.loss[start : start + k, :w1] = loss
+            return
+        doc = test.tokens.doc_index[start : start + k, None].expand(k, w1)
+        self.loss.index_add_(0, doc[valid], loss[valid].double())
+
     def result(self, lm: LM, test: TestSet) -> SAEEval:
         if self.n == 0:
             raise EvalError(f"test set {test.name!r} has no tokens after position 0")
         ce_clean = metrics.mean_ce(test.clean, test.mask)
-        ce_spliced = metrics.mean_ce(self.loss, test.mask)
+        if self.doc_loss:
+            ce_spliced = float(self.loss.sum() / max(int(test.mask.sum()), 1))
+        else:
+            ce_spliced = metrics.mean_ce(self.loss, test.mask)
         ce_zero = metrics.mean_ce(test.zero[self.hook], test.mask)
         empty_f, empty_l = torch.zeros(0), torch.zeros(0, dtype=torch.long)
         return SAEEval(
@@ -288,12 +312,16 @@ def evaluate_saes_on(
     test: TestSet,
     batch_size: int = 8,
     per_token: bool = True,
+    doc_loss: bool = False,
 ) -> list[SAEEval]:
     """Score several (SAE, hook) pairs in one pass over the test set: per batch, one forward that
     captures every hook they need, then each SAE's reconstruction statistics and spliced CE from
     that batch's activations. Memory: one batch of activations plus each SAE's running sums and
     [N, T-1] spliced CE (and, with `per_token`, its [M] per-token statistics for the feature
-    figures; without, those come back empty)."""
+    figures; without, those come back empty). With `doc_loss` the spliced CE comes back as
+    per-document sums [n_docs] (`SAEEval.loss`; what the bootstrap CIs need, with `doc_counts`)
+    instead of [N, T-1] per token: nothing per SAE then grows with the tokens of the test set
+    except the optional per-token statistics."""
     hooks = [h for _, h in saes]
     need = _needed(hooks)
     missing = [h for h in hooks if h not in test.hooks]
@@ -301,7 +329,7 @@ def evaluate_saes_on(
         raise EvalError(
             f"test set {test.name!r} was not captured at {missing[0]}; captured: {sorted(test.hooks)}"
         )
-    accs = [_Acc(sae, h, test, per_token) for sae, h in saes]
+    accs = [_Acc(sae, h, test, per_token, doc_loss) for sae, h in saes]
     for c in iter_captured(lm, test, need, batch_size):
         k, w = c.batch.input_ids.shape
         ids = c.batch.input_ids[c.pos]
@@ -311,7 +339,7 @@ def evaluate_saes_on(
             r = resid_hook_for(a.hook)
             out = spliced_losses(lm, a.hook, a.fn, c.batch.input_ids, c.batch.attention_mask, act,
                                  c.acts[r] if r else None)  # fmt: skip
-            a.loss[c.start : c.start + k, : w - 1] = out.loss.cpu()
+            a.add_loss(test, c.start, out.loss.cpu(), out.mask.cpu())
         del c
     return [a.result(lm, test) for a in accs]
 

@@ -20,7 +20,7 @@ from ssae_ray.config import Config
 from ssae_ray.eval import curves as C
 from ssae_ray.eval import features as F
 from ssae_ray.eval import plots
-from ssae_ray.eval.evaluate import SAEEval, TestSet, evaluate_saes_on, iter_captured
+from ssae_ray.eval.evaluate import SAEEval, TestSet, doc_counts, evaluate_saes_on, iter_captured
 from ssae_ray.eval.logit_lens import feature_top_tokens, lm_unembed, tail_coverage, token_counts
 from ssae_ray.eval.metrics import CI, EvalError, pareto_auc, perplexity
 from ssae_ray.eval.movement import Movement, control_check, decoder_movement
@@ -82,7 +82,9 @@ def evaluate_sweep(
     fly = max(1, int(getattr(cfg.eval, "saes_in_flight", 8)))
     for name, ts in test_sets.items():
         # Per-token statistics are only used on the in-domain test set (the feature figures).
-        got = evaluate_saes_on(lm, [(gsaes[h], h) for h in hooks], ts, bs, per_token=name == "test")
+        got = evaluate_saes_on(
+            lm, [(gsaes[h], h) for h in hooks], ts, bs, per_token=name == "test", doc_loss=True
+        )
         for h, e in zip(hooks, got, strict=True):
             evals[(GSAE, 0.0, 0.0, 0, h, name)] = e.check_finite("the GSAE")
     jobs = [(t, rec, h) for t, rec in sweep.best.items() for h in hooks]
@@ -119,7 +121,8 @@ def score_group(
     """One group of (SAE, hook) on every test set, one streaming pass per set (per-token
     statistics on the in-domain set only: the feature figures use no others)."""
     return {
-        name: evaluate_saes_on(lm, saes, ts, bs, per_token=name == "test") for name, ts in test_sets.items()
+        name: evaluate_saes_on(lm, saes, ts, bs, per_token=name == "test", doc_loss=True)
+        for name, ts in test_sets.items()
     }
 
 
@@ -306,9 +309,7 @@ def _vs_gsae_rows(cfg, evals, curves, test_sets) -> list[dict[str, Any]]:
                 row: dict[str, Any] = {"test": name, "hook": h, "strategy": s, "tilt": t, "gsae_l0": g.l0,
                                        "gsae_ce": g.ce_spliced}  # fmt: skip
                 try:
-                    d = C.diff_vs_loss(
-                        c, g.l0, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level
-                    )
+                    d = C.diff_vs_loss(c, g.l0, g.loss, doc_counts(ts), None, ec.bootstrap, ec.ci_level)
                     row.update(ce=g.ce_spliced + d.value, d_ce=d.value, d_ce_lo=d.lo, d_ce_hi=d.hi)
                 except EvalError as e:
                     row["note"] = str(e).split(";")[0]
@@ -404,9 +405,9 @@ def _headline_row(name, h, s, t, c, match, ts, curves, ref, g, ec) -> dict[str, 
                ce_clean=g.ce_clean, ce_zero=g.ce_zero, n_seeds=c.points[0].n_seeds)  # fmt: skip
     try:
         if ref == GSAE:
-            d = C.diff_vs_loss(c, match, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+            d = C.diff_vs_loss(c, match, g.loss, doc_counts(ts), None, ec.bootstrap, ec.ci_level)
         else:
-            d = C.diff_at_l0(c, curves[(ref, 0.0, h, name)], match, ts.mask, ts.tokens.doc_index, ec.bootstrap,
+            d = C.diff_at_l0(c, curves[(ref, 0.0, h, name)], match, doc_counts(ts), None, ec.bootstrap,
                              ec.ci_level)  # fmt: skip
         row.update({f"d_ce_vs_{ref}": d.value, "ci_lo": d.lo, "ci_hi": d.hi})
     except (EvalError, KeyError) as e:
@@ -424,7 +425,7 @@ def _term_rows(name, h, s, t, c, erm, ts, ec) -> list[dict[str, Any]]:
         else:
             try:
                 e = C.at_l0(erm, p.l0)
-                d = C.ce_diff_ci(p.loss, e.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+                d = C.ce_diff_ci(p.loss, e.loss, doc_counts(ts), None, ec.bootstrap, ec.ci_level)
                 row.update(ce_erm_matched=e.ce, d_ce=d.value, ci_lo=d.lo, ci_hi=d.hi)
             except EvalError as err:
                 row["note"] = str(err).split(";")[0]
