@@ -250,7 +250,7 @@ def stage_cache(
 
     import pyarrow.parquet as pq
 
-    from ssae_ray.resources import check_free_space, human_bytes
+    from ssae_ray.resources import disk_plan, human_bytes
     from ssae_ray.training.cache import cache_plan
 
     if lm is None and not offload(cfg):
@@ -266,12 +266,15 @@ def stage_cache(
         sel = stage_retrieve(cfg, s, lm, corpus_dir, index_dir, gsae_dir)
         texts = [str(t) for t in pq.read_table(sel / "selection.parquet", columns=["text"]).column("text")]
         plans[s] = cache_plan(cfg, texts, hooks, d_in, tok)
-    need = sum(p.bytes for p in plans.values() if not p.cached) + reserve_bytes
     for s, p in plans.items():
         print(f"activation cache [{s}]: {p.n_tokens:,} tokens x {len(hooks)} hooks ({cfg.train.cache_dtype}) = "
-              f"{human_bytes(p.bytes)} on disk{' (cached)' if p.cached else ''}")  # fmt: skip
-    if need:
-        check_free_space(cfg.root, need, f"the activation caches ({len(plans)}) and sweep outputs")
+              f"{human_bytes(p.bytes)} on disk{f' (cached at {p.path})' if p.cached else ''}")  # fmt: skip
+    # Only what is missing: a cache found under its key needs no space.
+    items = [(f"activation cache [{s}]", p.bytes) for s, p in plans.items() if not p.cached]
+    if reserve_bytes:
+        items.append(("sweep checkpoints and outputs", reserve_bytes))
+    if items:
+        disk_plan(cfg.root, items, f"the activation caches ({len(items)}) and sweep outputs")
     return {s: with_lm(cfg, lm, _capture, cfg, p.texts, hooks, p.max_tokens, name=f"cache-{s}")
             for s, p in plans.items()}  # fmt: skip
 
