@@ -428,9 +428,14 @@ def test_gemma_2_2b_and_gemma_scope_fit(local_hub, monkeypatch, tmp_path):
     sae = SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82", device="cpu")
     assert type(sae).__name__ == "JumpReLUSAE" and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
     assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
-    batch = lm.tokenizer(["the photon energy is conserved"], return_tensors="pt")
-    acts = capture(lm, batch.input_ids, batch.attention_mask, ["blocks.12.hook_resid_post"])
-    x = acts["blocks.12.hook_resid_post"][:, 1:].reshape(-1, 2304)  # BOS dropped, as the fit check does
+    from ssae_ray.models import tokenize_docs
+    from ssae_ray.testing.hub_fixtures import fixture_texts
+
+    tb = tokenize_docs(lm.tokenizer, fixture_texts(8, seed=7), 64, prepend_bos=True)  # unseen documents
+    acts = capture(lm, tb.input_ids, tb.attention_mask, ["blocks.12.hook_resid_post"])
+    x = acts["blocks.12.hook_resid_post"][:, 1:][
+        tb.attention_mask[:, 1:].bool()
+    ]  # BOS dropped, as the fit check
     from ssae_ray.saes import explained_variance
 
     with torch.no_grad():
