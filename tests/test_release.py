@@ -80,11 +80,18 @@ def test_a_changed_recipe_or_file_is_caught(tmp_path, monkeypatch):
 def test_shipped_release_reproduces_its_heldout_metrics(tmp_path):
     """Load SmolLM2 and the shipped GSAE as `local` does (`load_gsaes`, `sae.source=release`) and
     re-score it on the release's held-out documents: FVU, L0 and spliced CE as the manifest says."""
+    m = _shipped()
+    check_heldout_metrics(m, tmp_path)
+
+
+def check_heldout_metrics(m: dict, tmp_path) -> None:
     from ssae_ray.models import load_lm
     from ssae_ray.saes import load_gsaes
 
-    m = _shipped()
-    cfg = load_config("local", overrides=[f"workdir={tmp_path}", "model.precision=fp32"])
+    hooks = list(m["saes"])
+    ids = ",".join(f"'{release.LOCAL_RELEASE}:{h}'" for h in hooks)
+    cfg = load_config("local", overrides=[f"workdir={tmp_path}", "model.precision=fp32", "sae.source=release",
+                                          f"sae.sae_ids=[{ids}]", f"sae.hooks=[{','.join(hooks)}]"])  # fmt: skip
     lm = load_lm(cfg.model, tmp_path / "models")
     saes = load_gsaes(cfg, lm)
     texts = release.heldout_texts(release.LOCAL_RELEASE)
