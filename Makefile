@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup physics test test-all test-avx2 lint format bench mlflow
+.PHONY: setup physics test test-all test-avx2 lint format bench mlflow release
 setup:
 	bash scripts/setup.sh
 
@@ -30,3 +30,8 @@ format:
 
 mlflow:
 	$(VENV)/bin/ssae-ray mlflow
+
+# Rebuild the GSAE release shipped in ssae_ray/releases/ from its recipe (`local-converged`: about
+# 25 min on a quiet 2-core CPU with bf16) and write it with its manifest (README: Ship a GSAE).
+release: setup
+	$(VENV)/bin/ssae-ray pretrain --preset local-converged --ship

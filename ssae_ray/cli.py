@@ -29,6 +29,7 @@ STAGES: dict[str, str] = {
     "dashboard": "build the feature dashboard (HTML site, GSAE->SSAE diff, Neuronpedia export)",
     "shift": "SHIFT on Bias in Bios (or its offline analogue)",
     "physics": "the whole pipeline: corpus -> index -> retrieve -> finetune sweep -> eval -> report",
+    "run": "the whole job for your domain: --seed FILE (one document per line, or JSONL) [--ood FILE] [--name NAME]",
     "mlflow": "start a local MLflow tracking server (SQLite, 127.0.0.1) and print its URL",
 }
 
@@ -43,6 +44,7 @@ FORCE_HELP: dict[str, str] = {
     "eval": "re-evaluate the sweep's best checkpoints and rewrite the report; trained trials are reused "
     "(`sweep --force` retrains them)" + _UPSTREAM,
     "physics": "retrain every trial of the sweep and re-evaluate" + _UPSTREAM,
+    "run": "retrain every trial of the domain's sweep and re-evaluate" + _UPSTREAM,
     "dashboard": "rebuild the feature dashboard even when the cached one is current" + _UPSTREAM,
 }
 """What `--force` does, per stage that has it."""
@@ -67,6 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--strategy", help="selection strategy (default: retrieval.strategy)")
         if name == "mlflow":
             s.add_argument("--port", type=int, default=5000)
+        if name == "run":
+            s.add_argument(
+                "--seed",
+                required=True,
+                metavar="FILE",
+                dest="seed_file",
+                help="in-domain documents: one per line, or JSONL with a 'text' field (UTF-8)",
+            )
+            s.add_argument(
+                "--ood",
+                metavar="FILE",
+                dest="ood_file",
+                help="out-of-domain test documents, same format (default: no OOD test set)",
+            )
+            s.add_argument(
+                "--name",
+                help="the domain's name: titles the report, dashboard and MLflow "
+                "experiment (default: the seed file's name)",
+            )
+            s.add_argument("--test-fraction", type=float, default=0.3,
+                           help="share of the seed file held out as the in-domain test set (default 0.3; "
+                           "0.2 more is the validation set, the rest is the retrieval seed)")  # fmt: skip
+        if name == "pretrain":
+            s.add_argument(
+                "--ship", nargs="?", const="", metavar="RELEASE",
+                help="write the pretrained GSAEs as a release shipped with the package "
+                "(ssae_ray/releases/RELEASE; default: the release of this recipe, else "
+                "smollm2-135m-wiki-gsae) with its manifest and held-out documents",
+            )  # fmt: skip
         if name in FORCE_HELP:
             s.add_argument("--force", action="store_true", help=FORCE_HELP[name])
     return p
@@ -105,6 +136,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.stage == "presets":
         print("\n".join(preset_names()))
         return 0
+    if args.stage == "run":
+        from ssae_ray import domain
+
+        cfg, summary = domain.domain_config(args.preset, args.seed_file, args.ood_file, args.name,
+                                            args.config_file, args.overrides, args.test_fraction)  # fmt: skip
+        print(domain.run_domain(cfg, summary, force=args.force))
+        return 0
     cfg = load_config(args.preset, args.config_file, args.overrides)
     if args.stage == "config":
         print(cfg.to_yaml())
@@ -127,7 +165,7 @@ def _run_stage(args: argparse.Namespace, cfg: object, pipeline: object) -> int:
         "corpus": pipeline.stage_corpus,
         "index": pipeline.stage_index,
         "retrieve": lambda c: pipeline.stage_retrieve(c, args.strategy),
-        "pretrain": pipeline.stage_pretrain,
+        "pretrain": lambda c: _pretrain(c, args.ship),
         "cache": pipeline.stage_cache,
         "finetune": lambda c: pipeline.stage_finetune(c, args.strategy),
         "sweep": lambda c: pipeline.stage_sweep(c, force=args.force),
@@ -141,6 +179,27 @@ def _run_stage(args: argparse.Namespace, cfg: object, pipeline: object) -> int:
     if out is not None:
         print(out)
     return 0
+
+
+def _pretrain(cfg, ship: str | None) -> object:
+    """Pretrain (or find) the GSAEs of `cfg`; compare them with the shipped release of the same
+    recipe (how close the rebuild is); with `ship`, write them as a shipped release."""
+    from ssae_ray import pipeline, release
+
+    if cfg.sae.source != "pretrain":
+        return pipeline.stage_pretrain(cfg)  # its error
+    lm = pipeline._lm(cfg)
+    corpus_dir = pipeline.stage_corpus(cfg, lm)
+    folder = pipeline.stage_gsaes(cfg, lm, corpus_dir)
+    existing = release.release_for_recipe(cfg)
+    if existing is not None:
+        print(release.compare(cfg, lm, folder, existing))
+    else:
+        print(f"no shipped release was built by this recipe (config hash {release.recipe_hash(cfg)})")
+    if ship is not None:
+        out = release.ship(cfg, lm, folder, corpus_dir, ship or existing or release.LOCAL_RELEASE)
+        print(f"shipped: {out}")
+    return folder
 
 
 if __name__ == "__main__":

@@ -166,7 +166,13 @@ def sae_folder(root: str | Path, hook: str) -> Path:
 
 
 def load_release(release: str, sae_id: str, device: str = "cpu") -> SAE:
-    """`SAE.from_pretrained(release, sae_id)`; needs the Hugging Face hub."""
+    """`SAE.from_pretrained(release, sae_id)` (needs the Hugging Face hub), or a release shipped
+    with this package (`ssae_ray/release.py`: read by the same sae-lens disk loader, its files
+    checked against the release's manifest)."""
+    from ssae_ray import release as shipped
+
+    if shipped.release_dir(release) is not None:
+        return shipped.load_shipped(release, sae_id, device)
     try:
         return SAE.from_pretrained(release, sae_id, device=device)
     except Exception as e:  # network / unknown release: say which
