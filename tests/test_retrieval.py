@@ -372,8 +372,15 @@ def test_build_resumes_after_sigkill_without_duplicates(built, ray_local, tmp_pa
     assert got["n_vectors"] == ref["n_vectors"] == got["n_passages"]
     a, b = _vectors(index_dir, got), _vectors(ref_dir, ref)
     assert len(a) == got["n_vectors"] and a.keys() == b.keys()  # no duplicates, nothing lost
-    for pid in list(a)[:50]:
-        np.testing.assert_allclose(a[pid], b[pid], rtol=1e-5, atol=1e-6)
+    # Equal up to the encoder's arithmetic: the resumed build batches the passages differently, which
+    # moves an fp32 embedding by a few roundings and a bf16 one (where `auto` picks bf16) within bf16's
+    # bound over the encoder's path (the tiny encoder: 2 layers x 6 matmuls; testing/precision.py).
+    from ssae_ray.precision import resolve
+    from ssae_ray.testing.precision import bf16_rtol, rel_err
+
+    tol = bf16_rtol(12) if resolve(cfg.model.precision).bf16 else 1e-5
+    errs = [rel_err(torch.from_numpy(a[pid]), torch.from_numpy(b[pid])) for pid in list(a)[:50]]
+    assert max(errs) <= tol, (max(errs), tol)
     assert ShardedIndex(index_dir).ntotal == ref["n_vectors"]
     # Two builds of one corpus (one of them through a crash) hold the same passage files, row for
     # row, so a selection (the random one included) is the same from either.
