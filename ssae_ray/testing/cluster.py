@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -153,6 +154,9 @@ class LocalCluster:
         self.env["PATH"] = f"{bindir}{os.pathsep}{self.env.get('PATH', '')}"
         self.env.setdefault("RAY_AUTH_MODE", "disabled")
         self.env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Ray's memory monitor reads the whole machine's memory, not a node's share of it: on one
+        # machine shared by every node (and other users) it kills tasks no real node would.
+        self.env.setdefault("RAY_memory_monitor_refresh_ms", "0")
         self.ray = str(Path(bindir) / "ray")
         # A short folder: Ray's Unix sockets live under the head's temp dir (107-byte path limit).
         self.base = Path(tempfile.mkdtemp(prefix="ssae-rc-", dir="/tmp"))
@@ -161,6 +165,8 @@ class LocalCluster:
         self.gcs = ""
         self.dashboard = ""
         self._mounts_before = _mounts()
+        # worker ports: a block of its own per cluster (below the ephemeral range; two clusters at once)
+        self._port_base = 10000 + 2000 * random.Random(os.getpid() ^ time.time_ns()).randrange(10)
         self.timings: dict[str, float] = {}
 
     # -- start / stop ------------------------------------------------------------------------
@@ -218,7 +224,7 @@ class LocalCluster:
         keys = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
                 "runtime-env-agent", "metrics-export", "worker-base"]  # fmt: skip
         p = dict(zip(keys, ports, strict=True))
-        wb = 20000 + 200 * len(self.nodes)  # each node its own worker port range
+        wb = self._port_base + 200 * len(self.nodes)  # each node its own worker port range
         cmd = [
             self.ray, "start", "--block", *args, "--disable-usage-stats",
             f"--node-manager-port={p['node-manager']}", f"--object-manager-port={p['object-manager']}",
