@@ -134,6 +134,7 @@ def main() -> None:
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     rows: dict[tuple[str, int], dict] = {}
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         for s in a.scales:
             work = Path(tmp) / f"x{s}"
@@ -152,7 +153,7 @@ def main() -> None:
     print(
         f"\npassages at 1x: {a.passages:,}; test tokens at 1x: {a.test_tokens:,}; capture cap: {a.capture_tokens:,}"
     )
-    print(f"CPU: {_cpu()}; load average before: {os.getloadavg()[0]:.1f}\n")
+    print(f"CPU: {_cpu()}; load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f}\n")
     head = "| stage | scale | input | peak RSS MB | above start MB | peak / 1x | disk MB | disk / 1x | s |"
     print(head)
     print("|---|---|---|---|---|---|---|---|---|")
