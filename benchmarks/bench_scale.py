@@ -2,7 +2,9 @@
 16x through the index (FAISS shards from embedding shards), BM25, a random selection (every
 passage file touched), activation capture (fixed token cap) and evaluation (two SAEs on the tiny
 LM). Each stage at each scale runs in a fresh process: its peak RSS (ru_maxrss), the RSS it
-started from (after imports), the bytes it wrote and its time; then the ratios to 1x.
+started from (after imports and the LM; for capture also after reading the selection's texts,
+its input), the bytes it wrote and its time; then the ratios to 1x. The passage cache cap of the
+selection is `SSAE_RAY_PASSAGE_CACHE_MB` (default 512 MB: set it below the corpus to see it bind).
 
     python benchmarks/bench_scale.py [--passages 50000] [--test-tokens 10000] [--scales 1 4 16]
 
@@ -47,6 +49,8 @@ if stage in ("capture", "eval"):
     from ssae_ray.models import load_lm
     from ssae_ray.saes import make_random_sae
     lm = load_lm(cfg.model, work / "models")
+if stage == "capture":  # the selection's texts are the caller's input (a list in the pipeline too)
+    selected = list(texts())
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 info = {}
@@ -73,7 +77,7 @@ elif stage == "select":
     info = {"cache_peak_mb": round(p.peak_cached_bytes / 2**20, 1), "files_read": p.reads}
 elif stage == "capture":
     from ssae_ray.training.cache import cache_activations
-    path = cache_activations(cfg, lm, list(texts()), list(cfg.sae.hooks), max_tokens=tokens, progress=False)
+    path = cache_activations(cfg, lm, selected, list(cfg.sae.hooks), max_tokens=tokens, progress=False)
     info = {"cached_tokens": json.loads((path / "manifest.json").read_text())["n_tokens"]}
     os.rename(path, out / "cache")
 elif stage == "eval":
@@ -130,6 +134,7 @@ def main() -> None:
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     rows: dict[tuple[str, int], dict] = {}
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         for s in a.scales:
             work = Path(tmp) / f"x{s}"
@@ -148,7 +153,7 @@ def main() -> None:
     print(
         f"\npassages at 1x: {a.passages:,}; test tokens at 1x: {a.test_tokens:,}; capture cap: {a.capture_tokens:,}"
     )
-    print(f"CPU: {_cpu()}; load average before: {os.getloadavg()[0]:.1f}\n")
+    print(f"CPU: {_cpu()}; load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f}\n")
     head = "| stage | scale | input | peak RSS MB | above start MB | peak / 1x | disk MB | disk / 1x | s |"
     print(head)
     print("|---|---|---|---|---|---|---|---|---|")

@@ -7,6 +7,7 @@ coverage, feature statistics and TERM diagnostics, written as CSVs and PNGs with
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 from collections import defaultdict
@@ -118,10 +119,11 @@ def evaluate_sweep(
 def score_group(
     lm: Any, saes: list[tuple[Any, str]], test_sets: dict[str, TestSet], bs: int
 ) -> dict[str, list[SAEEval]]:
-    """One group of (SAE, hook) on every test set, one streaming pass per set (per-token
-    statistics on the in-domain set only: the feature figures use no others)."""
+    """One group of (SAE, hook) on every test set, one streaming pass per set: scalars, feature
+    counts and per-document CE sums. Per-token statistics are computed later, for the few SSAEs the
+    feature figures pick (`_feature_figures`), not kept for every one."""
     return {
-        name: evaluate_saes_on(lm, saes, ts, bs, per_token=name == "test", doc_loss=True)
+        name: evaluate_saes_on(lm, saes, ts, bs, per_token=False, doc_loss=True)
         for name, ts in test_sets.items()
     }
 
@@ -481,6 +483,15 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
                 load_sae(Path(rec.path) / h),
                 evals[(s, tilt, t.lam, t.seed, h, "test")],
             )
+        # The per-token statistics (error by frequency, entropy, max activation) of the chosen
+        # SSAEs: one more streaming pass for these few, instead of keeping them for every SSAE.
+        picked = [k for k, (_, e) in chosen.items() if e.sse.numel() == 0]
+        if picked:
+            again = evaluate_saes_on(lm, [(copy.deepcopy(chosen[k][0]).to(lm.device), h) for k in picked], ts, cfg.eval.batch_size,
+                                     per_token=True, doc_loss=True)  # fmt: skip
+            for k, e in zip(picked, again, strict=True):
+                chosen[k] = (chosen[k][0], chosen[k][1]._replace(token_ids=e.token_ids, sse=e.sse, entropy=e.entropy,
+                                                                 max_act=e.max_act))  # fmt: skip
         cov, cum, rank, ratio, cos, errf, ent, mx, pca = {}, {}, {}, {}, {}, {}, {}, {}, {}
         tops = {}
         fdocs = _doc_feature_counts(lm, {k: v[0] for k, v in chosen.items()}, h, ts, tok_doc, len(docs),
