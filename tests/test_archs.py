@@ -442,8 +442,7 @@ def test_gemma_scope_fast_import_fit_check_and_finetune(local_hub, monkeypatch, 
     texts = fixture_texts(8, seed=5)
     ev = fit_check(cfg, lm, {hook: sae}, texts)[hook]
     assert cfg.sae.min_explained_variance <= ev < 0.97, ev  # realistic: passes the preset's check, not ~1
-    form = import_gsae(sae)
-    torch.testing.assert_close(form.threshold, sae.threshold)
+    import_gsae(sae)  # the exact import, checked on probe inputs (dead latents: zero decoder rows)
     x = torch.cat([b[hook] for b, _ in lm_activations(cfg, lm, texts, [hook])])[:192]
     tr = HookTrainer(TrainConfig(lr=1e-3, lam=2.0, batch_tokens=64), sae, hook, 1.0)
     before = tr.form.threshold.clone()
@@ -475,12 +474,14 @@ def test_gemma_scope_preset_loads_checks_and_finetunes_through_the_local_hub(
     sae = saes["blocks.12.hook_resid_post"]
     assert type(sae) is JumpReLUSAE and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
     assert sae.cfg.metadata.prepend_bos is True and arch_of(sae) == "jumprelu"
-    texts = ["Energy and momentum are conserved in every collision of particles."] * 4
-    assert fit_check(cfg, lm, saes, texts)["blocks.12.hook_resid_post"] > 0.9
+    from ssae_ray.testing.hub_fixtures import fixture_texts
+
+    texts = fixture_texts(8, seed=5)  # unseen documents of the fixture SAE's distribution
+    assert 0.5 <= fit_check(cfg, lm, saes, texts)["blocks.12.hook_resid_post"] < 0.97  # trained fixture SAE
     with pytest.raises(SAEMismatchError, match="set model.prepend_bos=true"):
         load_gsaes(cfg.replace(model={"prepend_bos": False}), lm)
     x = torch.cat(
-        [b["blocks.12.hook_resid_post"] for b, _ in lm_activations(cfg, lm, texts * 24, list(cfg.sae.hooks))]
+        [b["blocks.12.hook_resid_post"] for b, _ in lm_activations(cfg, lm, texts * 2, list(cfg.sae.hooks))]
     )
     assert x.shape[0] >= 256
     x = x[:256]
