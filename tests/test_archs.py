@@ -419,6 +419,39 @@ def test_bos_tokenisation_and_gsaes_refused_where_they_enter(tmp_path):
     ) == set(hooks)
 
 
+def test_gemma_scope_fast_import_fit_check_and_finetune(local_hub, monkeypatch, tmp_path):
+    """The default-suite variant of the test below: `gemma-scope-physics`'s model and Gemma Scope SAE
+    (trained on the fixture model: realistic explained variance, non-zero b_dec, thresholds) through
+    the product's loaders, the exact import, the fit check with the preset's threshold, and three
+    finetune steps of 64 tokens that move the thresholds."""
+    from ssae_ray.config import load_config
+    from ssae_ray.models import load_lm
+    from ssae_ray.saes import fit_check, load_gsaes
+    from ssae_ray.testing.hub_fixtures import fixture_texts
+    from ssae_ray.testing.hub_server import DEFAULT_TOKEN, go_online
+    from ssae_ray.training.archs import import_gsae
+    from ssae_ray.training.cache import lm_activations
+
+    go_online(monkeypatch, local_hub.url, tmp_path / "hf", token=DEFAULT_TOKEN)
+    cfg = load_config("gemma-scope-physics", overrides=[f"workdir={tmp_path}", "model.dtype=float32",
+                                                        "model.device=cpu", "model.context_len=32"])  # fmt: skip
+    hook = "blocks.12.hook_resid_post"
+    lm = load_lm(cfg.model, tmp_path / "models")
+    sae = load_gsaes(cfg, lm)[hook]
+    assert type(sae) is JumpReLUSAE and sae.b_dec.abs().max() > 0 and (sae.threshold > 0).all()
+    texts = fixture_texts(8, seed=5)
+    ev = fit_check(cfg, lm, {hook: sae}, texts)[hook]
+    assert cfg.sae.min_explained_variance <= ev < 0.97, ev  # realistic: passes the preset's check, not ~1
+    import_gsae(sae)  # the exact import, checked on probe inputs (dead latents: zero decoder rows)
+    x = torch.cat([b[hook] for b, _ in lm_activations(cfg, lm, texts, [hook])])[:192]
+    tr = HookTrainer(TrainConfig(lr=1e-3, lam=2.0, batch_tokens=64), sae, hook, 1.0)
+    before = tr.form.threshold.clone()
+    for s in range(3):
+        m = tr.apply(tr.step(x[64 * s : 64 * (s + 1)], 1e-3, s))
+    assert m[f"{hook}/l0"] > 0 and torch.isfinite(torch.tensor(m[f"{hook}/mse"]))
+    assert not torch.equal(tr.form.threshold, before)
+
+
 @pytest.mark.slow
 def test_gemma_scope_preset_loads_checks_and_finetunes_through_the_local_hub(
     local_hub, monkeypatch, tmp_path
@@ -441,12 +474,14 @@ def test_gemma_scope_preset_loads_checks_and_finetunes_through_the_local_hub(
     sae = saes["blocks.12.hook_resid_post"]
     assert type(sae) is JumpReLUSAE and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
     assert sae.cfg.metadata.prepend_bos is True and arch_of(sae) == "jumprelu"
-    texts = ["Energy and momentum are conserved in every collision of particles."] * 4
-    assert fit_check(cfg, lm, saes, texts)["blocks.12.hook_resid_post"] > 0.9
+    from ssae_ray.testing.hub_fixtures import fixture_texts
+
+    texts = fixture_texts(8, seed=5)  # unseen documents of the fixture SAE's distribution
+    assert 0.5 <= fit_check(cfg, lm, saes, texts)["blocks.12.hook_resid_post"] < 0.97  # trained fixture SAE
     with pytest.raises(SAEMismatchError, match="set model.prepend_bos=true"):
         load_gsaes(cfg.replace(model={"prepend_bos": False}), lm)
     x = torch.cat(
-        [b["blocks.12.hook_resid_post"] for b, _ in lm_activations(cfg, lm, texts * 24, list(cfg.sae.hooks))]
+        [b["blocks.12.hook_resid_post"] for b, _ in lm_activations(cfg, lm, texts * 2, list(cfg.sae.hooks))]
     )
     assert x.shape[0] >= 256
     x = x[:256]

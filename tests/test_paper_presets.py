@@ -255,6 +255,31 @@ def test_paper_physics_end_to_end(local_hub, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
+def test_gemma_scope_physics_end_to_end(local_hub, tmp_path):
+    """gemma-scope-physics: gated google/gemma-2-2b (d_model 2304) with HF_TOKEN, Gemma Scope's canonical
+    16k layer-12 JumpReLU SAE through sae-lens (trained on the fixture model) and its fit check,
+    OpenWebText's raw files, arXiv physics 60/20/20 with the seed from validation, physics-instruct
+    OOD, dense retrieval, JumpReLU finetunes at two L0 coefficients, evaluation and the report. The
+    fast default-suite variant: tests/test_archs.py::test_gemma_scope_fast_import_fit_check_and_finetune."""
+    work = tmp_path / "w"
+    args = [*_physics_like(work, 4000), "sae.d_sae=16384", "corpus.sources.corpus.max_docs=150",
+            "sweep.strategies=[dense]", "sweep.tilts=[0]", "sweep.lams=[1,4]", "train.steps=2",
+            "train.decay_steps=2", "train.checkpoint_every=2", "eval.test_tokens=500",
+            "eval.set_tokens={test: 500, ood: 300}"]  # fmt: skip
+    proc, secs = run_with_measured_l0(
+        "physics.py", ["--preset", "gemma-scope-physics"], args, tmp_path, local_hub.url, work
+    )
+    _ok(proc)
+    assert "dense" in next(work.glob("sweep/*/eval/report.md")).read_text()
+    prep = json.loads(next(work.glob("corpus/*/manifest.json")).read_text())["prepared"]
+    assert prep["val"]["source"] == "anonymousdatasets/arxiv-physics" and prep["seed"]["from_split"] == "val"
+    assert prep["ood"]["source"] == "AlgorithmicResearchGroup/arxiv-physics-instruct-tune-30k"
+    assert local_hub.fetched("gemma-scope-2b-pt-res/resolve")
+    assert any("subsets/urlsf_subset" in p for p in local_hub.fetched("openwebtext/resolve"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_paper_toxicity_end_to_end(local_hub, tmp_path):
     """jobs/toxicity.py: paper-toxicity with its own seed (4,072 tokens from validation), budget,
     500-step schedule shrunk, Pile toxicity test set capped in tokens; no OOD set."""

@@ -45,7 +45,9 @@ def test_pick_device_follows_ray_assignment():
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
-@pytest.mark.parametrize("preset", ["paper-physics", "paper-toxicity", "pythia-70m-bib"])
+@pytest.mark.parametrize(
+    "preset", ["paper-physics", "paper-toxicity", "pythia-70m-bib", "gemma-scope-physics"]
+)
 def test_paper_presets_fit_the_shipped_clusters(path, preset):
     offer = offer_from_cluster_yaml(path)
     assert offer.total("GPU") == 4 and all(n["GPU"] <= 1 for n in offer.nodes)

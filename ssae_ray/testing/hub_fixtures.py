@@ -378,7 +378,22 @@ def fixture_activations(
 ) -> dict[str, Any]:
     """Each hook's activations [N, d] (float32) of the fixture LM `model_repo` (built under `root`
     first) on `fixture_texts`, tokenised as the SAE releases were trained (a BOS token first) with the
-    BOS position and padding dropped, as the product's fit check sees them."""
+    BOS position and padding dropped, as the product's fit check sees them. The last call's result
+    is kept: the three pythia SAE repos read the same forward."""
+    key = (str(root), model_repo, tuple(hooks), context_len, n_texts)
+    memo = _ACTS_MEMO.get("last")  # (key, acts) in one entry: builds may run in several threads
+    if memo is None or memo[0] != key:
+        memo = (key, _fixture_activations(root, model_repo, hooks, context_len, n_texts))
+        _ACTS_MEMO["last"] = memo
+    return memo[1]
+
+
+_ACTS_MEMO: dict[str, Any] = {}
+
+
+def _fixture_activations(
+    root: Path, model_repo: str, hooks: list[str], context_len: int, n_texts: int
+) -> dict[str, Any]:
     import torch
 
     from ssae_ray.config import ModelConfig
@@ -532,6 +547,11 @@ PYTHIA_SAE_FOLDERS = {
 }
 
 
+PYTHIA_HOOKS = ["blocks.0.hook_resid_pre"] + [
+    f"blocks.{i}.{h}" for h in ("hook_resid_post", "hook_mlp_out", "hook_attn_out") for i in range(6)
+]
+
+
 def _pythia_saes(kind: str) -> Callable[[Path, Path], None]:
     hook = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}[kind]
 
@@ -547,7 +567,9 @@ def _pythia_saes(kind: str) -> Callable[[Path, Path], None]:
         SAE is trained on the fixture pythia's activations at its hook, b_dec subtracted from the
         input (`apply_b_dec_to_input: true`, as Marks et al.'s dictionaries)."""
         names = PYTHIA_SAE_FOLDERS[kind]
-        acts = fixture_activations(root, "EleutherAI/pythia-70m-deduped", [hook_point(n) for n in names])
+        acts = fixture_activations(
+            root, "EleutherAI/pythia-70m-deduped", PYTHIA_HOOKS
+        )  # one forward for all 3 repos
         for i, name in enumerate(names):
             layer = name.split("-")[0]
             cfg = {
