@@ -31,9 +31,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        from ssae_ray.multinode import prepare
         from ssae_ray.term import run_term
 
         cfg = load_config(args.preset, args.config_file, args.overrides)
+        cfg = prepare(cfg)  # on a cluster: every node sees the work dir; one MLflow server
         run_term(cfg, args.split)
     except Exception as e:
         if _user_error(e):

@@ -152,8 +152,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         serve_forever(cfg, port=args.port)
         return 0
-    from ssae_ray import pipeline
+    from ssae_ray import multinode, pipeline
 
+    # On a Ray cluster: every node sees the work dir (or one line, exit 2), and every task logs to
+    # one MLflow server (the head's, started here when none is named); before any work.
+    cfg = multinode.prepare(cfg)
+    return _run_stage(args, cfg, pipeline)
+
+
+def _run_stage(args: argparse.Namespace, cfg: object, pipeline: object) -> int:
     handlers: dict[str, Callable[..., object]] = {
         "corpus": pipeline.stage_corpus,
         "index": pipeline.stage_index,

@@ -344,6 +344,13 @@ class EvalConfig:
     same as `test_tokens`."""
     batch_size: int = 8
     """Contexts per forward when scoring spliced CE."""
+    saes_in_flight: int = 8
+    """SAEs scored together in one streaming pass over a test set (one LM forward per batch for all
+    of them; memory: one batch of activations plus each SAE's weights and sums)."""
+    workers: int = 1
+    """Evaluate groups of `saes_in_flight` SSAEs in up to this many Ray tasks at once, each holding a
+    GPU when the cluster has free GPUs (else a CPU) and loading the LM itself; 1 = all in this
+    process (also when Ray is not running or nothing is free)."""
     logit_lens_topk: int = 10
     """Tokens per latent read through the unembedding (the paper: top-10)."""
     freq_buckets: int = 10

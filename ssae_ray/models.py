@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -510,11 +511,18 @@ def tokenize_docs(
     max_contexts: int | None = None,
     min_tokens: int = 2,
     prepend_bos: bool = False,
+    max_tokens: int | None = None,
+    chunk_docs: int = 256,
 ) -> TokenBatch:
     """Cut each text into contexts of at most `context_len` tokens, right-padded, with the index of
     the text each came from. With `prepend_bos` every context starts with the tokenizer's BOS
     token followed by `context_len - 1` text tokens (as sae-lens' `prepend_bos` SAEs were trained);
-    else no special tokens are added. Position 0 (BOS or not) is excluded downstream either way."""
+    else no special tokens are added. Position 0 (BOS or not) is excluded downstream either way.
+
+    Texts are tokenised `chunk_docs` at a time; with `max_tokens` tokenisation stops once the
+    contexts hold `max_tokens` tokens after their position 0 (so `cap_tokens(..., max_tokens)`,
+    with or without `skip_first`, keeps the same contexts as on the whole corpus, and a 20M-token
+    cap on a 470M-token corpus tokenises about 20M tokens)."""
     if context_len < 2:
         raise ValueError(f"context_len must be >= 2, got {context_len}")
     bos: list[int] = []
@@ -524,19 +532,31 @@ def tokenize_docs(
                 "model.prepend_bos is true but the tokenizer has no BOS token; set model.prepend_bos=false"
             )
         bos = [int(tokenizer.bos_token_id)]
-    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
     docs: list[int] = []
     step = context_len - len(bos)
-    for i, ids in enumerate(enc):
-        for s in range(0, len(ids), step):
-            chunk = bos + ids[s : s + step]
-            if len(chunk) >= min_tokens:
-                rows.append(chunk)
-                docs.append(i)
-            if max_contexts is not None and len(rows) >= max_contexts:
+    held = 0  # tokens after position 0 of the contexts so far
+
+    def full() -> bool:
+        return (max_contexts is not None and len(rows) >= max_contexts) or (
+            max_tokens is not None and held >= max_tokens
+        )
+
+    texts = list(texts) if not isinstance(texts, list) else texts
+    for c0 in range(0, len(texts), max(chunk_docs, 1)):
+        enc = tokenizer(texts[c0 : c0 + chunk_docs], add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(enc, start=c0):
+            for s in range(0, len(ids), step):
+                chunk = bos + ids[s : s + step]
+                if len(chunk) >= min_tokens:
+                    rows.append(chunk)
+                    docs.append(i)
+                    held += len(chunk) - 1
+                if full():
+                    break
+            if full():
                 break
-        if max_contexts is not None and len(rows) >= max_contexts:
+        if full():
             break
     if not rows:
         return TokenBatch(
@@ -550,12 +570,12 @@ def tokenize_docs(
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int | None) -> tuple[Tensor, Tensor]:
     """Right-pad token id lists to the longest: ([N, T] ids, [N, T] attention mask)."""
-    width = max(len(r) for r in rows)
+    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lens.max()) if len(rows) else 0
+    mask = (torch.arange(width)[None, :] < lens[:, None]).long()
     ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r)
-        mask[j, : len(r)] = 1
+    # One flat copy of every row into the masked cells (row-major order = concatenated rows).
+    ids[mask.bool()] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
     return ids, mask
 
 

@@ -107,15 +107,19 @@ def with_lm(cfg: Config, lm: Any, fn: Callable[..., T], *args: Any, name: str = 
     Ray task holding a GPU that loads the LM on that GPU (`fn` and `args` travel by pickle)."""
     if lm is not None or not offload(cfg):
         return fn(lm if lm is not None else _lm(cfg), *args)
+    from ssae_ray.multinode import was_checked
     from ssae_ray.resources import on_gpu_worker
 
-    return on_gpu_worker(_call_with_lm, cfg, fn, *args, name=name or getattr(fn, "__name__", "lm-task"))
+    return on_gpu_worker(_call_with_lm, cfg, fn, *args, name=name or getattr(fn, "__name__", "lm-task"),
+                         checked=was_checked(cfg.root))  # fmt: skip
 
 
-def _call_with_lm(cfg: Config, fn: Callable[..., T], *args: Any) -> T:
+def _call_with_lm(cfg: Config, fn: Callable[..., T], *args: Any, checked: bool = False) -> T:
+    from ssae_ray.multinode import check_here
     from ssae_ray.runtime import setup_logging
 
     setup_logging()
+    check_here(cfg.root, checked)  # a node that joined after the preflight must see the work dir too
     return fn(_lm(cfg), *args)
 
 
@@ -126,8 +130,11 @@ def _tokenizer(cfg: Config) -> Any:
         from transformers import AutoTokenizer
 
         from ssae_ray.models import _resolve_source
+        from ssae_ray.resources import on_gpu_worker
 
-        folder, gguf = _resolve_source(cfg.model, cfg.root / "models")
+        # `tiny` builds its model folder on first use: on a GPU worker, so the driver creates no weights
+        where = on_gpu_worker if cfg.model.source == "tiny" else (lambda f, *a, **_k: f(*a))
+        folder, gguf = where(_resolve_source, cfg.model, cfg.root / "models", name="tiny-model")
         return None if gguf is not None else AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - token counts are a convenience
         log.warning("no tokenizer on the driver (%s); the corpus manifest gets no LM token counts", e)
@@ -243,7 +250,7 @@ def stage_cache(
 
     import pyarrow.parquet as pq
 
-    from ssae_ray.resources import check_free_space, human_bytes
+    from ssae_ray.resources import disk_plan, human_bytes
     from ssae_ray.training.cache import cache_plan
 
     if lm is None and not offload(cfg):
@@ -259,12 +266,15 @@ def stage_cache(
         sel = stage_retrieve(cfg, s, lm, corpus_dir, index_dir, gsae_dir)
         texts = [str(t) for t in pq.read_table(sel / "selection.parquet", columns=["text"]).column("text")]
         plans[s] = cache_plan(cfg, texts, hooks, d_in, tok)
-    need = sum(p.bytes for p in plans.values() if not p.cached) + reserve_bytes
     for s, p in plans.items():
         print(f"activation cache [{s}]: {p.n_tokens:,} tokens x {len(hooks)} hooks ({cfg.train.cache_dtype}) = "
-              f"{human_bytes(p.bytes)} on disk{' (cached)' if p.cached else ''}")  # fmt: skip
-    if need:
-        check_free_space(cfg.root, need, f"the activation caches ({len(plans)}) and sweep outputs")
+              f"{human_bytes(p.bytes)} on disk{f' (cached at {p.path})' if p.cached else ''}")  # fmt: skip
+    # Only what is missing: a cache found under its key needs no space.
+    items = [(f"activation cache [{s}]", p.bytes) for s, p in plans.items() if not p.cached]
+    if reserve_bytes:
+        items.append(("sweep checkpoints and outputs", reserve_bytes))
+    if items:
+        disk_plan(cfg.root, items, f"the activation caches ({len(items)}) and sweep outputs")
     return {s: with_lm(cfg, lm, _capture, cfg, p.texts, hooks, p.max_tokens, name=f"cache-{s}")
             for s, p in plans.items()}  # fmt: skip
 
@@ -549,6 +559,9 @@ def stage_dashboard(
     With `autointerp` (`run_autointerp`), auto-interp runs on the same in-domain LM pass."""
     from ssae_ray.dashboard import build_sweep_dashboard, log_dashboard
 
+    if lm is None and offload(cfg):  # a CPU head: evaluate (GPU tasks), then build on a GPU worker
+        report = report or stage_eval(cfg)
+        return with_lm(cfg, None, _dashboard_with, cfg, report, autointerp, force, name="dashboard")
     lm = lm or _lm(cfg)
     report = report or stage_eval(cfg, lm=lm)
     corpus_dir = stage_corpus(cfg, lm)
@@ -582,6 +595,10 @@ def stage_dashboard(
     except Exception as e:  # the site is on disk; never fail a finished job over logging it
         log.warning("could not log the dashboard to MLflow: %s", e)
     return out / "index.html"
+
+
+def _dashboard_with(lm: Any, cfg: Config, report: Path, autointerp: Callable | None, force: bool) -> Path:
+    return stage_dashboard(cfg, lm, report, autointerp, force)
 
 
 def stage_shift(cfg: Config) -> Path:

@@ -158,6 +158,17 @@ def key_part(setting: str, device: torch.device | str = "cpu") -> tuple[str, ...
     return ("bf16",) if resolve(setting, device).bf16 else ()
 
 
+def setting_key_part(setting: str) -> tuple[str, ...]:
+    """What a stage key adds for the precision *setting*, the same on every process: nothing for
+    fp32, `("bf16",)` for bf16, `("auto",)` for auto. `key_part` resolves `auto` on the calling
+    process (fp32 on a CPU driver, bf16 in a GPU task), so a key planned on the driver would never
+    match the one its GPU task builds; stages whose work may run elsewhere key on the setting and
+    record the precision they resolved in their manifest."""
+    if setting not in CHOICES:
+        raise PrecisionError(f"precision must be one of {', '.join(CHOICES)}, got {setting!r}")
+    return () if setting == "fp32" else (setting,)
+
+
 _logged: set[tuple[str, str, str]] = set()
 
 

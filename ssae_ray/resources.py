@@ -357,6 +357,27 @@ def check_free_space(path: Any, need_bytes: float, what: str) -> None:
         )
 
 
+def disk_plan(path: Any, items: list[tuple[str, float]], what: str, say: Any = None) -> int:
+    """Print the sizes a stage is about to write under `path` (one line per item, then the total
+    against the free space), and refuse at once, before anything is written, when the file system
+    holding `path` has less free: a `ResourceError` (one line, exit status 2 from the CLI).
+    Items already on disk are left out by the caller. Returns the bytes planned."""
+    import shutil
+    from pathlib import Path
+
+    say = say or (lambda line: print(line, flush=True))
+    need = int(sum(max(0, b) for _, b in items))
+    p = Path(path).expanduser()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    for name, b in items:
+        say(f"disk plan [{what}]: {name}: {human_bytes(b)}")
+    say(f"disk plan [{what}]: {human_bytes(need)} to write under {path}, {human_bytes(free)} free")
+    check_free_space(path, need, what)
+    return need
+
+
 def ceil_div(a: float, b: float) -> int:
     return int(math.ceil(a / b))
 

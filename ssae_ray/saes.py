@@ -243,10 +243,32 @@ def check_sae_fits(sae: SAE, acts: Tensor, hook: str, min_ev: float) -> float:
         raise SAEMismatchError(
             f"the SAE for {hook} explains only {ev:.3f} of the variance of the model's activations at "
             f"that hook (need >= {min_ev}): a wrong hook, model or activation processing "
-            "(normalisation, BOS handling). Set sae.min_explained_variance to override."
+            f"(normalisation, BOS handling){_unfolded_hint(sae, x)}. Set sae.min_explained_variance to override."
         )
     log.info("SAE at %s explains %.3f of the variance", hook, ev)
     return ev
+
+
+def _unfolded_hint(sae: SAE, x: Tensor) -> str:
+    """Why an SAE trained on scaled activations fails on raw ones: sae-lens folds a release's
+    `norm_scaling_factor` (sqrt(d_in) / E||x|| on its training data) into the weights where its
+    registry lists one; where it lists none (gemma-2b-res-jb blocks.10 and .17) the SAE loads
+    unfolded and sees activations several times too large. The hint gives what the SAE explains
+    with the factor estimated from `x`."""
+    if getattr(sae.cfg, "normalize_activations", "none") != "expected_average_only_in":
+        return ""
+    import copy
+
+    c = float(sae.cfg.d_in**0.5 / x.float().norm(dim=-1).mean().clamp_min(1e-12))
+    folded = copy.deepcopy(sae)
+    folded.fold_activation_norm_scaling_factor(c)
+    with torch.no_grad():
+        ev = explained_variance(x, folded.decode(folded.encode(x)))
+    return (
+        f"; it records normalize_activations='expected_average_only_in' with no norm scaling factor folded "
+        f"in (its sae-lens release lists none), so it reads activations at the wrong scale: with the factor "
+        f"estimated from these activations ({c:.4g}) it would explain {ev:.3f}"
+    )
 
 
 def check_gsae(sae: SAE, hook: str, prepend_bos: bool | None = None) -> str:

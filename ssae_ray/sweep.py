@@ -159,6 +159,7 @@ def run_sweep(
     validation documents. Checks the tracking URI and every input before any trial starts."""
     from ray import tune
 
+    from ssae_ray.multinode import was_checked
     from ssae_ray.resources import check_schedulable
     from ssae_ray.runtime import init_ray
 
@@ -176,7 +177,7 @@ def run_sweep(
     ctx = {
         "cfg": cfg.to_dict(), "gsae_dir": str(gsae_dir), "caches": {k: str(v) for k, v in caches.items()},
         "out": str(out), "uri": uri, "exp_id": exp_id, "parent": parent,
-        "lm_cache": str(lm_cache_dir) if lm_cache_dir else None,
+        "lm_cache": str(lm_cache_dir) if lm_cache_dir else None, "checked": was_checked(cfg.root),
     }  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_trial_fn, ctx=ctx, val_set=val_set),
@@ -257,6 +258,11 @@ def _write_table(
 def _trial_fn(space: dict[str, Any], ctx: dict[str, Any], val_set: Any) -> None:
     from ray import tune
 
+    from ssae_ray.multinode import check_here
+
+    check_here(
+        Path(ctx["cfg"]["workdir"]), ctx.get("checked", False)
+    )  # a node that joined after the preflight
     t = space["trial"]
     trial = Trial(t["strategy"], float(t["lam"]), float(t["tilt"]), int(t["seed"]))
     tdir = Path(ctx["out"]) / "trials" / trial.name

@@ -236,6 +236,12 @@ def run_term(cfg: Config, eval_split: str | None = None, progress: bool = True) 
     from ssae_ray.data.corpus import preflight
 
     preflight(cfg)  # the dataset opens before the LM is downloaded
+    from ssae_ray.pipeline import offload
+
+    if offload(cfg):  # a CPU head driving a GPU cluster: the whole experiment runs on one GPU worker
+        from ssae_ray.resources import on_gpu_worker
+
+        return on_gpu_worker(run_term, cfg, eval_split, progress, name="term")
     lm = load_lm(cfg.model, cfg.root / "models")
     validate_hooks(lm, [hook])
     corpus_dir = build_corpus(cfg, lm.tokenizer)

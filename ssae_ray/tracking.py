@@ -68,7 +68,7 @@ def start_mlflow_server(
     ]  # fmt: skip
     logf = open(root / "mlflow-server.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{host}:{port}"
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"  # all interfaces: ask locally
     t0 = time.monotonic()
     try:
         while time.monotonic() - t0 < timeout:
@@ -171,11 +171,23 @@ def open_experiment(uri: str, name: str, artifact_root: Path | None = None) -> t
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return client, exp.experiment_id
     loc = None
     if artifact_root is not None and not uri.startswith(("http://", "https://")):
         loc = Path(artifact_root).resolve().as_uri()
-    return client, client.create_experiment(name, artifact_location=loc)
+    exp_id = client.create_experiment(
+        name, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+    return client, exp_id
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment by its kind: without this tag it guesses GenAI ("Send your first
+trace") and hides the runs one click away; `custom_model_development` ("Model training") opens on
+the runs table, where the sweep's parent and trial runs are."""
 
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:

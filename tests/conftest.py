@@ -146,3 +146,22 @@ def pytest_collection_modifyitems(config, items):
     """Tests that start their own Ray head (`own_ray_cluster`) run last: a head's job agent does
     not come up beside a second local Ray instance, so they stop the session's Ray first."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real multi-node Ray cluster on this machine (`ssae_ray.testing.cluster.LocalCluster`): a
+    head at CPU 0 and two 1-GPU (logical) workers, each in its own mount + PID namespace with its own
+    `/tmp` and `~/.cache`; `cluster.shared` is bind-mounted into every node at the same path (as EFS
+    would be). Mark tests that use it `own_ray_cluster` (they run last; the session's Ray stops)."""
+    import ray
+
+    from ssae_ray.testing.cluster import LocalCluster, missing
+
+    if missing():
+        pytest.skip(missing())
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = LocalCluster(tmp_path_factory.mktemp("shared"), workers=2, env={"HF_ENDPOINT": _HUB.url})
+    with cluster:
+        yield cluster

@@ -13,7 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = sorted(CLUSTER.glob("*.yaml"))
-KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+KUBERAY = sorted(p for p in (CLUSTER / "kuberay").glob("*.yaml") if p.name != "storage.yaml")
+STORAGE = CLUSTER / "kuberay" / "storage.yaml"
 RAY_MINOR = ".".join(ray.__version__.split(".")[:2])
 
 
@@ -33,6 +34,7 @@ def prepared(path: Path) -> dict:
 def test_launcher_configs_exist():
     assert [p.name for p in LAUNCHER] == ["aws-gpu.yaml", "gcp-gpu.yaml"]
     assert {p.name for p in KUBERAY} == {"raycluster.yaml", "rayjob.yaml"}
+    assert STORAGE.is_file()
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
@@ -217,3 +219,92 @@ def test_dockerfile_matches_ray_and_installs_gpu_extra():
     assert 'pip install --no-cache-dir -e ".[gpu]"' in text
     images = {c["image"] for p in KUBERAY for c in containers(load(p))}
     assert len(images) == 1  # one image for head, workers and submitter
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage every node sees (the work dir is one folder on every node: see ssae_ray/multinode.py)
+
+WORK_IN_CONTAINER = (
+    "/home/ray/.cache/ssae-ray"  # ~/.cache/ssae-ray of the `ray` user: every preset's work dir root
+)
+
+
+def shared_mounts(path: Path) -> list[tuple[str, str, str]]:
+    """(what, host / volume, path in the Ray containers) for each shared storage the config mounts."""
+    if path.suffix == ".yaml" and path.parent.name == "kuberay":
+        doc = load(path)
+        spec = cluster_spec(doc)
+        out = []
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod = g["template"]["spec"]
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
+                      if "persistentVolumeClaim" in v}  # fmt: skip
+            for c in pod["containers"]:
+                for m in c.get("volumeMounts", []):
+                    if m["name"] in claims:
+                        out.append(
+                            (f"PVC {claims[m['name']]} ({c['name']})", claims[m["name"]], m["mountPath"])
+                        )
+        return out
+    config = load(path)
+    init = " ".join(config.get("initialization_commands", []))
+    out = []
+    for opt in config["docker"]["run_options"]:
+        if opt.startswith("-v "):
+            host, inside = opt[3:].split(":")[:2]
+            mount = re.search(r"mount -t nfs4? -o \S+ (\S+) ([^\s)]+)", init)
+            assert mount, init
+            out.append((f"NFS {mount.group(1)} at {mount.group(2)}", host, inside))
+    return out
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_mounts_shared_storage_at_the_work_dir_on_every_node(path):
+    """EFS (AWS) / Filestore (GCP) NFS-mounted on every host before its container starts
+    (`initialization_commands` run on head and workers alike), and bound into every container at
+    ~/.cache/ssae-ray: the presets' default work dirs are on it, on every node."""
+    config = prepared(path)
+    ((what, host, inside),) = shared_mounts(path)
+    nfs_target = what.split(" at ")[1]
+    assert host.startswith(nfs_target + "/") and inside == WORK_IN_CONTAINER, (what, host, inside)
+    init = " ".join(config["initialization_commands"])
+    assert f"mkdir -p {host}" in init and f"chmod 1777 {host}" in init  # the container's user writes there
+    assert "mountpoint -q" in init  # a rerun of `ray up` does not mount twice
+    assert {"efs": "aws", "filestore": "gcp"}[nfs_target.split("/")[-1]] == config["provider"]["type"]
+    # both node types (no per-type initialization_commands overriding the shared ones)
+    for t in config["available_node_types"].values():
+        assert "initialization_commands" not in t
+    # the placeholders a user fills are named in the README's storage section
+    readme = (ROOT / "README.md").read_text()
+    placeholder = re.search(r"YOUR-[A-Z-]+", init).group(0)
+    assert placeholder in readme
+    from ssae_ray.config import load_config
+
+    for preset in ("paper-physics", "paper-toxicity", "pythia-70m-bib"):
+        wd = load_config(preset).workdir
+        assert wd.startswith("~/.cache/ssae-ray"), (preset, wd)  # lands on the shared mount
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_every_ray_pod_mounts_the_read_write_many_claim(path):
+    doc = load(path)
+    spec = cluster_spec(doc)
+    mounts = shared_mounts(path)
+    ray_containers = [c["name"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+                      for c in g["template"]["spec"]["containers"]]  # fmt: skip
+    assert sorted(m[0].split("(")[1][:-1] for m in mounts) == sorted(ray_containers)
+    assert {(m[1], m[2]) for m in mounts} == {("ssae-ray-work", WORK_IN_CONTAINER)}
+    assert "emptyDir: {sizeLimit" not in path.read_text()  # no node-local work dir left
+    pvc = load(STORAGE)
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == "ssae-ray-work"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "storage.yaml" in path.read_text()  # the manifest says to apply the claim first
+
+
+def test_shared_storage_table():
+    """What each shipped config mounts and where (printed: the table in docs/MULTINODE.md)."""
+    rows = [(p.relative_to(ROOT), *m) for p in [*LAUNCHER, *KUBERAY] for m in shared_mounts(p)]
+    assert len(rows) >= 2 + 2 * 2
+    print("\n| config | storage | on the host / volume | in the Ray containers |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(map(str, r)) + " |")

@@ -171,7 +171,8 @@ def test_export_one_record_per_feature_with_evaluate_values(built, specs, lm, te
     sae, vocab = specs[1].sae, lm.tokenizer.convert_ids_to_tokens
     for rec in top[:3]:
         ts = prepare_test_set(lm, "test", [texts[int(rec["dataIndex"])]], [HOOK], 32)
-        f = sae.encode(ts.acts[HOOK][0]).detach()[:, P] * token_positions(ts)[0]
+        x = capture(lm, ts.tokens.input_ids[:1], ts.tokens.attention_mask[:1], [HOOK])[HOOK][0]
+        f = sae.encode(x).detach()[:, P] * token_positions(ts)[0]
         strs = [t.replace("Ġ", " ") for t in vocab(ts.tokens.input_ids[0].tolist())]
         n = len(rec["tokens"])
         s = next(i for i in range(len(strs) - n + 1) if strs[i : i + n] == rec["tokens"])

@@ -69,9 +69,9 @@ def test_hf_api_info_tree_paths_info_refs(hub_online):
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= names
     assert sum(n.startswith("model-0000") for n in names) >= 2  # sharded like the Hub's
     ds = api.dataset_info("Skylion007/openwebtext", revision="refs/convert/parquet")
-    assert {s.rfilename for s in ds.siblings} == {
-        "plain_text/train/0000.parquet",
-        "plain_text/train/0001.parquet",
+    assert {s.rfilename for s in ds.siblings} == {  # a script dataset's conversion: partial, as on the Hub
+        "plain_text/partial-train/0000.parquet",
+        "plain_text/partial-train/0001.parquet",
     }
     assert ds.sha != api.dataset_info("Skylion007/openwebtext").sha
     tree = list(api.list_repo_tree("ctigges/pythia-70m-deduped__res-sm_processed"))
@@ -192,6 +192,8 @@ def test_contriever_bin_only_sentence_transformers_and_the_retriever(hub_online,
 def test_datasets_streaming(hub_online):
     import datasets
 
+    from ssae_ray.testing.hub_fixtures import OWT_PARTIAL_DOCS
+
     bib = datasets.load_dataset("LabHC/bias_in_bios", split="dev", streaming=True)
     row = next(iter(bib))
     assert set(row) == {"hard_text", "profession", "gender"}
@@ -203,7 +205,10 @@ def test_datasets_streaming(hub_online):
     assert set(q) == {"question", "answer"}  # from the root arxiv_physics_instruct_30k.jsonl
     owt = datasets.load_dataset("Skylion007/openwebtext", revision="refs/convert/parquet", split="train",
                                 streaming=True)  # fmt: skip
-    assert sum(1 for _ in owt) == 2000
+    assert sum(1 for _ in owt) == OWT_PARTIAL_DOCS  # datasets reads `partial-train` as "train", silently
+    assert datasets.get_dataset_split_names("Skylion007/openwebtext", revision="refs/convert/parquet") == [
+        "train"
+    ]
     pile = datasets.load_dataset("monology/pile-uncopyrighted", split="train", streaming=True)
     assert set(next(iter(pile))) == {"text", "meta"}  # jsonl.zst, decompressed by zstandard
     # train/ is a folder, so split names are taken from folders only: val.jsonl.zst needs data_files
@@ -251,25 +256,74 @@ def test_gated_dataset_with_token(local_hub, monkeypatch, tmp_path):
 # -- sae-lens -------------------------------------------------------------------------------------
 
 
+def _fixture_acts(hub, model_repo, hook):
+    from ssae_ray.testing.hub_fixtures import fixture_activations
+
+    return fixture_activations(hub.root, model_repo, [hook])[hook]
+
+
 def test_sae_lens_releases(hub_online):
+    """The fixture SAEs are trained on the fixture LMs' activations: through sae-lens they explain
+    well below all of the variance, with a non-zero b_dec; gemma-2b-res-jb blocks.12 reads
+    activations scaled by the registry's norm factor, which `from_pretrained` folds in. Unfolded
+    (the raw weights on raw activations) it explains less than nothing, as the registry's
+    `variance_explained: -0.65` for that entry records; blocks.17, whose entry lists no factor, loads
+    unfolded, and the fit check says so and what the factor would give."""
     import torch
     from sae_lens import SAE
+    from safetensors.torch import load_file
 
+    from ssae_ray.saes import SAEMismatchError, check_sae_fits, explained_variance
     from ssae_ray.testing.hub_fixtures import GEMMA_2B_D_MODEL, JB_NORM_SCALING_FACTOR
 
     sae = SAE.from_pretrained("gemma-2b-res-jb", "blocks.12.hook_resid_post", device="cpu")
     assert sae.cfg.d_in == GEMMA_2B_D_MODEL and sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
-    # the norm scaling factor is folded into the weights: the SAE reconstructs raw activations
-    assert sae.cfg.normalize_activations == "none"
-    x = torch.randn(5, GEMMA_2B_D_MODEL)
-    assert torch.allclose(sae.decode(sae.encode(x)), x, atol=1e-2)
-    assert torch.allclose(sae.W_enc[0, 0], torch.tensor(JB_NORM_SCALING_FACTOR))
+    assert sae.cfg.normalize_activations == "none"  # the norm scaling factor is folded into the weights
     assert hub_online.fetched("gemma_2b_blocks.12.hook_resid_post_16384/sparsity.safetensors")
+    x = _fixture_acts(hub_online, "google/gemma-2b", "blocks.12.hook_resid_post")
+    with torch.no_grad():
+        ev = explained_variance(x, sae.decode(sae.encode(x)))
+        l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
+    assert 0.6 < ev < 0.95 and 2 < l0 < 64, (ev, l0)
+    assert sae.b_dec.abs().max() > 0.05
+    raw = load_file(
+        next(
+            p for p in _snapshot_files(hub_online, "gemma_2b_blocks.12") if p.endswith("weights.safetensors")
+        )
+    )
+    torch.testing.assert_close(sae.W_enc, raw["W_enc"] * JB_NORM_SCALING_FACTOR)
+    torch.testing.assert_close(sae.b_dec, raw["b_dec"] / JB_NORM_SCALING_FACTOR)
+    with torch.no_grad():  # unfolded, the raw weights read raw activations at the wrong scale
+        f = torch.relu(x @ raw["W_enc"] + raw["b_enc"])
+        unfolded = explained_variance(x, f @ raw["W_dec"] + raw["b_dec"])
+    assert unfolded < ev - 0.3, (unfolded, ev)
+    assert check_sae_fits(sae, x, "blocks.12.hook_resid_post", min_ev=0.5) == pytest.approx(ev, abs=1e-4)
+    s17 = SAE.from_pretrained("gemma-2b-res-jb", "blocks.17.hook_resid_post", device="cpu")
+    assert s17.cfg.normalize_activations == "expected_average_only_in"  # no factor in the registry
+    x17 = _fixture_acts(hub_online, "google/gemma-2b", "blocks.17.hook_resid_post")
+    with pytest.raises(
+        SAEMismatchError,
+        match=r"no norm scaling factor .*\(its sae-lens release lists none\).* would explain 0\.[6-9]",
+    ):
+        check_sae_fits(s17, x17, "blocks.17.hook_resid_post", min_ev=0.99)
     # sparsity.safetensors is optional: the pythia folders have none, a 404 EntryNotFound sae-lens skips
     pythia = SAE.from_pretrained("pythia-70m-deduped-att-sm", "blocks.5.hook_attn_out", device="cpu")
     assert sae.cfg.metadata.prepend_bos is True and pythia.cfg.metadata.prepend_bos is True  # legacy default
+    assert pythia.cfg.apply_b_dec_to_input is True and pythia.b_dec.abs().max() > 0
     assert ("HEAD", "/ctigges/pythia-70m-deduped__att-sm_processed/resolve/main/5-att-sm/sparsity.safetensors",
             404) in hub_online.requests  # fmt: skip
+    xa = _fixture_acts(hub_online, "EleutherAI/pythia-70m-deduped", "blocks.5.hook_attn_out")
+    with torch.no_grad():
+        assert 0.5 < explained_variance(xa, pythia.decode(pythia.encode(xa))) < 0.97
+
+
+def _snapshot_files(hub, folder_part):
+    from pathlib import Path
+
+    import huggingface_hub
+
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    return [str(p) for p in cache.rglob("*") if folder_part in str(p) and p.is_file()]
 
 
 @pytest.mark.parametrize(
@@ -289,10 +343,15 @@ def test_presets_models_and_gsaes_through_the_product(local_hub, monkeypatch, tm
     lm = load_lm(cfg.model, cache_dir=tmp_path)
     saes = load_gsaes(cfg, lm)
     assert list(saes) == list(cfg.sae.hooks) and len(saes) == (19 if preset == "pythia-70m-bib" else 1)
-    batch = lm.tokenizer(["the photon energy is conserved in the collision"], return_tensors="pt")
-    acts = capture(lm, batch.input_ids, batch.attention_mask, list(saes))
-    for hook, sae in saes.items():
-        assert check_sae_fits(sae, acts[hook][:, 1:], hook, min_ev=0.95) > 0.95
+    from ssae_ray.models import tokenize_docs
+    from ssae_ray.testing.hub_fixtures import fixture_texts
+
+    tb = tokenize_docs(lm.tokenizer, fixture_texts(16, seed=7), 64, prepend_bos=True)  # unseen documents
+    acts = capture(lm, tb.input_ids, tb.attention_mask, list(saes))
+    keep = tb.attention_mask[:, 1:].bool()
+    evs = {h: check_sae_fits(sae, acts[h][:, 1:][keep], h, min_ev=0.5) for h, sae in saes.items()}
+    print("explained variance", {h: round(v, 3) for h, v in evs.items()})
+    assert all(0.5 < v < 0.97 for v in evs.values()), evs  # trained fixture SAEs: realistic, well below 1
 
 
 # -- the product's errors -------------------------------------------------------------------------
@@ -340,7 +399,7 @@ def test_hf_file_system_glob_and_parquet_ranges(hub_online):
 
     fs = HfFileSystem()
     root = "datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet"
-    files = fs.glob(f"{root}/plain_text/train/*.parquet")
+    files = fs.glob(f"{root}/plain_text/partial-train/*.parquet")
     assert [f.rsplit("/", 1)[1] for f in files] == ["0000.parquet", "0001.parquet"]
     with fs.open(files[1], "rb", block_size=4096) as f:
         pf = pq.ParquetFile(f)
@@ -348,14 +407,15 @@ def test_hf_file_system_glob_and_parquet_ranges(hub_online):
         assert pf.read_row_group(2, columns=["text"]).num_rows == 250
     gets = [s for m, p, s in hub_online.requests if m == "GET" and "0001.parquet" in p]
     assert gets and set(gets) == {206}  # read in ranges, never as a whole-file GET
-    assert fs.info(f"{root}/plain_text/train/0000.parquet")["size"] > 0
-    assert not fs.exists(f"{root}/plain_text/validation/0000.parquet")
+    assert fs.info(f"{root}/plain_text/partial-train/0000.parquet")["size"] > 0
+    assert not fs.exists(f"{root}/plain_text/train/0000.parquet")
 
 
 def test_gemma_2_2b_and_gemma_scope_fit(local_hub, monkeypatch, tmp_path):
     """Gemma Scope through sae-lens' gemma_2 loader (params.npz; d_in 2304 and d_sae 16384 fixed by
-    the loader) and the gated model it reads: 26 layers, d_model 2304; the JumpReLU SAE
-    reconstructs the model's layer-12 residual."""
+    the loader) and the gated model it reads: 26 layers, d_model 2304; the JumpReLU SAE, trained on
+    the fixture model's layer-12 residual, explains most but not all of it, with a non-zero b_dec
+    and thresholds."""
     import torch
     from sae_lens import SAE
 
@@ -368,12 +428,20 @@ def test_gemma_2_2b_and_gemma_scope_fit(local_hub, monkeypatch, tmp_path):
     sae = SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82", device="cpu")
     assert type(sae).__name__ == "JumpReLUSAE" and (sae.cfg.d_in, sae.cfg.d_sae) == (2304, 16384)
     assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
-    batch = lm.tokenizer(["the photon energy is conserved"], return_tensors="pt")
-    acts = capture(lm, batch.input_ids, batch.attention_mask, ["blocks.12.hook_resid_post"])
-    x = acts["blocks.12.hook_resid_post"].reshape(-1, 2304)
+    from ssae_ray.models import tokenize_docs
+    from ssae_ray.testing.hub_fixtures import fixture_texts
+
+    tb = tokenize_docs(lm.tokenizer, fixture_texts(8, seed=7), 64, prepend_bos=True)  # unseen documents
+    acts = capture(lm, tb.input_ids, tb.attention_mask, ["blocks.12.hook_resid_post"])
+    x = acts["blocks.12.hook_resid_post"][:, 1:][
+        tb.attention_mask[:, 1:].bool()
+    ]  # BOS dropped, as the fit check
+    from ssae_ray.saes import explained_variance
+
     with torch.no_grad():
-        err = (sae.decode(sae.encode(x)) - x).norm() / x.norm()
-    assert err < 0.05
+        ev = explained_variance(x, sae.decode(sae.encode(x)))
+    assert 0.5 < ev < 0.97, ev
+    assert sae.b_dec.abs().max() > 0 and (sae.threshold[:512] > 0).all()
 
 
 def test_server_runs_standalone(tmp_path):

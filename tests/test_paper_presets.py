@@ -140,7 +140,7 @@ def test_paper_dataset_errors_before_heavy_work(hub_online, tmp_path):
         preflight(cfg("paper-physics", "corpus.sources.test.split=validation"))
     with pytest.raises(DataError, match=r"corpus.sources.corpus: .*'Skylion007/openwebtext' is a loading script .*"
                                         r"`revision: refs/convert/parquet`"):  # fmt: skip
-        preflight(cfg("paper-toxicity", "corpus.sources.corpus.revision=null"))
+        preflight(cfg("paper-toxicity", "corpus.sources.corpus.data_files=[]"))
     with pytest.raises(
         DataError, match=r"corpus.sources.ood: cannot find the dataset 'AlgorithmicResearchGroup/nope'"
     ):
@@ -149,6 +149,40 @@ def test_paper_dataset_errors_before_heavy_work(hub_online, tmp_path):
         preflight(cfg("paper-physics", "corpus.sources.ood.text_field=text"))
     assert not hub_online.fetched("google/gemma-2b") and not hub_online.fetched("TinyStories-1M")
     assert not (tmp_path / "w" / "corpus").exists()
+
+
+def test_partial_parquet_conversion_is_refused_with_the_counts(hub_online, tmp_path):
+    """OpenWebText's Parquet conversion on the Hub is partial (`partial-train`, which datasets reads
+    as `train` silently): a preset pointed at it is refused before any work, with the rows it holds
+    and the documents the dataset card gives, unless `max_docs` asks for no more than it holds. The
+    raw files (what the presets read) stream every document, in the script's order."""
+    from ssae_ray.config import load_config
+    from ssae_ray.data import DataError
+    from ssae_ray.data.corpus import preflight
+    from ssae_ray.data.prepare import open_source, sources_of
+    from ssae_ray.testing.hub_fixtures import OWT_DOCS, OWT_PARTIAL_DOCS
+
+    total = OWT_DOCS[0] * OWT_DOCS[1] * OWT_DOCS[2]
+    partial = ["corpus.sources.corpus.revision=refs/convert/parquet", "corpus.sources.corpus.data_files=[]"]
+    for preset in ("paper-physics", "paper-toxicity"):
+        cfg = load_config(preset, overrides=[f"workdir={tmp_path / 'w'}", *partial])
+        with pytest.raises(DataError) as err:
+            preflight(cfg)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("corpus.sources.corpus: ")
+        assert f"'partial-train' holds {OWT_PARTIAL_DOCS:,} documents of the {total:,} the dataset has" in msg
+    cfg = load_config("paper-physics", overrides=[f"workdir={tmp_path / 'w'}", *partial,
+                                                  f"corpus.sources.corpus.max_docs={OWT_PARTIAL_DOCS}"])  # fmt: skip
+    preflight(cfg)  # a slice asked for on purpose
+    whole = sources_of(load_config("paper-physics").corpus)["corpus"]
+    tables = list(open_source("corpus", whole, "hf", batch_size=700))
+    texts = [t for b in tables for t in b.column("text").to_pylist()]
+    assert len(texts) == total and all(texts)
+    import datasets
+
+    conv = datasets.load_dataset("Skylion007/openwebtext", revision="refs/convert/parquet", split="train",
+                                 streaming=True)  # fmt: skip
+    assert [r["text"] for r in conv] == texts[:OWT_PARTIAL_DOCS]  # the conversion is the first part
 
 
 def _physics_like(work: Path, budget: int) -> list[str]:
@@ -268,7 +302,12 @@ def test_paper_presets_hold_the_papers_settings():
         load_config(p) for p in ("paper-physics", "paper-toxicity", "pythia-70m-bib", "tinystories-term")
     )
     s = sources_of(phys.corpus)
-    assert (s["corpus"].path, s["corpus"].revision) == ("Skylion007/openwebtext", "refs/convert/parquet")
+    # OpenWebText whole: its raw files (the Hub's Parquet conversion of it is partial)
+    assert (s["corpus"].path, s["corpus"].revision, s["corpus"].data_files) == (
+        "Skylion007/openwebtext",
+        None,
+        ("subsets/*.tar",),
+    )
     assert (s["val"].path, s["val"].part, s["val"].fractions) == (
         "anonymousdatasets/arxiv-physics",
         "val",

@@ -70,6 +70,11 @@ def test_sqlite_store_logs_without_a_server(tmp_path):
     rid = tracking.start_run(client, exp, "r", {"a": 1})
     tracking.log_metrics(client, rid, {"x": 2.0}, 0)
     assert client.get_run(rid).data.metrics == {"x": 2.0}
+    # MLflow 3's UI opens a "Model training" experiment on its runs (not the GenAI trace page)
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.delete_experiment_tag(exp, "mlflow.experimentKind")  # an experiment made before the tag
+    assert tracking.open_experiment(uri, "local")[1] == exp
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_safe_params_and_flat_config(tiny_cfg):

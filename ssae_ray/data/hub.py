@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pyarrow as pa
 from ssae_ray.data.schema import OPTIONAL, DataError, normalise
 
 PARQUET_REVISION = "refs/convert/parquet"
+log = logging.getLogger("ssae_ray")
 
 
 def is_local(path: str) -> bool:
@@ -108,3 +110,116 @@ def _batch(rows: list[dict[str, Any]], text_field: str, source: str) -> pa.Table
 def iter_hf_path(path: str, split: str, text_field: str, batch_size: int = 10_000) -> Iterator[pa.Table]:
     """`hf:<dataset>[:split]` short form: the dataset's `split` streamed in normalised batches."""
     yield from iter_hf(open_hf(path, split), text_field, path, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole corpora: partial Parquet conversions refused, raw archives read
+
+KNOWN_DOCS = {"Skylion007/openwebtext": 8_013_769}
+"""Documents of the paper corpora (the dataset cards' `num_examples`), where a card does not say."""
+
+
+def _hf_root(path: str, revision: str | None) -> str:
+    from urllib.parse import quote
+
+    return f"datasets/{path}" + (f"@{quote(revision, safe='')}" if revision else "")
+
+
+def expected_docs(path: str, split: str = "train") -> int | None:
+    """The documents the dataset's card says `split` has (`dataset_info.splits[].num_examples` on
+    the main branch), else `KNOWN_DOCS`; None when neither says."""
+    try:
+        from huggingface_hub import HfApi
+
+        card = HfApi().dataset_info(path).card_data
+        infos = (card.to_dict() if card is not None else {}).get("dataset_info") or []
+        for info in infos if isinstance(infos, list) else [infos]:
+            for s in info.get("splits") or []:
+                if s.get("name") == split and s.get("num_examples"):
+                    return int(s["num_examples"])
+    except Exception:  # no card, offline: the table below
+        pass
+    return KNOWN_DOCS.get(path)
+
+
+def check_parquet_conversion(
+    path: str, revision: str, split: str, name: str | None, max_docs: int | None, where: str
+) -> None:
+    """Refuse a Hub Parquet conversion that holds only part of the dataset. The Hub converts a
+    loading-script dataset larger than its limit (~5 GB) only partly, into a split folder named
+    `partial-<split>`, which `datasets` reads as `<split>` without a word: OpenWebText's covers a
+    small share of its 8M documents, so retrieval (and the random baseline) would draw from its first
+    part. Counts the conversion's rows from the Parquet footers and compares them with the size the
+    dataset should have. Taking `max_docs` documents the conversion holds is allowed (logged)."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    root = _hf_root(path, revision)
+    try:
+        files = sorted(fs.glob(f"{root}/{name or '*'}/partial-{split}/*.parquet"))
+    except Exception:  # not on the Hub (a local folder) or unreachable: open_hf says so
+        return
+    if not files:
+        return
+    rows = 0
+    for f in files:
+        with fs.open(f, "rb", block_size=1 << 16) as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    total = expected_docs(path, split)
+    of = f" of the {total:,} the dataset has" if total else ""
+    if max_docs is not None and max_docs <= rows:
+        log.warning(
+            "%s: reading the first %d documents of %r from its partial Parquet conversion (%s rows%s)",
+            where, max_docs, path, f"{rows:,}", of,
+        )  # fmt: skip
+        return
+    raise DataError(
+        f"{where}: the Hub's Parquet conversion of {path!r} at {revision!r} is partial: split folder "
+        f"'partial-{split}' holds {rows:,} documents{of}, so the corpus would be a slice of its first part. "
+        "Read the dataset's own files instead (OpenWebText: `revision: main`, `data_files: [subsets/*.tar]`), "
+        f"or set `max_docs` <= {rows} to take that slice on purpose"
+    )
+
+
+def is_archive_source(data_files: tuple[str, ...] | list[str]) -> bool:
+    return bool(data_files) and all(str(p).endswith(".tar") for p in data_files)
+
+
+def iter_archive_docs(path: str, revision: str | None, data_files: tuple[str, ...] | list[str],
+                      text_field: str = "text", where: str = "") -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Documents of a dataset's raw tar archives on the Hub, streamed in order without writing them
+    to disk: each `.txt` member is a document, and each `.xz` member an xz-compressed tar of `.txt`
+    documents (OpenWebText's `subsets/urlsf_subsetNN.tar`, the files its loading script reads; the
+    script's order, so the first documents are those of its Parquet conversion)."""
+    import lzma
+    import tarfile
+
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    root = _hf_root(path, revision)
+    try:
+        files = sorted({f for p in data_files for f in fs.glob(f"{root}/{p}")})
+    except Exception as e:
+        raise DataError(f"{where}: cannot list {list(data_files)} in the dataset {path!r}: {e}") from e
+    if not files:
+        raise DataError(
+            f"{where}: no file of the dataset {path!r} matches data_files {list(data_files)}; check the patterns"
+        )
+
+    def texts(tf: tarfile.TarFile) -> Iterator[tuple[str, Any]]:
+        for m in tf:
+            f = tf.extractfile(m) if m.isfile() else None
+            if f is not None:
+                yield m.name, f
+
+    for file in files:
+        with fs.open(file, "rb", block_size=1 << 20) as fh, tarfile.open(fileobj=fh, mode="r|") as outer:
+            for member, f in texts(outer):
+                if member.endswith(".xz"):
+                    with lzma.open(f) as xz, tarfile.open(fileobj=xz, mode="r|") as inner:
+                        for _, doc in texts(inner):
+                            yield {text_field: doc.read().decode("utf-8", "replace").strip()}
+                elif member.endswith(".txt"):
+                    yield {text_field: f.read().decode("utf-8", "replace").strip()}

@@ -143,8 +143,16 @@ def source_inputs(c: CorpusConfig) -> dict[str, Any]:
 
 def open_source(split: str, s: SourceConfig, kind: str, batch_size: int = 10_000) -> Iterator[pa.Table]:
     """Normalised batches of one source (`datasets` streaming or local files), at most `max_docs`."""
+    from ssae_ray.data import hub
+
     where = f"corpus.sources.{split}"
-    if uses_hf(s, kind):
+    hf = uses_hf(s, kind)
+    if hf and not is_local(_hf_path(s)) and hub.is_archive_source(s.data_files):  # raw archives
+        docs = hub.iter_archive_docs(_hf_path(s), s.revision, s.data_files, s.text_field, where=where)
+        batches = iter_hf(docs, s.text_field, _hf_path(s), batch_size, where=where)
+    elif hf:
+        if s.revision and s.revision.startswith("refs/convert/") and not is_local(_hf_path(s)):
+            hub.check_parquet_conversion(_hf_path(s), s.revision, s.split, s.name, s.max_docs, where)
         ds = open_hf(
             _hf_path(s), s.split, name=s.name, revision=s.revision, data_files=s.data_files, where=where
         )
@@ -160,6 +168,13 @@ def open_source(split: str, s: SourceConfig, kind: str, batch_size: int = 10_000
             yield b
         if s.max_docs is not None and n >= s.max_docs:
             return
+    if hf and split == "corpus" and not is_local(_hf_path(s)):  # the whole source was read: its size
+        total = hub.expected_docs(_hf_path(s), s.split)
+        if total is not None and n != total:
+            log.warning(
+                "%s: read %s documents of %r, but the dataset has %s: a partial or changed source",
+                where, f"{n:,}", _hf_path(s), f"{total:,}",
+            )  # fmt: skip
 
 
 def check_sources(c: CorpusConfig) -> None:

@@ -27,7 +27,8 @@ class Point(NamedTuple):
     l0_std: float
     n_seeds: int
     loss: Tensor
-    """[N, T-1] per-token CE averaged over seeds."""
+    """[N, T-1] per-token CE averaged over seeds, or (streaming evaluation) its per-document sums
+    [n_docs]: linear in the tokens, so seed averages and interpolations carry over unchanged."""
 
 
 class Curve(NamedTuple):

@@ -116,12 +116,17 @@ def ce_diff_ci(
     loss_a: Tensor,
     loss_b: Tensor,
     mask: Tensor,
-    doc: Tensor,
+    doc: Tensor | None,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
 ) -> CI:
-    """CE(a) - CE(b) on the same tokens, with a bootstrap CI over documents."""
+    """CE(a) - CE(b) on the same tokens, with a bootstrap CI over documents. With `doc` None,
+    `loss_a` / `loss_b` are already per-document sums [n_docs] and `mask` the documents' token
+    counts (what streaming evaluation keeps instead of per-token CE)."""
+    if doc is None:
+        sums = (loss_a.double() - loss_b.double()).numpy()
+        return bootstrap_mean_ci(sums, mask.double().numpy(), n_boot, level, seed)
     sums, counts = doc_sums(loss_a.double() - loss_b.double(), mask, doc)
     return bootstrap_mean_ci(sums, counts, n_boot, level, seed)
 

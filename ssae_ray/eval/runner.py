@@ -20,7 +20,7 @@ from ssae_ray.config import Config
 from ssae_ray.eval import curves as C
 from ssae_ray.eval import features as F
 from ssae_ray.eval import plots
-from ssae_ray.eval.evaluate import SAEEval, TestSet, evaluate_sae
+from ssae_ray.eval.evaluate import SAEEval, TestSet, doc_counts, evaluate_saes_on, iter_captured
 from ssae_ray.eval.logit_lens import feature_top_tokens, lm_unembed, tail_coverage, token_counts
 from ssae_ray.eval.metrics import CI, EvalError, pareto_auc, perplexity
 from ssae_ray.eval.movement import Movement, control_check, decoder_movement
@@ -79,24 +79,30 @@ def evaluate_sweep(
     bs = cfg.eval.batch_size
     evals: dict[tuple, SAEEval] = {}  # (strategy, tilt, lam, seed, hook, test) -> SAEEval
     moves: dict[tuple, Movement] = {}  # (strategy, tilt, lam, seed, hook) -> decoder movement from the GSAE
+    fly = max(1, int(getattr(cfg.eval, "saes_in_flight", 8)))
     for name, ts in test_sets.items():
-        for h in hooks:
-            evals[(GSAE, 0.0, 0.0, 0, h, name)] = evaluate_sae(lm, gsaes[h], h, ts, bs).check_finite(
-                "the GSAE"
-            )
-    bar = tqdm(total=len(sweep.best) * len(hooks) * len(test_sets), desc="eval SSAEs", unit="sae")
-    for t, rec in sweep.best.items():
-        for h in hooks:
-            sae = load_sae(Path(rec.path) / h, str(lm.device))
+        # Per-token statistics are only used on the in-domain test set (the feature figures).
+        got = evaluate_saes_on(
+            lm, [(gsaes[h], h) for h in hooks], ts, bs, per_token=name == "test", doc_loss=True
+        )
+        for h, e in zip(hooks, got, strict=True):
+            evals[(GSAE, 0.0, 0.0, 0, h, name)] = e.check_finite("the GSAE")
+    jobs = [(t, rec, h) for t, rec in sweep.best.items() for h in hooks]
+    bar = tqdm(total=len(jobs) * len(test_sets), desc="eval SSAEs", unit="sae")
+    groups = [jobs[g0 : g0 + fly] for g0 in range(0, len(jobs), fly)]
+
+    def load(group: list) -> list[tuple[Any, str]]:
+        return [(load_sae(Path(rec.path) / h, str(lm.device)), h) for _, rec, h in group]
+
+    for group, saes, scored in score_groups(cfg, lm, groups, load, test_sets, bs):
+        for (t, _, h), (sae, _) in zip(group, saes, strict=True):
             if sae.W_dec.shape == gsaes[h].W_dec.shape:
                 moves[(t.strategy, t.tilt, t.lam, t.seed, h)] = decoder_movement(
-                    sae.W_dec, gsaes[h].W_dec, cfg.eval.moved_cosine
+                    sae.W_dec.to(gsaes[h].W_dec.device), gsaes[h].W_dec, cfg.eval.moved_cosine
                 )
-            for name, ts in test_sets.items():
-                e = evaluate_sae(lm, sae, h, ts, bs).check_finite(f"the SSAE of trial {t.name} ({rec.path})")
-                if name != "test":  # per-token statistics are only used on the in-domain test set
-                    e = e._replace(token_ids=e.token_ids[:0], sse=e.sse[:0], entropy=e.entropy[:0],
-                                   max_act=e.max_act[:0])  # fmt: skip
+        for name, got in scored.items():
+            for (t, rec, h), e in zip(group, got, strict=True):
+                e.check_finite(f"the SSAE of trial {t.name} ({rec.path})")
                 evals[(t.strategy, t.tilt, t.lam, t.seed, h, name)] = e
                 bar.update(1)
     bar.close()
@@ -107,6 +113,79 @@ def evaluate_sweep(
         write_report(cfg, res, tmp / "report.md", sweep)
     final = Path(out)
     return EvalOutputs(final, res["headline"], res["auc"], res["term_vs_erm"])
+
+
+def score_group(
+    lm: Any, saes: list[tuple[Any, str]], test_sets: dict[str, TestSet], bs: int
+) -> dict[str, list[SAEEval]]:
+    """One group of (SAE, hook) on every test set, one streaming pass per set (per-token
+    statistics on the in-domain set only: the feature figures use no others)."""
+    return {
+        name: evaluate_saes_on(lm, saes, ts, bs, per_token=name == "test", doc_loss=True)
+        for name, ts in test_sets.items()
+    }
+
+
+def _score_group_task(cfg: Config, saes: list[tuple[Any, str]], test_sets: dict[str, TestSet],
+                      bs: int) -> tuple[int, dict[str, list[SAEEval]]]:  # fmt: skip
+    """`score_group` in a Ray task: loads the LM there, moves the SAEs to its device."""
+    import os
+
+    from ssae_ray.models import load_lm
+    from ssae_ray.runtime import setup_logging
+
+    setup_logging()
+    lm = load_lm(cfg.model, cfg.root / "models")
+    return os.getpid(), score_group(lm, [(s.to(lm.device), h) for s, h in saes], test_sets, bs)
+
+
+def eval_slots(cfg: Config) -> tuple[int, dict[str, float]]:
+    """(tasks at once, resources of each) for spreading evaluation over the cluster: one free GPU
+    each where the cluster has free GPUs, else one CPU each; (0, {}) to evaluate in this process."""
+    want = int(getattr(cfg.eval, "workers", 1))
+    if want <= 1:
+        return 0, {}
+    import ray
+
+    if not ray.is_initialized():
+        return 0, {}
+    free = ray.available_resources()
+    if free.get("GPU", 0) >= 1:
+        return min(want, int(free["GPU"])), {"num_gpus": 1, "num_cpus": min(1.0, free.get("CPU", 0))}
+    n = min(want, int(free.get("CPU", 0)))
+    return (n, {"num_cpus": 1}) if n >= 1 else (0, {})
+
+
+def score_groups(cfg: Config, lm: Any, groups: list[list], load: Any, test_sets: dict[str, TestSet], bs: int):
+    """Yield (group, its [(SAE, hook)], {test set: [SAEEval]}) for each group of SSAEs: here one
+    group after another, or (`eval.workers` > 1 with Ray running and resources free) in up to that
+    many Ray tasks at once, the test sets shared through the object store. Groups come back in
+    order; at most `slots` groups' SAEs are held at a time."""
+    slots, res = eval_slots(cfg)
+    if slots == 0:
+        for group in groups:
+            saes = load(group)
+            yield group, saes, score_group(lm, saes, test_sets, bs)
+        return
+    import ray
+
+    log.info("evaluation: %d groups of SSAEs over %d Ray tasks (%s each)", len(groups), slots, res)
+    task = ray.remote(max_retries=1, **res)(_score_group_task)
+    shared = ray.put(test_sets)
+    pending: list[tuple[list, list, Any]] = []
+    it = iter(groups)
+    while True:
+        while len(pending) < slots:
+            group = next(it, None)
+            if group is None:
+                break
+            saes = [(s.to("cpu"), h) for s, h in load(group)]
+            pending.append((group, saes, task.remote(cfg, saes, shared, bs)))
+        if not pending:
+            return
+        group, saes, ref = pending.pop(0)
+        _, scored = ray.get(ref)
+        yield group, saes, scored
 
 
 def log_to_mlflow(sweep: Any, outputs: EvalOutputs, extra: dict[str, str | Path] | None = None) -> None:
@@ -230,9 +309,7 @@ def _vs_gsae_rows(cfg, evals, curves, test_sets) -> list[dict[str, Any]]:
                 row: dict[str, Any] = {"test": name, "hook": h, "strategy": s, "tilt": t, "gsae_l0": g.l0,
                                        "gsae_ce": g.ce_spliced}  # fmt: skip
                 try:
-                    d = C.diff_vs_loss(
-                        c, g.l0, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level
-                    )
+                    d = C.diff_vs_loss(c, g.l0, g.loss, doc_counts(ts), None, ec.bootstrap, ec.ci_level)
                     row.update(ce=g.ce_spliced + d.value, d_ce=d.value, d_ce_lo=d.lo, d_ce_hi=d.hi)
                 except EvalError as e:
                     row["note"] = str(e).split(";")[0]
@@ -328,9 +405,9 @@ def _headline_row(name, h, s, t, c, match, ts, curves, ref, g, ec) -> dict[str, 
                ce_clean=g.ce_clean, ce_zero=g.ce_zero, n_seeds=c.points[0].n_seeds)  # fmt: skip
     try:
         if ref == GSAE:
-            d = C.diff_vs_loss(c, match, g.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+            d = C.diff_vs_loss(c, match, g.loss, doc_counts(ts), None, ec.bootstrap, ec.ci_level)
         else:
-            d = C.diff_at_l0(c, curves[(ref, 0.0, h, name)], match, ts.mask, ts.tokens.doc_index, ec.bootstrap,
+            d = C.diff_at_l0(c, curves[(ref, 0.0, h, name)], match, doc_counts(ts), None, ec.bootstrap,
                              ec.ci_level)  # fmt: skip
         row.update({f"d_ce_vs_{ref}": d.value, "ci_lo": d.lo, "ci_hi": d.hi})
     except (EvalError, KeyError) as e:
@@ -348,7 +425,7 @@ def _term_rows(name, h, s, t, c, erm, ts, ec) -> list[dict[str, Any]]:
         else:
             try:
                 e = C.at_l0(erm, p.l0)
-                d = C.ce_diff_ci(p.loss, e.loss, ts.mask, ts.tokens.doc_index, ec.bootstrap, ec.ci_level)
+                d = C.ce_diff_ci(p.loss, e.loss, doc_counts(ts), None, ec.bootstrap, ec.ci_level)
                 row.update(ce_erm_matched=e.ce, d_ce=d.value, ci_lo=d.lo, ci_hi=d.hi)
             except EvalError as err:
                 row["note"] = str(err).split(";")[0]
@@ -373,7 +450,7 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
     import torch
 
     from ssae_ray.eval.evaluate import token_positions
-    from ssae_ray.eval.tail import doc_feature_counts, doc_token_counts, tail_test
+    from ssae_ray.eval.tail import doc_token_counts, tail_test
     from ssae_ray.saes import load_sae
 
     moves = moves or {}
@@ -405,13 +482,13 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
                 evals[(s, tilt, t.lam, t.seed, h, "test")],
             )
         cov, cum, rank, ratio, cos, errf, ent, mx, pca = {}, {}, {}, {}, {}, {}, {}, {}, {}
-        tops, fdocs = {}, {}
-        x = ts.acts[h][pos]
+        tops = {}
+        fdocs = _doc_feature_counts(lm, {k: v[0] for k, v in chosen.items()}, h, ts, tok_doc, len(docs),
+                                    cfg.eval.batch_size)  # fmt: skip
         g_counts = chosen["GSAE"][1].feature_counts
         for label, (sae, e) in chosen.items():
             top = feature_top_tokens(sae.W_dec, w_u, norm, cfg.eval.logit_lens_topk)
             tops[label] = top
-            fdocs[label] = doc_feature_counts(sae, x, tok_doc, len(docs))
             c = tail_coverage(top, counts, cfg.eval.freq_buckets)
             cov[f"{label} (L0 {e.l0:.0f})"] = c.bucket_coverage
             cum[label] = (c.cum_tokens, c.cum_covered)
@@ -472,3 +549,24 @@ def _feature_figures(cfg, lm, evals, gsaes, sweep, ts, match, out, moves=None) -
     _csv(out / "features.csv", rows)
     _csv(out / "tail.csv", tail_rows)
     return rows, tail_rows
+
+
+def _doc_feature_counts(lm: Any, saes: dict[str, Any], hook: str, ts: TestSet, tok_doc: Any, n_docs: int,
+                        batch_size: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """`tail.doc_feature_counts` of several SAEs at `hook`, streamed over the test set one batch at
+    a time (`tok_doc` [M]: the document, 0..n_docs-1, of each scored token in order)."""
+    import torch
+
+    out = {k: torch.zeros(n_docs, sae.cfg.d_sae, dtype=torch.float32) for k, sae in saes.items()}
+    i = 0
+    with torch.no_grad():
+        for c in iter_captured(lm, ts, [hook], batch_size):
+            x = c.acts[hook][c.pos.to(c.acts[hook].device)]
+            d = tok_doc[i : i + x.shape[0]].long()
+            i += x.shape[0]
+            for k, sae in saes.items():
+                dev, dtype = sae.W_dec.device, sae.W_dec.dtype
+                for s in range(0, x.shape[0], 4096):
+                    f = sae.encode(x[s : s + 4096].to(dev, dtype)).float().cpu()
+                    out[k].index_add_(0, d[s : s + 4096], (f != 0).float())
+    return {k: v.numpy() for k, v in out.items()}

@@ -97,6 +97,8 @@ def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], N
     if read_manifest(final) is not None:
         log.info("index: cached at %s", final)
         return final
+    if not final.with_name(f"{key}.partial").exists():  # a resumed build planned when it started
+        _disk_plan(cfg, final.parent, *_corpus_estimate(cfg, corpus), estimated=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.with_name(f".{key}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per index; a second one waits, then reuses it
@@ -124,6 +126,10 @@ def _build(cfg: Config, corpus: Path, key: str, final: Path, on_shard: Callable[
     model = resolve_model(r, cfg.root / "models")
     passages = _write_passages(cfg, corpus, work, model.path)
     t = phase("passages", t0)
+    info = json.loads((work / "passages" / "_passages.json").read_text())
+    _disk_plan(
+        cfg, work, sum(p["rows"] for p in passages), int(info["n_tokens"]), 0, model.path, estimated=False
+    )
     dim = _embed_shards(cfg, work, passages, model.as_dict(), on_shard)
     t = phase("embed", t)
     trained = _train(r, work, passages, dim) if r.index_type != "flat" else None
@@ -153,6 +159,69 @@ def _build(cfg: Config, corpus: Path, key: str, final: Path, on_shard: Callable[
     swap_in(work, final)
     log.info("index: %d vectors in %d shards at %s", manifest["n_vectors"], len(shards), final)
     return final
+
+
+def _corpus_estimate(cfg: Config, corpus: Path) -> tuple[int, int, int]:
+    """(passages, retriever tokens, passage-file bytes) estimated from the corpus file's metadata
+    alone: its uncompressed text bytes at ~4 bytes per token, one partial passage per document."""
+    meta = pq.read_metadata(corpus)
+    names = meta.schema.names
+    field = "text" if "text" in names else cfg.corpus.text_field
+    text_bytes = 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            if rg.column(c).path_in_schema == field:
+                text_bytes += rg.column(c).total_uncompressed_size
+    docs = meta.num_rows if not cfg.corpus.max_docs else min(meta.num_rows, cfg.corpus.max_docs)
+    if cfg.corpus.max_docs and meta.num_rows:
+        text_bytes = text_bytes * docs // meta.num_rows
+    tokens = text_bytes // 4
+    return docs + tokens // max(cfg.retrieval.passage_tokens, 1), tokens, text_bytes
+
+
+def _embed_dim(model_path: Any) -> int | None:
+    """The retriever's output width from its config (None when it does not say)."""
+    for f in (Path(str(model_path)) / "config.json", Path(str(model_path)) / "0_Transformer" / "config.json"):
+        try:
+            c = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for k in ("hidden_size", "dim", "d_model"):
+            if isinstance(c.get(k), int):
+                return int(c[k])
+    return None
+
+
+def index_bytes(r: RetrievalConfig, n: int, tokens: int, dim: int) -> dict[str, int]:
+    """What the index build writes for `n` passages of `tokens` retriever tokens in all: the float32
+    embedding shards, the FAISS shards (flat / IVF: the vectors; IVF-PQ: pq_m bytes a vector) with
+    8-byte ids, and the BM25 postings (at most one int32 doc + int32 count per token)."""
+    out = {"embeddings (float32)": n * dim * 4 + n * 16}
+    code = r.pq_m if r.index_type == "ivfpq" else dim * 4
+    out[f"FAISS shards ({r.index_type})"] = n * (code + 8) + (
+        r.nlist * dim * 4 if r.index_type != "flat" else 0
+    )
+    if r.build_bm25:
+        out["BM25 postings"] = tokens * 8 + n * 4
+    return out
+
+
+def _disk_plan(cfg: Config, where: Path, n: int, tokens: int, passage_bytes: int, model_path: Any = None,
+               estimated: bool = True) -> None:  # fmt: skip
+    """Print what the index build will write and refuse at once when `where` lacks the space."""
+    from ssae_ray.resources import disk_plan
+
+    dim = _embed_dim(model_path) if model_path is not None else None
+    if dim is None:
+        try:
+            dim = _embed_dim(resolve_model(cfg.retrieval, cfg.root / "models").path)
+        except Exception:  # the model is fetched later; plan with a typical retriever width
+            dim = None
+    items = [("passage files", passage_bytes)] if passage_bytes else []
+    items += list(index_bytes(cfg.retrieval, n, tokens, dim or 768).items())
+    how = "estimated from the corpus size" if estimated else "exact passage count"
+    disk_plan(where, items, f"index: {n:,} passages, dim {dim or '768 (assumed)'}, {how}")
 
 
 def _quiet_ray_data() -> None:

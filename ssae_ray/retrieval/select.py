@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,9 +53,13 @@ class Ranking(NamedTuple):
 
 
 class Passages:
-    """The index's passages: metadata in memory, texts read per file on demand."""
+    """The index's passages: metadata in memory, texts read per file on demand and kept in a
+    least-recently-used cache of at most `cache_bytes` bytes of Arrow text buffers (a random
+    selection touches every passage file: an unbounded cache would end up holding the corpus)."""
 
-    def __init__(self, index_dir: Path, manifest: dict[str, Any]) -> None:
+    DEFAULT_CACHE_BYTES = 512 * 2**20
+
+    def __init__(self, index_dir: Path, manifest: dict[str, Any], cache_bytes: int | None = None) -> None:
         self.dir = index_dir
         self.files = sorted({s["passages"] for s in manifest["shards"]})
         cols = ["pid", "doc_id", "n_tokens"] + (["is_domain"] if manifest.get("has_is_domain") else [])
@@ -64,18 +70,47 @@ class Passages:
         self.is_domain = (
             self.meta["is_domain"].to_numpy(zero_copy_only=False) if "is_domain" in cols else None
         )
-        self._texts: dict[int, list[str]] = {}
+        if cache_bytes is None:  # not a config field: it changes memory, never the selection's key
+            mb = os.environ.get("SSAE_RAY_PASSAGE_CACHE_MB")
+            cache_bytes = int(float(mb) * 2**20) if mb else self.DEFAULT_CACHE_BYTES
+        self.cache_bytes = int(cache_bytes)
+        self._texts: OrderedDict[int, pa.ChunkedArray] = OrderedDict()
+        self.cached_bytes = 0
+        """Bytes of text held now (never above `cache_bytes`)."""
+        self.peak_cached_bytes = 0
+        self.reads = 0
+        """Passage files read so far (re-reads of evicted files included)."""
 
     def __len__(self) -> int:
         return len(self.meta)
 
+    def _file(self, f: int) -> pa.ChunkedArray:
+        col = self._texts.get(f)
+        if col is not None:
+            self._texts.move_to_end(f)
+            return col
+        col = pq.read_table(self.dir / self.files[f], columns=["text"])["text"]
+        self.reads += 1
+        size = int(col.nbytes)
+        if size <= self.cache_bytes:
+            while self._texts and self.cached_bytes + size > self.cache_bytes:
+                _, old = self._texts.popitem(last=False)
+                self.cached_bytes -= int(old.nbytes)
+            self._texts[f] = col
+            self.cached_bytes += size
+            self.peak_cached_bytes = max(self.peak_cached_bytes, self.cached_bytes)
+        return col
+
     def texts(self, rows: np.ndarray) -> list[str]:
-        out = []
-        for r in rows:
-            f = int(np.searchsorted(self.offsets, r, side="right") - 1)
-            if f not in self._texts:
-                self._texts[f] = pq.read_table(self.dir / self.files[f], columns=["text"])["text"].to_pylist()
-            out.append(self._texts[f][r - self.offsets[f]])
+        """The texts of passage rows `rows`, in that order (rows grouped by file: one read each)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: list[str] = [""] * len(rows)
+        files = np.searchsorted(self.offsets, rows, side="right") - 1
+        for f in dict.fromkeys(files.tolist()):
+            at = np.flatnonzero(files == f)
+            got = self._file(int(f)).take(pa.array(rows[at] - self.offsets[f])).to_pylist()
+            for j, t in zip(at.tolist(), got, strict=True):
+                out[j] = t
         return out
 
 

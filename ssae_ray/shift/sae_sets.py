@@ -77,13 +77,25 @@ def write_seed_bios(cfg: Config, data: BiosData) -> Path:
 def finetuned(cfg: Config, lm: LM, saes: SAESet, texts: list[str], tag: str, sel_key: str) -> SAESet:
     """`saes` finetuned on the activations of `texts` (cached as a stage keyed by the GSAE weights,
     the selection and the train config)."""
+    from ssae_ray.resources import disk_plan
     from ssae_ray.training import cache_activations, finetune
+    from ssae_ray.training.cache import cache_plan
 
     sha = {h: sae_hash(s) for h, s in saes.items()}
     key = stage_key("shift-ssae-v1", tag, sha, sel_key, cfg.train, cfg.model.source)
 
+    # What one finetune reads (steps x batch_tokens plus the margin), not the whole selection
+    # (19 hooks x 8M tokens x 512 x fp16 would be ~156 GB); planned and checked before any capture.
+    plan = cache_plan(cfg, texts, list(saes), {h: int(s.cfg.d_in) for h, s in saes.items()}, lm.tokenizer)
+    if read_manifest(Path(cfg.root).expanduser() / "shift_ssae" / key) is None:
+        what = f"activation cache: {plan.n_tokens:,} tokens x {len(saes)} hooks ({cfg.train.cache_dtype})"
+        items = [] if plan.cached else [(what, plan.bytes)]
+        weights = sum(4 * sum(p.numel() for p in s.parameters()) for s in saes.values())
+        items.append((f"{len(saes)} finetuned SAEs", weights))
+        disk_plan(cfg.root, items, f"SHIFT {tag} finetune")
+
     def build(tmp: Path) -> dict[str, Any]:
-        cache = cache_activations(cfg, lm, texts, list(saes))
+        cache = cache_activations(cfg, lm, plan.texts, list(saes), plan.max_tokens)
         result = finetune(cfg, {h: copy.deepcopy(s) for h, s in saes.items()}, cache)
         for h, s in result.saes.items():
             save_sae(s.to("cpu"), tmp / h)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 """Bumped when any repo's content changes (the conftest cache key)."""
 
 GATED_TOKEN_NOTE = "gated: needs HF_TOKEN (LocalHub grants hub_server.DEFAULT_TOKEN)"
@@ -362,19 +362,91 @@ def _contriever(folder: Path) -> None:
 # SAEs
 
 
-def _sae_tensors(d_in: int, d_sae: int, seed: int) -> dict[str, Any]:
-    """W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec: latents 0..2*d_in are +-e_i (so the
-    SAE reconstructs any activation almost exactly: relu(x) - relu(-x) = x, also after sae-lens
-    folds a norm scaling factor in); the others are small random directions."""
+def fixture_texts(n: int = 80, seed: int = 98) -> list[str]:
+    """The text the fixture SAEs are trained on: what the presets' tests feed the fixture LMs (web
+    documents with their physics and toxic share, physics papers and questions, bios, stories)."""
+    rng = random.Random(seed)
+    out = [_web_doc(rng) for _ in range(n)] + [_physics_doc(rng) for _ in range(n // 4)]
+    out += [" ".join(rng.choice(_PHYSICS_Q) for _ in range(3)) for _ in range(n // 8)]
+    out += [_bio(rng, rng.choice(PROFESSIONS), rng.randrange(2)) for _ in range(n // 4)]
+    out += [_story(rng) for _ in range(n // 8)] + [_toxic_doc(rng) for _ in range(n // 8)]
+    return out
+
+
+def fixture_activations(
+    root: Path, model_repo: str, hooks: list[str], context_len: int = 64, n_texts: int = 80
+) -> dict[str, Any]:
+    """Each hook's activations [N, d] (float32) of the fixture LM `model_repo` (built under `root`
+    first) on `fixture_texts`, tokenised as the SAE releases were trained (a BOS token first) with the
+    BOS position and padding dropped, as the product's fit check sees them."""
     import torch
 
-    assert d_sae >= 2 * d_in, "the fixture SAEs need d_sae >= 2 d_in"
-    g = torch.Generator().manual_seed(seed)
-    eye = torch.eye(d_in)
-    w_dec = torch.cat([eye, -eye, 0.001 * torch.randn(d_sae - 2 * d_in, d_in, generator=g)])
-    w_enc = torch.cat([eye, -eye, 0.01 * torch.randn(d_sae - 2 * d_in, d_in, generator=g)]).T.contiguous()
-    return {"W_enc": w_enc, "W_dec": w_dec.contiguous(), "b_enc": torch.zeros(d_sae),
-            "b_dec": torch.zeros(d_in)}  # fmt: skip
+    from ssae_ray.config import ModelConfig
+    from ssae_ray.models import capture, load_lm, tokenize_docs
+
+    build_repo(root, "model", model_repo)
+    src = repo_dir(root, "model", model_repo)
+    lm = load_lm(ModelConfig(source=str(src), device="cpu", dtype="float32", context_len=context_len))
+    tb = tokenize_docs(lm.tokenizer, fixture_texts(n_texts), context_len, prepend_bos=True)
+    keep = tb.attention_mask[:, 1:].bool()
+    out: dict[str, list[Any]] = {h: [] for h in hooks}
+    with torch.no_grad():
+        for i in range(0, tb.input_ids.shape[0], 32):
+            acts = capture(lm, tb.input_ids[i : i + 32], tb.attention_mask[i : i + 32], hooks)
+            for h in hooks:
+                out[h].append(acts[h][:, 1:][keep[i : i + 32]].float())
+    return {h: torch.cat(v) for h, v in out.items()}
+
+
+def train_fixture_sae(x: Any, d_sae: int, seed: int, apply_b_dec_to_input: bool, l1: float = 0.2,
+                      steps: int = 400, batch: int = 512, lr: float = 2e-3) -> dict[str, Any]:  # fmt: skip
+    """A ReLU SAE [W_enc [d_in, d_sae], W_dec, b_enc, b_dec] trained briefly on `x` [N, d_in] the
+    way sae-lens trains one (Anthropic's April 2024 recipe, shrunk): b_dec initialised to the mean,
+    W_enc = W_dec^T, MSE + l1 * sum f_i ||W_dec,i|| (the penalty relative to E||x||^2), Adam;
+    single-threaded and seeded, so a rebuild on one machine gives the same bytes. Its explained
+    variance is well below 1, as a real release's is."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        x = x.float()
+        n, d = x.shape
+        scale = x.pow(2).sum(1).mean()  # the l1 term is relative to the inputs' mean square norm
+        w_dec = torch.randn(d_sae, d, generator=g)
+        w_dec = 0.1 * w_dec / w_dec.norm(dim=1, keepdim=True)
+        params = {"W_enc": w_dec.T.clone(), "W_dec": w_dec, "b_enc": torch.zeros(d_sae), "b_dec": x.mean(0)}
+        for p in params.values():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        for _ in range(steps):
+            xb = x[torch.randint(0, n, (batch,), generator=g)]
+            xin = xb - params["b_dec"] if apply_b_dec_to_input else xb
+            f = torch.relu(xin @ params["W_enc"] + params["b_enc"])
+            x_hat = f @ params["W_dec"] + params["b_dec"]
+            mse = (x_hat - xb).pow(2).sum(1).mean() / scale
+            sparsity = (f * params["W_dec"].norm(dim=1)).sum(1).mean() / scale.sqrt()
+            loss = mse + l1 * sparsity
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return {k: v.detach().contiguous() for k, v in params.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sae_explained_variance(tensors: dict[str, Any], x: Any, apply_b_dec_to_input: bool,
+                           threshold: Any = None) -> float:  # fmt: skip
+    """1 - FVU of the SAE `tensors` (ReLU, or JumpReLU with `threshold`) on `x`."""
+    import torch
+
+    with torch.no_grad():
+        xin = x - tensors["b_dec"] if apply_b_dec_to_input else x
+        pre = xin @ tensors["W_enc"] + tensors["b_enc"]
+        f = torch.relu(pre) if threshold is None else pre * (pre > threshold)
+        x_hat = f @ tensors["W_dec"] + tensors["b_dec"]
+        return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 def _sae_folder(folder: Path, cfg: dict[str, Any], tensors: dict[str, Any], sparsity: bool = True) -> None:
@@ -398,28 +470,54 @@ JB_NORM_SCALING_FACTOR = 0.21381938399317255
 """sae-lens' `norm_scaling_factor` for gemma-2b-res-jb blocks.12 (its pretrained_saes.yaml)."""
 
 
-def _jbloom_gemma(folder: Path) -> None:
+JB_FOLDERS = {0: "gemma_2b_blocks.0.hook_resid_post_16384_anthropic",
+              6: "gemma_2b_blocks.6.hook_resid_post_16384_anthropic_fast_lr",
+              10: "gemma_2b_blocks.10.hook_resid_post_16384", 12: "gemma_2b_blocks.12.hook_resid_post_16384",
+              17: "gemma_2b_blocks.17.hook_resid_post_16384"}  # fmt: skip
+JB_NORMALISED = (10, 12, 17)
+"""The layers whose fixture SAE reads activations scaled to E||c x||^2 = d_in
+(`normalize_activations: expected_average_only_in`); sae-lens' registry gives the factor for 12 only,
+so 10 and 17 load unfolded (their registry variance_explained, -0.2 and -0.85, is what such an SAE
+explains of raw activations). 0 and 6 read raw activations (registry: 0.999, 0.71)."""
+
+
+def _reads_hub(build: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
+    """Marks a builder that reads other fixture repos (an SAE trained on a fixture LM's activations):
+    it is called with the hub root as well."""
+    build.reads_hub = True  # type: ignore[attr-defined]
+    return build
+
+
+@_reads_hub
+def _jbloom_gemma(folder: Path, root: Path) -> None:
     """jbloom/Gemma-2b-Residual-Stream-SAEs: one folder per release entry, cfg.json in the pre-6.0
     sae-lens format (`hook_point`, `normalize_activations: expected_average_only_in`, no
-    `sae_lens_version`, a `scaling_factor` of ones beside the weights); `from_pretrained` folds the
-    release's norm scaling factor into W_enc / W_dec."""
+    `sae_lens_version`, a `scaling_factor` of ones beside the weights). Each SAE is trained on the
+    fixture google/gemma-2b's activations at its hook; those of `JB_NORMALISED` on activations times
+    the norm scaling factor (12: the registry's `JB_NORM_SCALING_FACTOR`, which `from_pretrained`
+    folds into W_enc / W_dec / b_dec; 10, 17: sqrt(d_in) / E||x||, which no loader knows)."""
     import torch
 
-    folders = {0: "gemma_2b_blocks.0.hook_resid_post_16384_anthropic",
-               6: "gemma_2b_blocks.6.hook_resid_post_16384_anthropic_fast_lr",
-               10: "gemma_2b_blocks.10.hook_resid_post_16384", 12: "gemma_2b_blocks.12.hook_resid_post_16384",
-               17: "gemma_2b_blocks.17.hook_resid_post_16384"}  # fmt: skip
-    for layer, name in folders.items():
+    acts = fixture_activations(root, "google/gemma-2b", [f"blocks.{i}.hook_resid_post" for i in JB_FOLDERS])
+    for layer, name in JB_FOLDERS.items():
+        x = acts[f"blocks.{layer}.hook_resid_post"]
+        normalised = layer in JB_NORMALISED
+        factor = 1.0
+        if normalised:
+            factor = (
+                JB_NORM_SCALING_FACTOR if layer == 12 else float(GEMMA_2B_D_MODEL**0.5 / x.norm(dim=1).mean())
+            )
         cfg = {
             "model_name": "gemma-2b", "hook_point": f"blocks.{layer}.hook_resid_post", "hook_point_layer": layer,
             "hook_point_head_index": None, "dataset_path": "HuggingFaceFW/fineweb", "is_dataset_tokenized": False,
             "context_size": 1024, "use_cached_activations": False, "d_in": GEMMA_2B_D_MODEL,
-            "d_sae": GEMMA_2B_D_SAE, "b_dec_init_method": "zeros", "expansion_factor": 8, "activation_fn": "relu",
-            "normalize_activations": "expected_average_only_in", "apply_b_dec_to_input": False,
-            "prepend_bos": True, "device": "cpu", "dtype": "float32", "l1_coefficient": 5,
-            "lr": 5e-05, "sae_lens_training_version": "2.1.3",
+            "d_sae": GEMMA_2B_D_SAE, "b_dec_init_method": "geometric_median", "expansion_factor": 8,
+            "activation_fn": "relu",
+            "normalize_activations": "expected_average_only_in" if normalised else "none",
+            "apply_b_dec_to_input": False, "prepend_bos": True, "device": "cpu", "dtype": "float32",
+            "l1_coefficient": 5, "lr": 5e-05, "sae_lens_training_version": "2.1.3",
         }  # fmt: skip
-        tensors = _sae_tensors(GEMMA_2B_D_MODEL, GEMMA_2B_D_SAE, layer)
+        tensors = train_fixture_sae(x * factor, GEMMA_2B_D_SAE, seed=layer, apply_b_dec_to_input=False)
         tensors["scaling_factor"] = torch.ones(
             GEMMA_2B_D_SAE
         )  # older sae-lens saved it; loaders drop all-ones
@@ -434,27 +532,36 @@ PYTHIA_SAE_FOLDERS = {
 }
 
 
-def _pythia_saes(kind: str) -> Callable[[Path], None]:
+def _pythia_saes(kind: str) -> Callable[[Path, Path], None]:
     hook = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}[kind]
 
-    def build(folder: Path) -> None:
+    def hook_point(name: str) -> str:
+        layer = name.split("-")[0]
+        return "blocks.0.hook_resid_pre" if layer == "e" else f"blocks.{layer}.{hook}"
+
+    @_reads_hub
+    def build(folder: Path, root: Path) -> None:
         """ctigges/pythia-70m-deduped__<kind>-sm_processed (Marks et al.'s dictionaries converted to
         sae-lens' pre-6.0 format): one folder per hook, `e-res-sm` the embedding (blocks.0 resid_pre).
-        No `prepend_bos` key: sae-lens' legacy default (True) applies, as for the real folders."""
-        for i, name in enumerate(PYTHIA_SAE_FOLDERS[kind]):
+        No `prepend_bos` key: sae-lens' legacy default (True) applies, as for the real folders. Each
+        SAE is trained on the fixture pythia's activations at its hook, b_dec subtracted from the
+        input (`apply_b_dec_to_input: true`, as Marks et al.'s dictionaries)."""
+        names = PYTHIA_SAE_FOLDERS[kind]
+        acts = fixture_activations(root, "EleutherAI/pythia-70m-deduped", [hook_point(n) for n in names])
+        for i, name in enumerate(names):
             layer = name.split("-")[0]
-            hook_point = "blocks.0.hook_resid_pre" if layer == "e" else f"blocks.{layer}.{hook}"
             cfg = {
-                "model_name": "pythia-70m-deduped", "hook_point": hook_point,
+                "model_name": "pythia-70m-deduped", "hook_point": hook_point(name),
                 "hook_point_layer": 0 if layer == "e" else int(layer), "hook_point_head_index": None,
                 "d_in": PYTHIA_D_MODEL, "d_sae": PYTHIA_D_SAE, "dataset_path": "monology/pile-uncopyrighted",
                 "context_size": 128, "activation_fn": "relu", "apply_b_dec_to_input": True,
                 "normalize_activations": "none", "device": "cpu", "dtype": "float32",
                 "finetuning_scaling_factor": False,
             }  # fmt: skip
-            _sae_folder(
-                folder / name, cfg, _sae_tensors(PYTHIA_D_MODEL, PYTHIA_D_SAE, 100 + i), sparsity=False
+            tensors = train_fixture_sae(
+                acts[hook_point(name)], PYTHIA_D_SAE, seed=100 + i, apply_b_dec_to_input=True
             )
+            _sae_folder(folder / name, cfg, tensors, sparsity=False)
         _write(folder, {"README.md": f"# pythia-70m-deduped {kind} SAEs (local fixture)\n"})
 
     return build
@@ -476,31 +583,41 @@ def _savez_fast(path: Path, arrays: dict[str, Any]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
-def _gemma_scope(folder: Path) -> None:
-    """google/gemma-scope-2b-pt-res: `<layer>/<width>/<average_l0>/params.npz` with `W_enc`, `W_dec`,
-    `b_enc`, `b_dec`, `threshold` (JumpReLU), float32 at the real shapes (mostly zeros: +-e_i
-    latents, compressed)."""
-    import numpy as np
+GEMMA_SCOPE_TRAINED = 512
+"""Latents of the fixture Gemma Scope SAE trained on the fixture gemma-2-2b (the other 16384 - 512
+are dead: zero encoder columns and decoder rows, thresholds above any pre-activation)."""
 
-    d_in, d_sae = 2304, 16384
+
+@_reads_hub
+def _gemma_scope(folder: Path, root: Path) -> None:
+    """google/gemma-scope-2b-pt-res: `<layer>/<width>/<average_l0>/params.npz` with `W_enc`, `W_dec`,
+    `b_enc`, `b_dec`, `threshold` (JumpReLU), float32 at the real shapes. `GEMMA_SCOPE_TRAINED`
+    latents are trained on the fixture google/gemma-2-2b's raw layer activations (Gemma Scope's
+    released weights read raw activations: no norm factor, b_dec not subtracted from the input), then
+    given JumpReLU thresholds at a quarter of each latent's mean positive pre-activation."""
+    import numpy as np
+    import torch
+
+    d_in, d_sae, k = 2304, 16384, GEMMA_SCOPE_TRAINED
     for i, sae_id in enumerate(GEMMA_SCOPE_IDS):
-        rng = np.random.default_rng(i)
+        hook = f"blocks.{int(sae_id.split('/')[0].removeprefix('layer_'))}.hook_resid_post"
+        x = fixture_activations(root, "google/gemma-2-2b", [hook], n_texts=32)[hook]  # d 2304: fewer tokens
+        # average L0 ~80-100 (the folder's average_l0_82), explained variance ~0.75 on its training data
+        t = train_fixture_sae(x, k, seed=200 + i, apply_b_dec_to_input=False, l1=0.05, steps=200, batch=256)
+        with torch.no_grad():
+            pre = x @ t["W_enc"] + t["b_enc"]
+            pos = pre.clamp_min(0)
+            theta = 0.25 * pos.sum(0) / (pre > 0).sum(0).clamp_min(1)
         w_enc = np.zeros((d_in, d_sae), np.float32)
-        idx = np.arange(d_in)
-        w_enc[idx, idx], w_enc[idx, d_in + idx] = 1.0, -1.0
-        w_dec = np.ascontiguousarray(w_enc.T)
-        extra = rng.choice(np.arange(2 * d_in, d_sae), size=256, replace=False)
-        w_enc[:, extra] = 0.01 * rng.standard_normal((d_in, extra.size), dtype=np.float32)
-        threshold = np.full(d_sae, 1e-3, np.float32)
+        w_dec = np.zeros((d_sae, d_in), np.float32)
+        b_enc = np.zeros(d_sae, np.float32)
+        threshold = np.full(d_sae, 1e3, np.float32)
+        w_enc[:, :k], w_dec[:k], b_enc[:k] = t["W_enc"].numpy(), t["W_dec"].numpy(), t["b_enc"].numpy()
+        threshold[:k] = theta.numpy()
         out = folder / sae_id
         out.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "W_enc": w_enc,
-            "W_dec": w_dec,
-            "b_enc": np.zeros(d_sae, np.float32),
-            "b_dec": np.zeros(d_in, np.float32),
-            "threshold": threshold,
-        }
+        arrays = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": t["b_dec"].numpy(),
+                  "threshold": threshold}  # fmt: skip
         _savez_fast(out / "params.npz", arrays)
     _write(folder, {"README.md": "# Gemma Scope 2B PT residual SAEs (local fixture)\n"})
 
@@ -621,22 +738,76 @@ def _pile(folder: Path) -> None:
     _write(folder, files)
 
 
+OWT_DOCS = (3, 2, 500)
+"""The fixture OpenWebText: 3 subset tars x 2 xz archives x 500 documents (the real one: 21 tars,
+8,013,769 documents)."""
+OWT_PARTIAL_DOCS = 2000
+"""Documents in the fixture's partial Parquet conversion (the first ones, in the script's order)."""
+
+
+def _owt_docs() -> list[list[list[str]]]:
+    rng = random.Random(16)
+    n_tar, n_xz, n_doc = OWT_DOCS
+    return [[[_web_doc(rng) for _ in range(n_doc)] for _ in range(n_xz)] for _ in range(n_tar)]
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1_556_668_800, 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def _openwebtext_script(folder: Path) -> None:
-    """Skylion007/openwebtext main: a loading script (which `datasets` >= 4 refuses) and its card."""
-    _write(folder, {
-        "openwebtext.py": '"""The Open WebText Corpus (loading script; local fixture)."""\n'
-                          "import datasets\n\n\nclass Openwebtext(datasets.GeneratorBasedBuilder):\n    pass\n",
-        "README.md": _readme({"pretty_name": "OpenWebText", "dataset_info": {"features": [{"name": "text",
-                              "dtype": "string"}], "config_name": "plain_text"}},
-                             "# OpenWebText (local fixture)"),
-    })  # fmt: skip
+    """Skylion007/openwebtext main: the loading script (which `datasets` >= 4 refuses), its card
+    (`dataset_info.splits` gives the full document count) and the raw files the script reads:
+    `subsets/urlsf_subsetNN.tar`, each holding `openwebtext/urlsf_subsetNN-K_data.xz`, each an
+    xz-compressed tar of `.txt` documents."""
+    import lzma
+
+    docs = _owt_docs()
+    files: dict[str, str | bytes] = {}
+    for t, tar_docs in enumerate(docs):
+        members = []
+        for k, xz_docs in enumerate(tar_docs):
+            inner = _tar(
+                [(f"{t:04d}{k:03d}-{j:05d}.txt", (d + "\n").encode()) for j, d in enumerate(xz_docs)]
+            )
+            members.append(
+                (f"openwebtext/urlsf_subset{t:02d}-{k + 1}_data.xz", lzma.compress(inner, preset=1))
+            )
+        files[f"subsets/urlsf_subset{t:02d}.tar"] = _tar(members)
+    n = sum(len(x) for t in docs for x in t)
+    files["openwebtext.py"] = (
+        '"""The Open WebText Corpus (loading script; local fixture)."""\n'
+        "import datasets\n\n\nclass Openwebtext(datasets.GeneratorBasedBuilder):\n    pass\n"
+    )
+    files["README.md"] = _readme(
+        {
+            "pretty_name": "OpenWebText",
+            "dataset_info": {
+                "features": [{"name": "text", "dtype": "string"}],
+                "config_name": "plain_text",
+                "splits": [{"name": "train", "num_examples": n}],
+            },
+        },
+        "# OpenWebText (local fixture)",
+    )
+    _write(folder, files)  # fmt: skip
 
 
 def _openwebtext_parquet(folder: Path) -> None:
-    """Skylion007/openwebtext `refs/convert/parquet`: the Hub's Parquet export,
-    `plain_text/train/NNNN.parquet` (text)."""
-    rng = random.Random(16)
-    _write(folder, {f"plain_text/train/{i:04d}.parquet": _parquet([{"text": _web_doc(rng)} for _ in range(1000)])
+    """Skylion007/openwebtext `refs/convert/parquet`: the Hub's Parquet export of a script dataset
+    larger than its conversion limit (~5 GB) covers only the first rows, in a split folder named
+    `partial-train`: `plain_text/partial-train/NNNN.parquet` (text), `OWT_PARTIAL_DOCS` of the
+    repo's documents."""
+    docs = [d for t in _owt_docs() for x in t for d in x][:OWT_PARTIAL_DOCS]
+    _write(folder, {f"plain_text/partial-train/{i:04d}.parquet": _parquet([{"text": d} for d in docs[i * 1000 : (i + 1) * 1000]])
                     for i in range(2)})  # fmt: skip
 
 
@@ -684,7 +855,7 @@ def _gated_dataset(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The registry
 
-FIXTURES: dict[tuple[str, str, str], tuple[Callable[[Path], None], bool]] = {
+FIXTURES: dict[tuple[str, str, str], tuple[Callable[..., None], bool]] = {
     # (kind, repo id, revision): (builder, gated)
     ("model", "google/gemma-2b", "main"): (_gemma_2b, True),
     ("model", "google/gemma-2-2b", "main"): (_gemma_2_2b, True),
@@ -745,7 +916,10 @@ def _build_one(root: Path, key: tuple[str, str, str]) -> None:
         return
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # another process may build it at the same time
     shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
+    if getattr(build, "reads_hub", False):
+        build(tmp, root)
+    else:
+        build(tmp)
     if gated:
         (out.parent / "repo.json").write_text(json.dumps({"gated": True}))
     try:

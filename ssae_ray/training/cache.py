@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from ssae_ray.config import Config
-from ssae_ray.models import pick_device
-from ssae_ray.precision import key_part
+from ssae_ray.precision import setting_key_part
 from ssae_ray.stages import StageError, read_manifest, run_stage, stage_key
 from ssae_ray.training.losses import TrainingError
 
@@ -51,7 +50,14 @@ def lm_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequence[s
     # `models.by_length`); the order of cached rows does not matter, training permutes them.
     tb = by_length(
         cap_tokens(
-            tokenize_docs(lm.tokenizer, texts, cfg.model.context_len, prepend_bos=cfg.model.prepend_bos),
+            # tokenisation stops once the cap is reached (not the whole selection, then a slice)
+            tokenize_docs(
+                lm.tokenizer,
+                texts,
+                cfg.model.context_len,
+                prepend_bos=cfg.model.prepend_bos,
+                max_tokens=max_tokens,
+            ),  # fmt: skip
             max_tokens,
             True,
         )
@@ -139,7 +145,8 @@ def cache_key(cfg: Config, texts: Sequence[str], hooks: Sequence[str], max_token
     return stage_key(
         "activations-v1", cfg.model.source, cfg.model.tiny_arch, cfg.model.dtype, cfg.model.context_len,
         sorted(hooks), h.hexdigest(), max_tokens, cfg.train.cache_dtype, cfg.train.cache_shard_tokens,
-        *key_part(cfg.model.precision, pick_device(cfg.model.device)),
+        # The setting, not what it resolves to here: the driver plans the cache, a GPU task builds it.
+        *setting_key_part(cfg.model.precision),
         *(("bos",) if cfg.model.prepend_bos else ()),  # contexts start with BOS: other tokens
     )  # fmt: skip
 
@@ -194,7 +201,8 @@ def cache_activations(cfg: Config, lm: Any, texts: Sequence[str], hooks: Sequenc
         d = {h: int(np.load(tmp / h / "shard_00000.npy", mmap_mode="r").shape[1]) for h in hooks}
         return {"hooks": hooks, "d": d, "n_tokens": n, "dtype": cfg.train.cache_dtype, "shards": shards,
                 "mean_sq_norm": {h: sq[h] / n for h in hooks}, "model": cfg.model.source,
-                "n_texts": len(texts), "max_tokens": max_tokens}  # fmt: skip
+                "n_texts": len(texts), "max_tokens": max_tokens,
+                "precision": getattr(getattr(lm, "precision", None), "name", None)}  # fmt: skip
 
     return run_stage(cfg.root, "activations", key, build)
 
