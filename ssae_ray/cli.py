@@ -188,10 +188,12 @@ def _pretrain(cfg, ship: str | None) -> object:
 
     if cfg.sae.source != "pretrain":
         return pipeline.stage_pretrain(cfg)  # its error
-    lm = pipeline._lm(cfg)
+    lm = None if pipeline.offload(cfg) else pipeline._lm(cfg)  # a CPU head: pretraining on GPU workers
     corpus_dir = pipeline.stage_corpus(cfg, lm)
     folder = pipeline.stage_gsaes(cfg, lm, corpus_dir)
     existing = release.release_for_recipe(cfg)
+    if lm is None and (existing is not None or ship is not None):
+        lm = pipeline._lm(cfg)  # the comparison and the release check run here
     if existing is not None:
         print(release.compare(cfg, lm, folder, existing))
     else:

@@ -152,11 +152,14 @@ def domain_config(
     folder = base.root / "domains" / f"{slug(name)}-{h}"
     for split, d in splits.items():
         _write(folder / f"{split}.parquet", d, f"{slug(name)}-{split}")
+    import pyarrow.parquet as pq
+
     sources: dict[str, Any] = {
         "corpus": {"path": str(base_corpus / "corpus.parquet")},
-        "general_test": {"path": str(base_corpus / "general_test.parquet")},
         **{s: {"path": str(folder / f"{s}.parquet")} for s in splits},
     }
+    if pq.ParquetFile(base_corpus / "general_test.parquet").metadata.num_rows:  # the preset's general text
+        sources["general_test"] = {"path": str(base_corpus / "general_test.parquet")}
     if ood:
         _write(folder / "ood.parquet", ood, f"{slug(name)}-ood")
         sources["ood"] = {"path": str(folder / "ood.parquet")}

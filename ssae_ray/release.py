@@ -310,12 +310,13 @@ def compare(cfg: Config, lm: Any, gsae_dir: Path, release: str) -> str:
 
 
 def release_for_recipe(cfg: Config) -> str | None:
-    """The shipped release built by this config's recipe, if any."""
+    """The shipped release built by this config's recipe, else one built by an earlier version of
+    the same preset (`compare` then says that the recipes differ), else None."""
     h = recipe_hash(cfg)
-    for r in shipped_releases():
-        if read_release_manifest(r)["recipe"]["config_hash"] == h:
-            return r
-    return None
+    recipes = {r: read_release_manifest(r)["recipe"] for r in shipped_releases()}
+    same = [r for r, m in recipes.items() if m["config_hash"] == h]
+    named = [r for r, m in recipes.items() if m["preset"] == cfg.name]
+    return (same or named or [None])[0]
 
 
 def remove(release: str) -> None:  # pragma: no cover - maintenance
