@@ -550,8 +550,9 @@ class ShiftConfig:
     compressed_width: int = 4096
     dataset: str = "auto"
     """`bias_in_bios` (LabHC/bias_in_bios from the hub), `wiki_people` (the offline analogue),
-    `synthetic` (templated bios, tests) or `auto` (by corpus kind: tiny -> synthetic,
-    local -> wiki_people, else bias_in_bios)."""
+    `synthetic` (templated bios, tests), `planted` (wiki leads labelled by field with a planted
+    spurious cue: SHIFT with a known answer), `planted_synthetic` (the same on templated bios) or
+    `auto` (by corpus kind: tiny -> synthetic, local -> wiki_people, else bias_in_bios)."""
     probe_batch_size: int = 16
     """Bios per AdamW step of the logistic-regression probe."""
     pool_skip_first: bool = True
@@ -1089,7 +1090,9 @@ CHECKS: dict[str, Check] = {
     "shift.n_test": positive,
     "shift.n_seed_examples": positive,
     "shift.compressed_width": positive,
-    "shift.dataset": one_of("auto", "bias_in_bios", "wiki_people", "synthetic"),
+    "shift.dataset": one_of(
+        "auto", "bias_in_bios", "wiki_people", "synthetic", "planted", "planted_synthetic"
+    ),
     "shift.probe_batch_size": positive,
     "shift.ig_steps": positive,
     "shift.ig_layers": non_negative,

