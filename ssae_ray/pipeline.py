@@ -232,6 +232,10 @@ def stage_retrieve(
             return retrieve(cfg, corpus_dir, index_dir, strategy, lm=lm, sae=sae)
 
         return with_lm(cfg, lm, tracin, name=f"retrieve-{strategy}")
+    if lm is None and offload(cfg):  # the seed embedding model runs on a GPU worker, not on the head
+        from ssae_ray.resources import on_gpu_worker
+
+        return on_gpu_worker(retrieve, cfg, corpus_dir, index_dir, strategy, name=f"retrieve-{strategy}")
     return retrieve(cfg, corpus_dir, index_dir, strategy)
 
 

@@ -166,6 +166,7 @@ class LocalCluster:
         self.dashboard = ""
         self._mounts_before = _mounts()
         # worker ports: a block of its own per cluster (below the ephemeral range; two clusters at once)
+        self._launched = 0
         self._port_base = 10000 + 2000 * random.Random(os.getpid() ^ time.time_ns()).randrange(10)
         self.timings: dict[str, float] = {}
 
@@ -224,7 +225,8 @@ class LocalCluster:
         keys = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
                 "runtime-env-agent", "metrics-export", "worker-base"]  # fmt: skip
         p = dict(zip(keys, ports, strict=True))
-        wb = self._port_base + 200 * len(self.nodes)  # each node its own worker port range
+        self._launched += 1
+        wb = self._port_base + 200 * self._launched  # each node its own worker port range
         cmd = [
             self.ray, "start", "--block", *args, "--disable-usage-stats",
             f"--node-manager-port={p['node-manager']}", f"--object-manager-port={p['object-manager']}",
@@ -262,7 +264,7 @@ class LocalCluster:
         with open(log, "ab") as f:
             proc = subprocess.Popen(full, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=_die_with_parent)  # fmt: skip
-        node = Node(name, head, proc, p, log=log)
+        node = Node(name, head, proc, p, log=log, extra={"shared": shared})
         self.nodes.append(node)
         for _ in range(200):  # the namespace exists once unshare has forked its child
             try:
@@ -283,11 +285,21 @@ class LocalCluster:
     def _wait_nodes(self, n: int, timeout: float, t0: float) -> None:
         last: Any = None
         while time.perf_counter() - t0 < timeout:
-            for node in self.nodes:
+            for i, node in enumerate(self.nodes):
                 if node.proc.poll() is not None:
-                    raise ClusterError(
-                        f"node {node.name} exited ({node.proc.returncode}):\n{self.log_tail(node)}"
-                    )
+                    tries = node.extra.get("tries", 1)
+                    if node.head or tries >= 3:
+                        raise ClusterError(
+                            f"node {node.name} exited ({node.proc.returncode}):\n{self.log_tail(node)}"
+                        )
+                    # a worker whose `ray start` timed out reaching a loaded GCS: start it again
+                    self.nodes.pop(i)
+                    again = self._launch(node.name, False, self._worker_args(), _free_ports(7),
+                                         shared=node.extra.get("shared", True))  # fmt: skip
+                    self.nodes.remove(again)
+                    self.nodes.insert(i, again)
+                    again.extra["tries"] = tries + 1
+                    break
             try:
                 alive = [x for x in self._state_nodes() if x.state == "ALIVE"]
             except Exception as e:  # noqa: BLE001 - the dashboard is still coming up

@@ -49,7 +49,9 @@ def _wrap(owner: Any, attr: str, label: str) -> None:
         return
 
     def wrapped(*a: Any, **k: Any) -> Any:
-        REPORT["loader_calls"].append(f"{label}({str(a[0])[:200] if a else ''})")
+        # a file (a path); in-memory buffers are Ray deserialising data (tensors of a test set), not weights
+        if a and isinstance(a[0], str | os.PathLike):
+            REPORT["loader_calls"].append(f"{label}({str(a[0])[:200]})")
         return fn(*a, **k)
 
     wrapped._ssae_audited = True  # type: ignore[attr-defined]
