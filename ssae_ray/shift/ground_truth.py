@@ -73,13 +73,14 @@ def cue_effects(with_cue: dict[str, Tensor], without: dict[str, Tensor]) -> dict
 
 
 def responsive(
-    effects: dict[str, dict[str, Tensor]], d_min: float = 1.0, min_rise: float = 1e-3
+    effects: dict[str, dict[str, Tensor]], d_min: float = 1.0, min_rise: float = 1e-3, two_sided: bool = False
 ) -> set[Node]:
-    return {
-        (h, int(i))
-        for h, e in effects.items()
-        for i in torch.nonzero((e["d"] >= d_min) & (e["rise"] >= min_rise)).flatten()
-    }
+    """Features whose d is >= d_min and mean rises >= min_rise (`two_sided`: |d|, |rise|)."""
+    out: set[Node] = set()
+    for h, e in effects.items():
+        d, rise = (e["d"].abs(), e["rise"].abs()) if two_sided else (e["d"], e["rise"])
+        out |= {(h, int(i)) for i in torch.nonzero((d >= d_min) & (rise >= min_rise)).flatten()}
+    return out
 
 
 def selection_scores(
