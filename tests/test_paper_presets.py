@@ -259,11 +259,12 @@ def test_gemma_scope_physics_end_to_end(local_hub, tmp_path):
     """gemma-scope-physics: gated google/gemma-2-2b (d_model 2304) with HF_TOKEN, Gemma Scope's canonical
     16k layer-12 JumpReLU SAE through sae-lens (trained on the fixture model) and its fit check,
     OpenWebText's raw files, arXiv physics 60/20/20 with the seed from validation, physics-instruct
-    OOD, dense retrieval, JumpReLU finetunes at two L0 coefficients, evaluation and the report. The
+    OOD, dense retrieval, JumpReLU finetunes at two L0 coefficients (a large lr: two steps at the
+    preset's barely move the fixture SAE's L0, and the report needs an L0 span), evaluation and the report. The
     fast default-suite variant: tests/test_archs.py::test_gemma_scope_fast_import_fit_check_and_finetune."""
     work = tmp_path / "w"
     args = [*_physics_like(work, 4000), "sae.d_sae=16384", "corpus.sources.corpus.max_docs=150",
-            "sweep.strategies=[dense]", "sweep.tilts=[0]", "sweep.lams=[1,4]", "train.steps=2",
+            "sweep.strategies=[dense]", "sweep.tilts=[0]", "sweep.lams=[0.5,8]", "train.lr=0.01", "train.steps=2",
             "train.decay_steps=2", "train.checkpoint_every=2", "eval.test_tokens=500",
             "eval.set_tokens={test: 500, ood: 300}"]  # fmt: skip
     proc, secs = run_with_measured_l0(
