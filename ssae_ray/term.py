@@ -110,15 +110,16 @@ class Tokens(NamedTuple):
 
 @torch.no_grad()
 def measure(lm: Any, sae: Any, hook: str, test: Any, batch_size: int) -> tuple[Tokens, Any]:
-    from ssae_ray.eval.evaluate import evaluate_sae, token_positions
+    from ssae_ray.eval.evaluate import evaluate_sae, iter_captured, token_positions
 
     ev = evaluate_sae(lm, sae, hook, test, batch_size)
     pos = token_positions(test)
-    x = test.acts[hook][pos]
-    l0 = []
-    for s in range(0, x.shape[0], 4096):
-        f = sae.encode(x[s : s + 4096].to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
-        l0.append((f > 0).sum(-1))
+    l0 = []  # per scored token, in the order of `pos` (test sets stream: activations a batch at a time)
+    for c in iter_captured(lm, test, [hook], batch_size):
+        x = c.acts[hook][c.pos.to(c.acts[hook].device)]
+        for s in range(0, x.shape[0], 4096):
+            f = sae.encode(x[s : s + 4096].to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+            l0.append((f > 0).sum(-1))
     # The CE of position i is the loss of predicting token i+1 from it: loss[:, i] for i < T-1.
     ce_full = torch.full(pos.shape, float("nan"))
     ce_full[:, :-1] = torch.where(test.mask, ev.loss, torch.tensor(float("nan")))

@@ -59,7 +59,7 @@ def check_headline(cfg: Config, headline: list[dict[str, str]]) -> None:
 
 def check_report_matches_headline(report: str, headline: list[dict[str, str]]) -> None:
     """Every headline row appears in the report's first table with the CSV's L0 (1 decimal) and CE
-    (3 decimals)."""
+    (3 decimals), up to rounding."""
     from ssae_ray.eval.report import _name
 
     table = report.split("## Headline", 1)[1].split("\n## ", 1)[0]
@@ -72,7 +72,14 @@ def check_report_matches_headline(report: str, headline: list[dict[str, str]]) -
     for r in headline:
         key = (r["test"], r["hook"], _name(r["strategy"], float(r["tilt"] or 0)))
         assert key in shown, (key, sorted(shown))
-        assert shown[key] == (f"{_num(r['l0']):.1f}", f"{_num(r['ce']):.3f}"), (key, shown[key], r)
+        # equal up to the two roundings: the report's (1 and 3 decimals) of the value the CSV holds
+        # rounded to 4 decimals (2.6785 in the CSV may be 2.678 in the report, from 2.67848)
+        l0, ce = (float(v) for v in shown[key])
+        assert abs(l0 - _num(r["l0"])) <= 0.05 + 5e-5 and abs(ce - _num(r["ce"])) <= 5e-4 + 5e-5, (
+            key,
+            shown[key],
+            r,
+        )
 
 
 def check_dashboard(folder: Path) -> list[str]:
