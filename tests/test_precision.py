@@ -23,7 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: see conftest
 
 @pytest.fixture
 def hardware(monkeypatch):
-    """Simulate the capability check: `hardware(native, speedup)`."""
+    """Simulate the capability check: `hardware(native, speedup)`. These tests check what `auto`
+    decides from the hardware, so a forced `auto` (SSAE_RAY_AUTO_PRECISION, as `make test` runs
+    under in one of its modes) is lifted here."""
+    monkeypatch.delenv(prec.AUTO_ENV, raising=False)
 
     def set_(native: bool, speedup: float = 4.0) -> None:
         prec.bf16_support.cache_clear()
