@@ -144,6 +144,9 @@ actors), pinned by Ray to the driver's node and holding no CPU or GPU; they and 
 are the only things allowed on the head."""
 
 
+PREFLIGHT = "shared-workdir-check"  # the preflight's zero-CPU task, on every alive node by design
+
+
 def _placement(cluster, out: Path | None = None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(tasks, actors) of the cluster's jobs as (name, node name) from Ray's state API, Ray's own
     bookkeeping (`RAY_INTERNAL`) left out once checked to hold no CPU or GPU; the whole listing is
@@ -214,10 +217,10 @@ def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
     # The preflight's zero-CPU check runs on every alive node by design, the head included (it proves
     # each node sees the work dir; the listing also holds earlier tests' checks on nodes since
     # removed); every other task and actor ran on the workers.
-    on_head = sorted({x for x in tasks + actors if x[1] not in workers and x[0] != "shared-workdir-check"})
+    on_head = sorted({x for x in tasks + actors if x[1] not in workers and x[0] != PREFLIGHT})
     assert not on_head, on_head
-    assert ("shared-workdir-check", "head") in tasks
-    assert {n for t, n in tasks if t != "shared-workdir-check"} == workers  # the work went to both workers
+    assert (PREFLIGHT, "head") in tasks
+    assert {n for t, n in tasks if t != PREFLIGHT} == workers  # the work went to both workers
     rows = json.loads((sweep_dir / "eval" / "timings.json").read_text())["rows"]
     phases = {"physics job": secs}
 
@@ -244,7 +247,7 @@ def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
             rep,
         )
         tasks, actors = _placement(c)
-        assert not [x for x in tasks + actors if x[1] not in workers], name
+        assert not [x for x in tasks + actors if x[1] not in workers and x[0] != PREFLIGHT], name
     assert (sweep_dir / "dashboard" / "index.html").is_file()
     assert list((c.shared / "term").glob("term/*/report.md"))
     print(f"phases (s): { ({k: round(v) for k, v in phases.items()}) }, cluster start: {c.timings}")
