@@ -112,6 +112,9 @@ class Node:
     ns: str = ""
     """The node's PID namespace (`pid:[inode]`)."""
     node_id: str = ""
+    ip: str = ""
+    """The node's IP as Ray reports it (`NodeManagerAddress`): the `--node-ip-address` given, or the
+    host's address where Ray picks its own (CI's runners report theirs)."""
     log: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -309,6 +312,7 @@ class LocalCluster:
                     for x in alive:
                         if (x.resources_total or {}).get(f"{NODE_RESOURCE}{node.name}"):
                             node.node_id = x.node_id
+                            node.ip = x.node_ip or ""
                 if all(node.node_id for node in self.nodes):
                     return
             time.sleep(0.5)
