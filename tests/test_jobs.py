@@ -86,28 +86,36 @@ def _submit(url, env, workdir, *command):
     return out
 
 
+@pytest.fixture(scope="module")
+def first_run(head, tmp_path_factory):
+    """The first `ray job submit` of the tiny physics job into a fresh work dir (shared by the tests
+    below, in order: the cached rerun, then the forced reruns)."""
+    url, env = head
+    work = tmp_path_factory.mktemp("physics") / "work"
+    first = _submit(url, env, work)
+    return work, first.returncode, first.stdout + first.stderr
+
+
 @pytest.mark.ray
 @pytest.mark.own_ray_cluster
-def test_ray_job_submit_physics_tiny_rerun_is_cached_and_force_reruns_what_it_says(head, tmp_path):
+def test_ray_job_submit_physics_tiny_rerun_is_cached_and_eval_force_reevaluates(head, first_run):
     url, env = head
-    first = _submit(url, env, tmp_path / "work")
-    out = first.stdout + first.stderr
-    assert first.returncode == 0, out[-4000:]
+    work, rc, out = first_run
+    assert rc == 0, out[-4000:]
     assert "succeeded" in out
-    sweep_dirs = list((tmp_path / "work" / "sweep").iterdir())
-    assert len(sweep_dirs) == 1
-    report = sweep_dirs[0] / "eval" / "report.md"
-    cfg = load_config("tiny", overrides=[f"workdir={tmp_path / 'work'}", *OVERRIDES])
-    check_physics_run(sweep_dirs[0], cfg)  # CE order, L0s, CIs, report = headline.csv, dashboard, MLflow
+    (sweep_dir,) = list((work / "sweep").iterdir())
+    report = sweep_dir / "eval" / "report.md"
+    cfg = load_config("tiny", overrides=[f"workdir={work}", *OVERRIDES])
+    check_physics_run(sweep_dir, cfg)  # CE order, L0s, CIs, report = headline.csv, dashboard, MLflow
     # The planted domain: dense retrieval from the physics seed selects physics passages at several
     # times their share of the corpus; a random selection at about their share.
-    sel = [json.loads(p.read_text()) for p in (tmp_path / "work").glob("selection/*/manifest.json")]
+    sel = [json.loads(p.read_text()) for p in work.glob("selection/*/manifest.json")]
     sel = {m["strategy"]: m for m in sel}
     assert sel["dense"]["precision"] >= 3 * sel["dense"]["base_rate"], sel["dense"]
     assert sel["random"]["precision"] <= 2 * sel["random"]["base_rate"], sel["random"]
-    _imports_into_neuronpedia(sweep_dirs[0] / "dashboard" / "neuronpedia")
+    _imports_into_neuronpedia(sweep_dir / "dashboard" / "neuronpedia")
 
-    second = _submit(url, env, tmp_path / "work")
+    second = _submit(url, env, work)
     out2 = second.stdout + second.stderr
     assert second.returncode == 0, out2[-4000:]
     timings = json.loads((report.parent / "timings.json").read_text())["rows"]
@@ -119,28 +127,45 @@ def test_ray_job_submit_physics_tiny_rerun_is_cached_and_force_reruns_what_it_sa
     assert "building" not in out2.split("== stage load LM")[-1], out2[-3000:]
 
     # `eval --force` re-evaluates (a new report) and retrains nothing: the trials' files are untouched.
-    done = sorted(sweep_dirs[0].glob("trials/*/done.json"))
+    done = sorted(sweep_dir.glob("trials/*/done.json"))
     assert len(done) == 4
     before = {p: p.stat().st_mtime_ns for p in done}
     report_t = report.stat().st_mtime_ns
-    upstream = _upstream_stamps(tmp_path / "work")
+    upstream = _upstream_stamps(work)
     assert len(upstream) >= 6, upstream  # corpus, GSAEs, index, two selections, two caches
-    third = _submit(url, env, tmp_path / "work", "eval", "--force")
+    third = _submit(url, env, work, "eval", "--force")
     out3 = third.stdout + third.stderr
     assert third.returncode == 0, out3[-4000:]
     assert "evaluation cached" not in out3 and report.stat().st_mtime_ns > report_t
     assert {p: p.stat().st_mtime_ns for p in done} == before
+
+
+@pytest.mark.ray
+@pytest.mark.own_ray_cluster
+@pytest.mark.slow  # retrains every trial (~45 s quiet): the default suite runs `eval --force` (above)
+def test_physics_force_retrains_every_trial_and_reuses_the_stages_upstream(head, first_run):
+    url, env = head
+    work, rc, out = first_run
+    assert rc == 0, out[-4000:]
+    (sweep_dir,) = list((work / "sweep").iterdir())
+    report = sweep_dir / "eval" / "report.md"
+    cfg = load_config("tiny", overrides=[f"workdir={work}", *OVERRIDES])
+    done = sorted(sweep_dir.glob("trials/*/done.json"))
+    assert len(done) == 4
+    before = {p: p.stat().st_mtime_ns for p in done}
+    upstream = _upstream_stamps(work)
+    assert len(upstream) >= 6, upstream
     # `physics --force` retrains every trial and re-evaluates; the stages upstream are reused.
     report_t = report.stat().st_mtime_ns
-    fourth = _submit(url, env, tmp_path / "work", "jobs/physics.py", "--force")
+    fourth = _submit(url, env, work, "jobs/physics.py", "--force")
     out4 = fourth.stdout + fourth.stderr
     assert fourth.returncode == 0, out4[-4000:]
     assert all(p.stat().st_mtime_ns > before[p] for p in done), out4[-3000:]
-    assert report.stat().st_mtime_ns > report_t and not list((tmp_path / "work" / "sweep").glob("*.replaced"))
+    assert report.stat().st_mtime_ns > report_t and not list((work / "sweep").glob("*.replaced"))
     rows = {r["stage"]: r["cached"] for r in json.loads((report.parent / "timings.json").read_text())["rows"]}
     assert rows["corpus"] and rows["gsaes"] and rows["retrieve+cache"] and not rows["sweep"], rows
-    assert _upstream_stamps(tmp_path / "work") == upstream
-    check_physics_run(sweep_dirs[0], cfg)
+    assert _upstream_stamps(work) == upstream
+    check_physics_run(sweep_dir, cfg)
 
 
 def _upstream_stamps(workdir: Path) -> dict[Path, int]:
