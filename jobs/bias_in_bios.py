@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a Ray w
 def main(argv: list[str] | None = None) -> int:
     from ssae_ray.cli import user_error
     from ssae_ray.config import load_config
+    from ssae_ray.multinode import prepare
     from ssae_ray.runtime import setup_logging
     from ssae_ray.shift.job import run_bias_in_bios
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
+        cfg = prepare(
+            cfg
+        )  # on a cluster: every node sees the work dir (or one line, exit 2); one MLflow server
         run_bias_in_bios(cfg, args.out, with_ssae=not args.no_ssae, with_compressed=not args.no_compressed)
     except KeyboardInterrupt:
         print("bias_in_bios: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)

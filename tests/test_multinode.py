@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ssae_ray.multinode import MARKER
 from ssae_ray.testing.cluster import ClusterError, LocalCluster, _cmdline, _mounts, _procs_in, missing
 
 pytestmark = [
@@ -131,8 +132,50 @@ def test_a_node_without_the_shared_mount_is_named(ray_cluster):
         (line,) = [x for x in logs.splitlines() if x.startswith("ssae-ray physics: error:")]
         assert bad.node_id[:12] in line and str(work) in line, line
         assert not any(w.node_id[:12] in line for w in c.workers if w is not bad)
+
+        # A node that joins after the preflight passed (the autoscaler adds it mid-run): the first
+        # task of the job it runs (`multinode.check_here`, called by every trial and GPU task) stops
+        # there, naming that node; the same task on a node that mounts the share goes on.
+        late = c.shared / "preflighted"
+        late.mkdir()
+        (late / MARKER).write_text("checked")  # what the preflight leaves in a work dir every node saw
+        script = c.shared / "late_joiner.py"
+        script.write_text(LATE_JOINER)
+        _, status, logs = c.submit(f"python {script} {late} {bad.name} {c.workers[0].name}", working_dir=ROOT,
+                                   timeout=120)  # fmt: skip
+        assert status == "SUCCEEDED", logs[-3000:]
+        (got,) = [x for x in logs.splitlines() if x.startswith("late: ")]
+        assert f"worker node {bad.ip} (id {bad.node_id[:12]}) does not see the work dir {late}" in got, got
+        assert "EFS" in got, got
+        assert f"good: {c.workers[0].name} ok" in logs, logs[-3000:]
     finally:
         c.remove(bad)
+
+
+LATE_JOINER = """
+import sys
+import ray
+from ssae_ray.testing.cluster import NODE_RESOURCE
+
+root, bad, good = sys.argv[1:4]
+ray.init()
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def task(root):
+    from ssae_ray import multinode
+
+    multinode.check_here(root)
+    return "ok"
+
+
+try:
+    ray.get(task.options(resources={NODE_RESOURCE + bad: 1}).remote(root))
+    print("late: no error")
+except ray.exceptions.RayTaskError as e:
+    print("late: " + str(e.cause if hasattr(e, "cause") else e).splitlines()[0])
+print("good: " + good + " " + ray.get(task.options(resources={NODE_RESOURCE + good: 1}).remote(root)))
+"""
 
 
 # The tiny preset shaped for the cluster: one trial per 1-GPU worker at a time.
@@ -224,14 +267,18 @@ def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
     rows = json.loads((sweep_dir / "eval" / "timings.json").read_text())["rows"]
     phases = {"physics job": secs}
 
-    # `ssae-ray dashboard` and the TERM job on the same cluster: the driver stays free of models too
+    # `ssae-ray dashboard`, the TERM job and the SHIFT job on the same cluster: the driver stays free of models too
     term = ["sae.hooks=[blocks.1.hook_resid_post]", "sae.d_sae=32", "sae.source=pretrain",
             "train.pretrain_steps=40", "train.pretrain_tokens=4000", "train.batch_tokens=64",
             "sweep.tilts=[0,1.0e9]", "sweep.match_l0=8", "train.l0_band=[7.5,8.5]", "eval.test_tokens=500",
             "eval.bootstrap=50"]  # fmt: skip
+    shift = ["sae.hooks=[blocks.1.hook_resid_post]", "train.steps=4", "train.decay_steps=2", "corpus.n_docs=100",
+             "shift.n_train=32", "shift.n_dev=16", "shift.n_test=32", "shift.skyline_grid=[1,2]",
+             "shift.max_edge_nodes=2"]  # fmt: skip
     for name, cmd in [
         ("dashboard", f"-m ssae_ray.cli dashboard --force --preset tiny workdir={work} {' '.join(CLUSTER)}"),
         ("term job", f"jobs/tinystories_term.py --preset tiny workdir={c.shared / 'term'} {' '.join(term)}"),
+        ("shift job", f"jobs/bias_in_bios.py --preset tiny workdir={c.shared / 'shift'} {' '.join(shift)}"),
     ]:
         audit.unlink()
         t0 = time.perf_counter()
@@ -250,6 +297,10 @@ def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
         assert not [x for x in tasks + actors if x[1] not in workers and x[0] != PREFLIGHT], name
     assert (sweep_dir / "dashboard" / "index.html").is_file()
     assert list((c.shared / "term").glob("term/*/report.md"))
+    (shift_out,) = (c.shared / "shift" / "shift").glob(
+        "*/result.json"
+    )  # SHIFT's Table 1, on the shared folder
+    assert json.loads(shift_out.read_text())["sae_sets"]["n_passages"] > 0
     print(f"phases (s): { ({k: round(v) for k, v in phases.items()}) }, cluster start: {c.timings}")
     print(f"physics job on the cluster: {secs:.0f} s; stages: {[(r['stage'], r['seconds']) for r in rows]}")
 

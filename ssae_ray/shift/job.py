@@ -18,6 +18,19 @@ from ssae_ray.stages import atomic_dir
 log = logging.getLogger("ssae_ray")
 
 
+def _on_worker(
+    cfg: Config, out_dir: str | Path | None, with_ssae: bool, with_compressed: bool, checked: bool
+) -> tuple[ShiftResult, Path]:
+    """The experiment in the GPU task (`offload`): this node must see the work dir the preflight
+    checked (a node that joined after it stops here, naming itself), then the same run as local."""
+    from ssae_ray.multinode import check_here
+    from ssae_ray.runtime import setup_logging
+
+    setup_logging()
+    check_here(cfg.root, checked)
+    return run_bias_in_bios(cfg, out_dir, with_ssae, with_compressed)
+
+
 def run_bias_in_bios(
     cfg: Config, out_dir: str | Path | None = None, with_ssae: bool = True, with_compressed: bool = True
 ) -> tuple[ShiftResult, Path]:
@@ -34,9 +47,11 @@ def run_bias_in_bios(
     if uri:  # fail before the work, not after it
         tracking.check_tracking(uri)
     if offload(cfg):  # a CPU head driving a GPU cluster: the whole experiment runs on one GPU worker
+        from ssae_ray.multinode import was_checked
         from ssae_ray.resources import on_gpu_worker
 
-        return on_gpu_worker(run_bias_in_bios, cfg, out_dir, with_ssae, with_compressed, name="bias-in-bios")
+        return on_gpu_worker(_on_worker, cfg, out_dir, with_ssae, with_compressed, was_checked(cfg.root),
+                             name="bias-in-bios")  # fmt: skip
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     bar = tqdm(desc="bias-in-bios", bar_format="{desc}: {elapsed} {postfix}")
