@@ -396,9 +396,9 @@ def run_trial(cfg: Config, trial: Trial, ctx: dict[str, Any], val_set: Any, tdir
             tracking.log_metrics(client, rid, val, step)
             report({**val, "step": step})
 
-        def log_train(history: list[dict[str, float]]) -> None:
-            for m in history:
-                tracking.log_metrics(client, rid, {f"train/{k}": v for k, v in m.items()}, int(m["step"]))
+        def log_train(history: list[dict[str, float]]) -> None:  # one MLflow call per flush, not per step
+            tracking.log_metric_rows(client, rid, [({f"train/{k}": v for k, v in m.items()}, int(m["step"]))
+                                                   for m in history])  # fmt: skip
 
         if tc.num_workers > 1:  # Ray Train (V2) TorchTrainer inside this Tune trial; scored at the end
             from ssae_ray.training.ray_train import run_finetune

@@ -289,26 +289,38 @@ def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: in
     """Log numeric metrics (names sanitised for MLflow) at `step`. A NaN or infinite value is not
     logged as a metric: it is recorded as a run tag `nonfinite.<metric>` (`nan at step 3`) and warned
     about, so a diverged number is visible in the UI instead of silently missing."""
+    log_metric_rows(client, run_id, [(metrics, step or 0)])
+
+
+def log_metric_rows(client: Any, run_id: str, rows: list[tuple[Mapping[str, float], int]]) -> None:
+    """`log_metrics` of several steps at once, `(metrics, step)` each, in as few `log_batch` calls as
+    MLflow allows (a trial's training curve: one call per flush instead of one per step; each call
+    is a round trip and a transaction, ~16 ms on a SQLite store)."""
     import math
 
     from mlflow.entities import Metric, RunTag
 
     ts = int(time.time() * 1000)
     items, bad = [], []
-    for k, v in metrics.items():
-        if not isinstance(v, int | float):
-            continue
-        if math.isfinite(float(v)):
-            items.append(Metric(_metric_name(k), float(v), ts, step or 0))
-        else:
-            bad.append(RunTag(f"nonfinite.{_metric_name(k)}", f"{float(v)} at step {step or 0}"))
+    for metrics, step in rows:
+        for k, v in metrics.items():
+            if not isinstance(v, int | float):
+                continue
+            if math.isfinite(float(v)):
+                items.append(Metric(_metric_name(k), float(v), ts, int(step)))
+            else:
+                bad.append(RunTag(f"nonfinite.{_metric_name(k)}", f"{float(v)} at step {int(step)}"))
     if bad:
-        log.warning(
-            "MLflow run %s, step %d: non-finite %s (recorded as nonfinite.* tags)",
-            run_id, step or 0, ", ".join(f"{t.key[len('nonfinite.'):]}={t.value.split()[0]}" for t in bad),
-        )  # fmt: skip
-    for s in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[s : s + 500])
+        steps = {t.value.split(" at step ")[1] for t in bad}
+        what = (
+            f"step {next(iter(steps))}: non-finite "
+            + ", ".join(f"{t.key[len('nonfinite.') :]}={t.value.split()[0]}" for t in bad)
+            if len(steps) == 1
+            else "non-finite " + ", ".join(f"{t.key[len('nonfinite.') :]}={t.value}" for t in bad)
+        )
+        log.warning("MLflow run %s, %s (recorded as nonfinite.* tags)", run_id, what)
+    for s in range(0, len(items), 1000):  # MLflow's limit per log_batch: 1000 metrics
+        client.log_batch(run_id, metrics=items[s : s + 1000])
     if bad:
         client.log_batch(run_id, tags=bad)
 
