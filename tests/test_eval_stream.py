@@ -269,3 +269,40 @@ def test_groups_of_saes_spread_over_ray_tasks_score_the_same(ray_local, tiny_cfg
             for x, y in zip(a[name], b[name], strict=True):
                 assert x.row() == pytest.approx(y.row()) and torch.equal(x.feature_counts, y.feature_counts)
         assert a["test"][0].sse.numel() == 0 and a["test"][0].loss.shape == (test["test"].n_docs,)
+
+
+def test_sweep_validation_scores_every_hook_from_one_capture_pass(tiny, tiny_cfg, monkeypatch):
+    """A trial's validation (`sweep._val_metrics`) of SAEs at several hooks: each hook's CE, L0 and
+    FVU equal scoring that hook alone, from one LM forward per batch for all hooks together (it
+    was one capture pass per hook: 19 per validation on Pythia-70M)."""
+    from ssae_ray import sweep
+    from ssae_ray.saes import make_random_sae
+
+    lm = tiny
+    ts = prepare_test_set(lm, "val", TEXTS, HOOKS, context_len=16, batch_size=8)
+    saes = {h: make_random_sae(lm.d_model, 96, h, seed=i) for i, h in enumerate(HOOKS)}
+    calls = []
+    real = type(lm.model).forward
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(lm.model), "forward", counted)
+    val = sweep._val_metrics(tiny_cfg.replace(eval={"batch_size": 4}), lm, saes, ts)
+    captures = len(calls)  # one capture per batch, plus the spliced suffix passes
+    monkeypatch.setattr(type(lm.model), "forward", real)
+    for h, sae in saes.items():
+        ev = evaluate_sae(lm, sae, h, ts, batch_size=4)
+        assert val[f"val_ce/{h}"] == pytest.approx(ev.ce_spliced, rel=1e-6), h
+        assert val[f"val_l0/{h}"] == pytest.approx(ev.l0, rel=1e-6) and val[f"val_fvu/{h}"] == pytest.approx(
+            ev.fvu, rel=1e-6
+        )
+    assert val["val_ce"] == pytest.approx(sum(val[f"val_ce/{h}"] for h in HOOKS) / len(HOOKS))
+    n_batches = -(-ts.tokens.input_ids.shape[0] // 4)
+    # one full forward per batch captures all four hooks; per-hook scoring took four
+    calls.clear()
+    monkeypatch.setattr(type(lm.model), "forward", counted)
+    for h, sae in saes.items():
+        sweep._val_metrics(tiny_cfg.replace(eval={"batch_size": 4}), lm, {h: sae}, ts)
+    assert captures <= len(calls) - (len(HOOKS) - 1) * n_batches, (captures, len(calls), n_batches)
