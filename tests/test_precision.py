@@ -164,3 +164,26 @@ def test_bf16_finetune_reaches_fp32_fvu_and_l0(tiny_cfg):
         end[p] = last
     assert abs(end["bf16"]["a/fvu"] - end["fp32"]["a/fvu"]) < 0.02, end
     assert abs(end["bf16"]["a/l0"] - end["fp32"]["a/l0"]) <= 0.1 * end["fp32"]["a/l0"], end
+
+
+def test_index_key_names_the_precision_setting_not_what_this_process_resolves(hardware, tmp_path):
+    """The index's key is the same on a process where `auto` resolves to fp32 (a CPU head) and one
+    where it resolves to bf16 (a GPU worker, an AVX-512-bf16 CPU), and differs between settings."""
+    from ssae_ray.config import load_config
+    from ssae_ray.retrieval.index import index_key
+
+    corpus = tmp_path / "corpus.parquet"
+    corpus.write_bytes(b"the same corpus file")
+
+    def key(setting):
+        return index_key(
+            load_config("tiny", overrides=[f"workdir={tmp_path}", f"model.precision={setting}"]), corpus
+        )
+
+    hardware(native=False)
+    on_head = key("auto")
+    assert prec.resolve("auto", "cpu").name == "fp32"
+    hardware(native=True, speedup=4.0)
+    assert prec.resolve("auto", "cpu").name == "bf16"
+    assert key("auto") == on_head
+    assert len({key("auto"), key("fp32"), key("bf16")}) == 3

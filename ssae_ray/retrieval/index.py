@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssae_ray.config import INDEX_TYPES, Config, RetrievalConfig
-from ssae_ray.precision import key_part
+from ssae_ray.precision import setting_key_part
 from ssae_ray.retrieval.embed import Embedder, RetrievalError, chunk_batch, resolve_model
 from ssae_ray.stages import (
     MANIFEST,
@@ -72,12 +72,18 @@ def corpus_file(cfg: Config, corpus_dir: str | Path) -> Path:
 
 
 def index_key(cfg: Config, corpus_path: Path) -> str:
+    """The index's cache key. The precision part is the *setting* (`precision.setting_key_part`), not
+    what `auto` resolves to on the calling process: the embedding actors resolve it on their own
+    devices (bf16 on a GPU or an AVX-512-bf16 CPU, fp32 elsewhere), so a key resolved on a CPU head
+    named a precision the index was not built in, and the same work dir read from another head
+    computed another key and rebuilt the index."""
     r = cfg.retrieval
     model = resolve_model(r, cfg.root / "models")
     parts = {k: getattr(r, k) for k in ("passage_tokens", "normalize", "index_type", "nlist", "pq_m",
                                         "shard_size", "train_sample", "build_bm25")}  # fmt: skip
     return stage_key("index-v1", model.model_id, model.pooling, parts, cfg.corpus.text_field,
-                     cfg.corpus.max_docs, file_sha256(corpus_path), *key_part(cfg.model.precision))  # fmt: skip
+                     cfg.corpus.max_docs, file_sha256(corpus_path),
+                     *setting_key_part(cfg.model.precision))  # fmt: skip
 
 
 def build_index(cfg: Config, corpus_dir: str | Path, on_shard: Callable[[int], None] | None = None) -> Path:
