@@ -373,8 +373,8 @@ class SweepPlan(NamedTuple):
 
 
 def sweep_output_bytes(cfg: Config, gsae_dir: Path) -> int:
-    """Disk a sweep writes: each trial's best SAEs (float32), plus one checkpoint (SAEs and Adam's
-    two moments) per trial running at once."""
+    """Disk a sweep writes: each trial's best SAEs (float32), plus one checkpoint (SAEs, their
+    trainable weights as they are, and Adam's two moments) per trial running at once."""
     import json
 
     from ssae_ray.sweep import grid
@@ -385,7 +385,7 @@ def sweep_output_bytes(cfg: Config, gsae_dir: Path) -> int:
         d, width = int(c["d_in"]), cfg.sae.slice_to or int(c["d_sae"])
         per_trial += 4 * (2 * d * width + width + d)
     n = len(grid(cfg))
-    return per_trial * n + 3 * per_trial * min(max(1, cfg.sweep.max_concurrent_trials), n)
+    return per_trial * n + 4 * per_trial * min(max(1, cfg.sweep.max_concurrent_trials), n)
 
 
 def plan_sweep(cfg: Config, lm: Any, timer: Timer) -> SweepPlan:
@@ -647,7 +647,7 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
                 from ssae_ray import tracking
 
                 mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-                with mlflow.start_run(run_id=parent) if parent else contextlib.nullcontext():
+                with tracking.resume_run(parent) if parent else contextlib.nullcontext():
                     if cfg.dashboard.enabled:  # one LM pass serves the dashboard and auto-interp
                         ai = run_autointerp if cfg.autointerp.enabled else None
                         return stage_dashboard(cfg, lm, report, ai, force)

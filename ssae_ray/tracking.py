@@ -10,6 +10,7 @@ in other Ray processes log to the same runs. Parameters are filtered: no API key
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,18 @@ def log_metric_rows(client: Any, run_id: str, rows: list[tuple[Mapping[str, floa
 
 def _metric_name(k: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", k)
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str) -> Iterator[Any]:
+    """`mlflow.start_run(run_id=...)` of an existing run (the sweep's parent, for the dashboard's
+    artifacts), under the run's own experiment: MLflow refuses to resume a run whose experiment is
+    not the process's active one, which a SHIFT run or a notebook may have set before."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
 
 
 def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:

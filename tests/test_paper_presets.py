@@ -53,15 +53,19 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 def measured_l0_range(work: Path) -> list[str]:
     """`sweep.l0_range` and `sweep.match_l0` from the run itself: the validation-L0 span that every
-    curve (strategy, tilt, hook) of the finished sweep in `work` shares. A few finetune steps at the
-    paper's lr barely move the fixture GSAEs' L0, and where it sits depends on the CPU (bf16 or fp32
-    forwards), so no range fixed in advance fits every machine. The sweep is keyed without these
-    settings: the job run with them reuses every trial."""
+    ERM curve (strategy, hook; tilt 0) of the finished sweep in `work` shares. A few finetune steps at
+    the paper's lr barely move the fixture GSAEs' L0, and where it sits depends on the CPU (bf16 or
+    fp32 forwards), so no range fixed in advance fits every machine. The TERM curves are left out: at
+    the paper's max-loss tilt (1e9, raw) six steps move L0 by nothing at all (both λ ended at the same
+    validation L0 on the AVX-512-bf16 EPYC), and the report places TERM points against the ERM curve
+    at their own L0 (noting those outside it). The sweep is keyed without these settings: the job run
+    with them reuses every trial."""
     import csv
 
     trials = next(work.glob("sweep/*/sweep_trials.csv"))
     with open(trials) as f:
         rows = [r for r in csv.DictReader(f) if r["best_for_lam"] in ("1", "True", "true")]
+    rows = [r for r in rows if float(r["tilt"]) == 0] or rows
     hooks = [k.split("/", 1)[1] for k in rows[0] if k.startswith("val_l0/")] or [None]
     spans: dict[tuple, list[float]] = {}
     for r in rows:

@@ -134,10 +134,14 @@ class _Killed(BaseException):
     """Stands in for the SIGKILL: raised from inside the trial, past every `except Exception`."""
 
 
-def test_in_process_trial_resumes_from_its_checkpoint(tiny_trial, tmp_path, caplog):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_in_process_trial_resumes_from_its_checkpoint(tiny_trial, tmp_path, caplog, precision):
     """The fast variant (no Ray, no subprocess): an in-process trial killed after its step-2
     checkpoint is rerun, resumes at step 2 (its first step is the checkpoint's), continues its MLflow
-    child run, and ends with the SAEs of an uninterrupted trial."""
+    child run, and ends with exactly the SAEs of an uninterrupted trial, bit for bit, with the step's
+    matmuls in fp32 and in bf16 (the checkpoint keeps the trainable weights as they are: restored from
+    the sae-lens copy alone, each weight moved by an ulp, which bf16 rounding turned into ~0.1 after
+    500 steps)."""
     import logging
 
     from sae_lens import SAE
@@ -146,7 +150,7 @@ def test_in_process_trial_resumes_from_its_checkpoint(tiny_trial, tmp_path, capl
     from ssae_ray.sweep import Trial
 
     cfg, ctx, val = tiny_trial
-    cfg = cfg.replace(train={"steps": 6})
+    cfg = cfg.replace(train={"steps": 6, "precision": precision})
     t = Trial("dense", 1.0, 0.0, 0)
     sweep.run_trial(cfg, t, ctx, val, tmp_path / "ref", report=lambda m: None)
 
@@ -176,4 +180,38 @@ def test_in_process_trial_resumes_from_its_checkpoint(tiny_trial, tmp_path, capl
             SAE.load_from_disk(tmp_path / "ref" / "best" / h),
         )
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-6), (h, name)
+            assert torch.equal(getattr(a, name), getattr(b, name)), (h, name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_checkpoint_restores_the_trainer_bit_for_bit(tmp_path, precision):
+    """`save_checkpoint` then `load_checkpoint` into fresh trainers gives the very weights (the
+    sae-lens copy folds the activation scale in, which moves them by ulps: measured 3e-8) and
+    optimizer state, so the next steps are the uninterrupted run's, bit for bit, in fp32 and bf16."""
+    from ssae_ray.config import TrainConfig
+    from ssae_ray.saes import make_random_sae
+    from ssae_ray.training.loop import make_trainers
+    from ssae_ray.training.ray_train import load_checkpoint, save_checkpoint
+
+    h = "blocks.1.hook_resid_post"
+    tc = TrainConfig(lr=1e-2, lam=1.0, batch_tokens=128, precision=precision)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(128, 64, generator=gen) * 7 for _ in range(9)]
+
+    def fresh():
+        return make_trainers(tc, {h: make_random_sae(64, 256, h, seed=0)}, {h: batches[0]}, "cpu")
+
+    run = fresh()
+    assert run[h].act_scale != 1.0  # the scale is folded into the sae-lens copy
+    for s in range(4):
+        run[h].apply(run[h].step(batches[s], 1e-2, s))
+    save_checkpoint(tmp_path / "ck", run, 4)
+    resumed = fresh()
+    assert load_checkpoint(tmp_path / "ck", resumed) == 4
+    for a, b in zip(run[h].params, resumed[h].params, strict=True):
+        assert torch.equal(a, b)
+    for s in range(4, 9):
+        for tr in (run[h], resumed[h]):
+            tr.apply(tr.step(batches[s], 1e-2, s))
+    for a, b in zip(run[h].params, resumed[h].params, strict=True):
+        assert torch.equal(a, b)

@@ -170,3 +170,31 @@ def test_interrupted_start_leaves_no_server_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tracking.start_mlflow_server(tmp_path, port=tracking.free_port())
     assert len(started) == 1 and started[0].poll() is not None  # the server's process group is gone
+
+
+def test_resume_run_works_after_another_experiment_was_set(tmp_path):
+    """The physics job resumes its sweep's parent run to log the dashboard (`tracking.resume_run`);
+    a process that set another experiment before (a SHIFT run, a notebook; `make test-all` hit it
+    when the in-process `ssae-ray run` test came after the SHIFT tests) had MLflow refuse with "active
+    experiment ID does not match". The run resumes under its own experiment."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client, exp = tracking.open_experiment(uri, "physics-parent", tmp_path / "art")
+    parent = tracking.start_run(client, exp, "sweep", {})
+    mlflow.set_experiment("something-else")  # what an earlier in-process job left behind
+    try:
+        with pytest.raises(mlflow.exceptions.MlflowException, match="active experiment ID"):
+            with mlflow.start_run(run_id=parent):
+                pass
+        with tracking.resume_run(parent) as run:
+            assert run.info.run_id == parent and run.info.experiment_id == exp
+            mlflow.log_metric("dashboard_features", 3)
+        assert client.get_run(parent).data.metrics["dashboard_features"] == 3
+    finally:  # leave the process's MLflow state as it was
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(before)
+        mlflow.tracking.fluent._active_experiment_id = None

@@ -87,8 +87,8 @@ def load_checkpoint(folder: Path, trainers: dict[str, HookTrainer]) -> int:
     for h, tr in trainers.items():
         sae = load_sae(folder / h)
         state = torch.load(folder / h / STATE, map_location="cpu", weights_only=False)
-        tr.load_state_dict(state)
         tr.load_weights(sae)  # through the exact import: any architecture, width checked
+        tr.load_state_dict(state)  # then the weights bit-exact, the optimizer, λ and counters
         steps.add(int(state["step"]))
     if len(steps) != 1:
         raise TrainingError(f"the checkpoint at {folder} mixes steps {sorted(steps)} across hooks")
