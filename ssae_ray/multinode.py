@@ -121,6 +121,17 @@ def check_nodes(root: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
                     f"{label} did not answer the work-dir check within {timeout:.0f} s (is it overloaded or "
                     f"gone?); the work dir {root} must be visible on every node: {FIX}"
                 ) from e
+            except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.WorkerCrashedError) as e:  # fmt: skip
+                if _alive(nid):
+                    raise SharedStorageError(
+                        f"{label} could not run the work-dir check ({type(e).__name__}); the work dir {root} "
+                        f"must be visible on every node: {FIX}"
+                    ) from e
+                # The node left between the listing and its check (the autoscaler removed it, or it
+                # died): it takes no work, and a node that joins later is checked by `check_here`.
+                log.warning("%s left the cluster during the work-dir check; not checked", label)
+                continue
             row["label"] = label
             rows.append(row)
             if not row["ok"]:
@@ -131,6 +142,12 @@ def check_nodes(root: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
     finally:
         path.unlink(missing_ok=True)
     return rows
+
+
+def _alive(node_id: str) -> bool:
+    import ray
+
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def _head_node_id() -> str | None:

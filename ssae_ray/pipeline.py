@@ -642,12 +642,12 @@ def run_physics(cfg: Config, force: bool = False) -> Path:
             corpus_dir = stage_corpus(cfg, lm)
 
             def body(lm: Any) -> Path:  # here, or in a GPU task when the driver holds no LM
-                import mlflow
-
                 from ssae_ray import tracking
 
-                mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-                with tracking.resume_run(parent) if parent else contextlib.nullcontext():
+                with (
+                    tracking.fluent(tracking.tracking_uri(cfg)),
+                    tracking.resume_run(parent) if parent else contextlib.nullcontext(),
+                ):
                     if cfg.dashboard.enabled:  # one LM pass serves the dashboard and auto-interp
                         ai = run_autointerp if cfg.autointerp.enabled else None
                         return stage_dashboard(cfg, lm, report, ai, force)

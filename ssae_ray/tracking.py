@@ -331,6 +331,35 @@ def _metric_name(k: str) -> str:
 
 
 @contextlib.contextmanager
+def fluent(uri: str, experiment: str | None = None) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `mlflow.log_*`) pointed at `uri` (and `experiment`)
+    for the block, then the process as it was. `mlflow.set_tracking_uri` also writes
+    `MLFLOW_TRACKING_URI` into `os.environ`, which wins over `tracking.uri` here: every later job in
+    the process (a notebook running a second preset, the test suite) and every process it starts
+    (a local Ray's workers, a test cluster's nodes) then logged to the first job's store; and
+    `mlflow.set_experiment` left the active experiment set."""
+    import mlflow
+    from mlflow.tracking import fluent as fl
+    from mlflow.tracking._tracking_service import utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    old_uri, old_exp = getattr(utils, "_tracking_uri", None), getattr(fl, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        if experiment is not None:
+            mlflow.set_experiment(experiment)
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+        if hasattr(fl, "_active_experiment_id"):
+            fl._active_experiment_id = old_exp
+
+
+@contextlib.contextmanager
 def resume_run(run_id: str) -> Iterator[Any]:
     """`mlflow.start_run(run_id=...)` of an existing run (the sweep's parent, for the dashboard's
     artifacts), under the run's own experiment: MLflow refuses to resume a run whose experiment is

@@ -152,6 +152,37 @@ def test_a_node_without_the_shared_mount_is_named(ray_cluster):
         c.remove(bad)
 
 
+@pytest.mark.slow  # one more node, and the seconds Ray takes to notice it is gone
+def test_a_node_lost_during_the_preflight_is_skipped_not_a_traceback(ray_cluster):
+    """A worker SIGKILLed just before a job starts (the autoscaler removed it, or it crashed) is still
+    listed alive for some seconds; the preflight's task for it becomes unschedulable. The job goes on
+    with the nodes that are there (the first `make test-all` failed here with a TaskUnschedulableError
+    traceback, when the next test's job started right after a node was removed)."""
+    c = ray_cluster
+    ghost = c.add_worker("ghost")
+    c.remove(ghost, wait_dead=False)
+    script = c.shared / "preflight_only.py"
+    script.write_text(PREFLIGHT_ONLY)
+    _, status, logs = c.submit(f"python {script} {c.shared / 'after-ghost'}", working_dir=ROOT, timeout=240)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]
+    assert "checked nodes: 3" in logs, logs[-3000:]  # the head and the two workers
+    if ghost.node_id[:12] in logs:  # listed alive when the job started: skipped with a warning
+        assert "left the cluster during the work-dir check" in logs, logs[-3000:]
+
+
+PREFLIGHT_ONLY = """
+import sys
+from ssae_ray import multinode
+from ssae_ray.config import load_config
+from ssae_ray.runtime import setup_logging
+
+setup_logging()
+cfg = multinode.prepare(load_config("tiny", overrides=[f"workdir={sys.argv[1]}"]))
+print("checked nodes:", len(multinode.check_nodes(cfg.root)))
+"""
+
+
 LATE_JOINER = """
 import sys
 import ray

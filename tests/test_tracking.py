@@ -198,3 +198,33 @@ def test_resume_run_works_after_another_experiment_was_set(tmp_path):
             mlflow.end_run()
         mlflow.set_tracking_uri(before)
         mlflow.tracking.fluent._active_experiment_id = None
+
+
+def test_fluent_block_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """`tracking.fluent`: MLflow's fluent API logs to the job's store inside the block; after it,
+    `MLFLOW_TRACKING_URI`, the fluent tracking URI and the active experiment are what they were
+    (`mlflow.set_tracking_uri` writes the environment variable, which won over `tracking.uri` for
+    every later job in the process and every process it started: `make test-all`'s multi-node
+    lost-node sweep logged to a node-local SQLite file left by an earlier in-process job)."""
+    import os
+
+    import mlflow
+    from mlflow.tracking import fluent as fl
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = (mlflow.get_tracking_uri(), fl._active_experiment_id)
+    uri = f"sqlite:///{tmp_path / 'job.db'}"
+    with tracking.fluent(uri, "shift-job"):
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri
+        with mlflow.start_run(run_name="shift") as run:
+            mlflow.log_metric("worst", 0.5)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert (mlflow.get_tracking_uri(), fl._active_experiment_id) == before
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(run.info.run_id).data.metrics == {"worst": 0.5}
+    assert client.get_experiment(run.info.experiment_id).name == "shift-job"
+    # a URI the user exported stays exported
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    with tracking.fluent(uri):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"

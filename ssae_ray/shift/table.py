@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -140,10 +141,12 @@ def log_mlflow(
     uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
     if active is None and not uri:
         return False
-    if active is None:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="shift", nested=active is not None):
+    from ssae_ray.tracking import fluent
+
+    with (
+        fluent(uri, experiment) if active is None else contextlib.nullcontext(),
+        mlflow.start_run(run_name="shift", nested=active is not None),
+    ):
         if params:
             mlflow.log_params(safe_params(params))
         metrics = {}

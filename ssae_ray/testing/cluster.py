@@ -214,8 +214,10 @@ class LocalCluster:
         self._wait_nodes(len(self.nodes), timeout, time.perf_counter())
         return node
 
-    def remove(self, node: Node, timeout: float = 30.0) -> None:
-        """SIGKILL every process of `node` (a node the autoscaler removed, or a crashed machine)."""
+    def remove(self, node: Node, timeout: float = 30.0, wait_dead: bool = True) -> None:
+        """SIGKILL every process of `node` (a node the autoscaler removed, or a crashed machine).
+        `wait_dead`: return once the GCS marks it dead (seconds after the kill: until then Ray still
+        lists it as alive, and the next test's preflight would send it a task)."""
         for pid in [*node.pids(), node.proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -223,6 +225,14 @@ class LocalCluster:
                 pass
         node.proc.wait(timeout)
         self.nodes.remove(node)
+        deadline = time.perf_counter() + 90
+        while wait_dead and time.perf_counter() < deadline:
+            try:
+                if not any(x.node_id == node.node_id and x.state == "ALIVE" for x in self._state_nodes()):
+                    return
+            except Exception:  # noqa: BLE001 - the dashboard is busy: ask again
+                pass
+            time.sleep(0.5)
 
     def _launch(self, name: str, head: bool, args: list[str], ports: list[int], shared: bool = True) -> Node:
         keys = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
