@@ -85,17 +85,17 @@ def test_trial_never_keeps_a_nan_checkpoint_as_best(tiny_trial, monkeypatch, tmp
     cfg, ctx, val = tiny_trial
     hooks = list(cfg.sae.hooks)
     client, _ = tracking.open_experiment(ctx["uri"], tracking.experiment_name(cfg))
-    real = ev.evaluate_sae
+    real = ev.evaluate_saes_on
     nan_steps: set[int] = set()
     calls = []
 
-    def scored(lm_, sae, h, test, bs=8):
+    def scored(lm_, saes, test, *a, **k):  # one call scores every hook of a checkpoint
         calls.append(1)
-        e = real(lm_, sae, h, test, bs)
-        checkpoint = (len(calls) - 1) // len(hooks) + 1  # the 1st, 2nd, ... scoring of every hook
-        return e._replace(ce_spliced=NAN) if checkpoint in nan_steps else e
+        out = real(lm_, saes, test, *a, **k)
+        assert [h for _, h in saes] == hooks
+        return [e._replace(ce_spliced=NAN) for e in out] if len(calls) in nan_steps else out
 
-    monkeypatch.setattr(ev, "evaluate_sae", scored)
+    monkeypatch.setattr(ev, "evaluate_saes_on", scored)
     t = Trial("dense", 1.0, 0.0, 0)
     nan_steps.add(2)  # the second (last) checkpoint is NaN: it must not replace the first as best
     tdir = tmp_path / "t1"
