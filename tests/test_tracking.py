@@ -180,24 +180,20 @@ def test_resume_run_works_after_another_experiment_was_set(tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
     client, exp = tracking.open_experiment(uri, "physics-parent", tmp_path / "art")
     parent = tracking.start_run(client, exp, "sweep", {})
-    mlflow.set_experiment("something-else")  # what an earlier in-process job left behind
-    try:
-        with pytest.raises(mlflow.exceptions.MlflowException, match="active experiment ID"):
-            with mlflow.start_run(run_id=parent):
-                pass
-        with tracking.resume_run(parent) as run:
-            assert run.info.run_id == parent and run.info.experiment_id == exp
-            mlflow.log_metric("dashboard_features", 3)
-        assert client.get_run(parent).data.metrics["dashboard_features"] == 3
-    finally:  # leave the process's MLflow state as it was
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(before)
-        mlflow.tracking.fluent._active_experiment_id = None
+    with tracking.fluent(uri, "something-else"):  # what an earlier in-process job left behind
+        try:
+            with pytest.raises(mlflow.exceptions.MlflowException, match="active experiment ID"):
+                with mlflow.start_run(run_id=parent):
+                    pass
+            with tracking.resume_run(parent) as run:
+                assert run.info.run_id == parent and run.info.experiment_id == exp
+                mlflow.log_metric("dashboard_features", 3)
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+    assert client.get_run(parent).data.metrics["dashboard_features"] == 3
 
 
 def test_fluent_block_leaves_the_process_as_it_was(tmp_path, monkeypatch):
