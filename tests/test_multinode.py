@@ -282,7 +282,7 @@ def test_physics_job_on_two_gpu_workers_head_only_drives(ray_cluster):
     assert rec["tracking_uri"] == server["url"] and server["url"].startswith("http://")
     _, children = check_mlflow(sweep_dir, len(grid(cfg)))
     assert (sweep_dir / "eval" / "report.md").is_file()
-    dbs = sorted(p for p in c.shared.rglob("mlflow.db"))
+    dbs = sorted(p for p in work.rglob("mlflow.db"))  # (other tests' work dirs have their own)
     assert dbs == [work / "mlflow" / "mlflow.db"], dbs  # no node wrote a store of its own
     # the head only drove
     tasks, actors = _placement(c, c.shared / "placement.txt")
