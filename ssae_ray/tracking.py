@@ -339,18 +339,30 @@ def fluent(uri: str, experiment: str | None = None) -> Iterator[None]:
     (a local Ray's workers, a test cluster's nodes) then logged to the first job's store; and
     `mlflow.set_experiment` left the active experiment set."""
     import mlflow
+
+    with mlflow_state_kept():
+        mlflow.set_tracking_uri(uri)
+        if experiment is not None:
+            mlflow.set_experiment(experiment)
+        yield
+
+
+@contextlib.contextmanager
+def mlflow_state_kept() -> Iterator[None]:
+    """On leaving the block, `MLFLOW_TRACKING_URI`, MLflow's fluent tracking URI and its active
+    experiment are what they were on entering it (used by `fluent`, and by the test suite around
+    every test)."""
+    import mlflow
     from mlflow.tracking import fluent as fl
     from mlflow.tracking._tracking_service import utils
 
     env = os.environ.get("MLFLOW_TRACKING_URI")
     old_uri, old_exp = getattr(utils, "_tracking_uri", None), getattr(fl, "_active_experiment_id", None)
-    mlflow.set_tracking_uri(uri)
     try:
-        if experiment is not None:
-            mlflow.set_experiment(experiment)
         yield
     finally:
-        mlflow.set_tracking_uri(old_uri)
+        if getattr(utils, "_tracking_uri", None) != old_uri:
+            mlflow.set_tracking_uri(old_uri)
         if env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

@@ -173,21 +173,7 @@ def _mlflow_process_state_restored():
     as it found them: `mlflow.set_tracking_uri` exports the variable, and a test cluster or Ray head
     started by a later test would hand it to every node (the second cold `make test-all` lost the
     multi-node tests' MLflow server that way)."""
-    import os
+    from ssae_ray.tracking import mlflow_state_kept
 
-    from mlflow.tracking import fluent as fl
-    from mlflow.tracking._tracking_service import utils
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    uri, exp = getattr(utils, "_tracking_uri", None), getattr(fl, "_active_experiment_id", None)
-    yield
-    if getattr(utils, "_tracking_uri", None) != uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-    if env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = env
-    if hasattr(fl, "_active_experiment_id"):
-        fl._active_experiment_id = exp
+    with mlflow_state_kept():
+        yield
